@@ -1,0 +1,5 @@
+import sys
+
+from basin.cli import main
+
+sys.exit(main())

@@ -1,0 +1,39 @@
+"""basin.optim: research optimizers as ``torch.optim.Optimizer`` drop-ins, each verified
+against its authors' reference code, plus a registry that builds any optimizer by name."""
+
+from __future__ import annotations
+
+from .adabelief import AdaBelief
+from .param_groups import weight_decay_groups
+from .registry import OptimInfo, Paper, available, create, get_class, info, infos, register
+
+__all__ = [
+    "AdaBelief",
+    "OptimInfo",
+    "Paper",
+    "available",
+    "create",
+    "get_class",
+    "info",
+    "infos",
+    "register",
+    "weight_decay_groups",
+]
+
+_ALL_CAPS = frozenset({"foreach", "compile", "maximize", "param_groups", "closure"})
+
+register(
+    OptimInfo(
+        name="adabelief",
+        cls=AdaBelief,
+        paper=Paper(
+            "AdaBelief Optimizer: Adapting Stepsizes by the Belief in Observed Gradients",
+            "Zhuang et al.",
+            "2010.07468",
+            2020,
+        ),
+        state_memory=2.0,
+        capabilities=_ALL_CAPS | {"amsgrad", "rectify"},
+        state_note="+1 with amsgrad",
+    )
+)

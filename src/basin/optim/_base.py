@@ -1,0 +1,173 @@
+"""Shared optimizer machinery: hyperparameter validation, the choice between the single-tensor
+and multi-tensor paths, grouping tensors by device and dtype, and step-counter handling that
+works both eagerly and under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = [
+    "BasinOptimizer",
+    "check_betas",
+    "check_lr",
+    "check_nonnegative",
+    "check_positive",
+    "check_range",
+    "get_value",
+    "group_by_device_and_dtype",
+    "is_compiling",
+    "use_foreach",
+]
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, Tensor):
+        return value.numel() == 1 and not value.is_complex()
+    return isinstance(value, (int, float))
+
+
+def check_range(
+    name: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> float:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite number in the range."""
+    lo = "[" if low_inclusive else "("
+    hi = "]" if high_inclusive else ")"
+    rng = f"{lo}{low:g}, {'inf' if math.isinf(high) else f'{high:g}'}{hi}"
+    if not _is_number(value):
+        raise ValueError(f"{name} must be a number in {rng}, got {value!r}")
+    v = float(value)
+    ok = (
+        not math.isnan(v)
+        and (v >= low if low_inclusive else v > low)
+        and (v <= high if high_inclusive else v < high)
+    )
+    if not ok or (math.isinf(v) and not math.isinf(high)):
+        raise ValueError(f"{name} must be in {rng}, got {value!r}")
+    return v
+
+
+def check_lr(lr: Any) -> None:
+    """Learning rate: a float >= 0, or a 0-d tensor (as torch.optim allows)."""
+    check_range("lr", lr, 0.0, math.inf, high_inclusive=False)
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    check_range(name, value, 0.0, math.inf, high_inclusive=False)
+
+
+def check_positive(name: str, value: Any) -> None:
+    check_range(name, value, 0.0, math.inf, low_inclusive=False, high_inclusive=False)
+
+
+def check_betas(betas: Any, name: str = "betas") -> None:
+    """Two coefficients, each in [0, 1)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{name} must be a pair (beta1, beta2) with each in [0, 1), got {betas!r}")
+    for i, b in enumerate(betas):
+        check_range(f"{name}[{i}]", b, 0.0, 1.0, high_inclusive=False)
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def check_foreach(foreach: Any) -> None:
+    if foreach is not None and not isinstance(foreach, bool):
+        raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
+
+
+# ---------------------------------------------------------------- paths
+
+
+def is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def get_value(x: Tensor | float) -> Tensor | float:
+    """A step counter as a Python number in eager mode (cheap scalar math), or the tensor itself
+    under ``torch.compile`` (so the graph neither breaks on ``.item()`` nor recompiles per step)."""
+    if isinstance(x, Tensor) and not is_compiling():
+        return x.item()
+    return x
+
+
+def use_foreach(foreach: bool | None, params: Sequence[Tensor]) -> bool:
+    """Resolve ``foreach=None``: the multi-tensor path on accelerators, where it saves kernel
+    launches; the single-tensor loop on CPU, where ``torch._foreach_*`` is measurably slower
+    than a plain loop (see benchmarks/optim_step.py) and under ``torch.compile``, where
+    Inductor fuses the loop itself."""
+    if foreach is not None:
+        return foreach
+    if is_compiling() or not params:
+        return False
+    return all(p.device.type not in ("cpu", "meta") for p in params)
+
+
+def group_by_device_and_dtype(
+    tensorlists: list[list[Tensor | None]],
+) -> dict[tuple[torch.device, torch.dtype], list[list[Tensor | None]]]:
+    """Split parallel lists of tensors into groups sharing the first list's device and dtype
+    (``torch._foreach_*`` needs one device and dtype per call)."""
+    grouped = Optimizer._group_tensors_by_device_and_dtype(tensorlists)  # type: ignore[arg-type]
+    return {key: lists for key, (lists, _) in grouped.items()}
+
+
+def check_grad(p: Tensor, optimizer: str) -> None:
+    g = p.grad
+    assert g is not None
+    if g.is_sparse:
+        raise RuntimeError(f"{optimizer} does not support sparse gradients")
+    if torch.is_complex(p):
+        raise RuntimeError(f"{optimizer} does not support complex parameters")
+
+
+# ---------------------------------------------------------------- base class
+
+
+class BasinOptimizer(Optimizer):
+    """Base class: closure handling and state-dict compatibility; subclasses implement
+    ``_step_group(group)`` which gathers tensors and calls the module-level functional."""
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        check_foreach(defaults.get("foreach"))
+        check_bool("maximize", defaults.get("maximize", False))
+        super().__init__(params, defaults)
+
+    def _step_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    @staticmethod
+    def _new_step() -> Tensor:
+        # A CPU scalar as in torch.optim (non-capturable): eager reads it with .item(); float64
+        # so that bias corrections computed from it under torch.compile keep full precision.
+        return torch.tensor(0.0, dtype=torch.float64)

@@ -1,0 +1,310 @@
+"""AdaBelief: adapting step sizes by the belief in observed gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import (
+    BasinOptimizer,
+    check_betas,
+    check_bool,
+    check_grad,
+    check_lr,
+    check_nonnegative,
+    get_value,
+    group_by_device_and_dtype,
+    use_foreach,
+)
+
+__all__ = ["AdaBelief", "adabelief"]
+
+
+class AdaBelief(BasinOptimizer):
+    r"""AdaBelief (Zhuang et al., 2020): Adam whose second moment tracks the *belief*
+    :math:`(g_t - m_t)^2` instead of :math:`g_t^2`.
+
+    Update, with :math:`bc_1 = 1-\beta_1^t`, :math:`bc_2 = 1-\beta_2^t`::
+
+        m_t = b1 m_{t-1} + (1-b1) g_t
+        s_t = b2 s_{t-1} + (1-b2) (g_t - m_t)^2 + eps      (eps accumulates in s, as in the paper)
+        s_t <- max(s_max, s_t)                              if amsgrad
+        p  <- p - lr/bc1 * m_t / (sqrt(s_t)/sqrt(bc2) + eps)
+
+    With ``rectify`` (RAdam's variance rectification): :math:`\rho_\infty = 2/(1-\beta_2) - 1`,
+    :math:`\rho_t = \rho_\infty - 2 t \beta_2^t / bc_2`; if :math:`\rho_t \ge 5` the step is
+    ``lr * r_t * m_t / (sqrt(s_t) + eps)`` with
+    :math:`r_t = \sqrt{bc_2 (\rho_t-4)(\rho_t-2)\rho_\infty / ((\rho_\infty-4)(\rho_\infty-2)\rho_t)} / bc_1`;
+    otherwise ``lr * m_t / bc1`` (SGD with momentum) when ``degenerated_to_sgd``, else no step.
+
+    Args:
+        params: iterable of parameters or parameter groups.
+        lr: learning rate (default 1e-3).
+        betas: coefficients of the first moment and of the belief (default (0.9, 0.999)).
+        eps: added to the belief at every step and to the denominator (default 1e-16).
+        weight_decay: weight decay coefficient (default 0).
+        amsgrad: use the running maximum of the belief (default False).
+        weight_decouple: decoupled decay ``p *= 1 - lr*wd`` (default True); False adds ``wd*p``
+            to the gradient (L2).
+        fixed_decay: decoupled decay independent of lr, ``p *= 1 - wd`` (default False).
+        rectify: RAdam-style rectification (default True).
+        degenerated_to_sgd: take an SGD-with-momentum step while the rectification is
+            undefined (default True).
+        maximize: maximize the objective (default False).
+        foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
+
+    References:
+        Juntang Zhuang, Tommy Tang, Yifan Ding, Sekhar Tatikonda, Nicha Dvornek, Xenophon
+        Papademetris, James S. Duncan. "AdaBelief Optimizer: Adapting Stepsizes by the Belief in
+        Observed Gradients." NeurIPS 2020, arXiv:2010.07468. Reference code: adabelief-pytorch 0.2.1.
+
+    Differences from the reference code:
+        * With ``amsgrad=True`` and ``rectify=True`` the reference computes the running maximum
+          but then divides by the current belief, so amsgrad silently does nothing; basin divides
+          by the maximum, as AMSGrad prescribes (tested against a transcription).
+        * L2 decay (``weight_decouple=False``) does not modify ``p.grad`` in place.
+        * bfloat16/float16 parameters are updated in their own dtype (state in that dtype too).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-16,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        weight_decouple: bool = True,
+        fixed_decay: bool = False,
+        rectify: bool = True,
+        degenerated_to_sgd: bool = True,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        check_lr(lr)
+        check_betas(betas)
+        check_nonnegative("eps", eps)
+        check_nonnegative("weight_decay", weight_decay)
+        for name, flag in (
+            ("amsgrad", amsgrad),
+            ("weight_decouple", weight_decouple),
+            ("fixed_decay", fixed_decay),
+            ("rectify", rectify),
+            ("degenerated_to_sgd", degenerated_to_sgd),
+        ):
+            check_bool(name, flag)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            weight_decouple=weight_decouple,
+            fixed_decay=fixed_decay,
+            rectify=rectify,
+            degenerated_to_sgd=degenerated_to_sgd,
+            maximize=maximize,
+            foreach=foreach,
+        )
+        super().__init__(params, defaults)
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        params, grads, exp_avgs, exp_avg_vars, max_vars, steps = [], [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            check_grad(p, "AdaBelief")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = self._new_step()
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_var"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["amsgrad"]:
+                    state["max_exp_avg_var"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_vars.append(state["exp_avg_var"])
+            max_vars.append(state.get("max_exp_avg_var"))
+            steps.append(state["step"])
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        adabelief(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_vars,
+            max_vars,
+            steps,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            amsgrad=group["amsgrad"],
+            weight_decouple=group["weight_decouple"],
+            fixed_decay=group["fixed_decay"],
+            rectify=group["rectify"],
+            degenerated_to_sgd=group["degenerated_to_sgd"],
+            maximize=group["maximize"],
+            foreach=group["foreach"],
+        )
+
+
+def _rectification(step: Any, beta1: float, beta2: float, degenerated_to_sgd: bool) -> tuple:
+    """Coefficients (adaptive, sgd): the step is ``lr*adaptive*m/(sqrt(s)+eps) + lr*sgd*m``.
+
+    Works on a Python step (eager) and on a tensor step (under torch.compile, without
+    branching on tensor values)."""
+    bc1 = 1 - beta1**step
+    beta2_t = beta2**step
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * beta2_t / (1 - beta2_t)
+    ratio = (
+        (1 - beta2_t)
+        * (rho_t - 4)
+        * (rho_t - 2)
+        * rho_inf
+        / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+    )
+    sgd_coef = 1 / bc1 if degenerated_to_sgd else 0.0
+    if isinstance(step, Tensor):
+        ok = rho_t >= 5
+        adaptive = torch.where(ok, ratio.clamp_min(0) ** 0.5 / bc1, 0.0)
+        return adaptive, torch.where(ok, 0.0, sgd_coef)
+    if rho_t >= 5:
+        return ratio**0.5 / bc1, 0.0
+    return 0.0, sgd_coef
+
+
+def adabelief(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_vars: list[Tensor],
+    max_exp_avg_vars: list[Tensor | None],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    weight_decouple: bool,
+    fixed_decay: bool,
+    rectify: bool,
+    degenerated_to_sgd: bool,
+    maximize: bool,
+    foreach: bool | None = None,
+) -> None:
+    """Functional AdaBelief; see :class:`AdaBelief`."""
+    fn = _multi_tensor_adabelief if use_foreach(foreach, params) else _single_tensor_adabelief
+    fn(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_vars,
+        max_exp_avg_vars,
+        state_steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        amsgrad=amsgrad,
+        weight_decouple=weight_decouple,
+        fixed_decay=fixed_decay,
+        rectify=rectify,
+        degenerated_to_sgd=degenerated_to_sgd,
+        maximize=maximize,
+    )
+
+
+def _single_tensor_adabelief(
+    params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps, *, lr, beta1, beta2,
+    eps, weight_decay, amsgrad, weight_decouple, fixed_decay, rectify, degenerated_to_sgd,
+    maximize,
+):  # fmt: skip
+    for i, p in enumerate(params):
+        g = -grads[i] if maximize else grads[i]
+        m, s = exp_avgs[i], exp_avg_vars[i]
+        state_steps[i] += 1
+        step = get_value(state_steps[i])
+
+        if weight_decay != 0:
+            if weight_decouple:
+                p.mul_(1 - (weight_decay if fixed_decay else lr * weight_decay))
+            else:
+                g = g.add(p, alpha=weight_decay)
+
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        residual = g - m
+        s.mul_(beta2).addcmul_(residual, residual, value=1 - beta2).add_(eps)
+        if amsgrad:
+            torch.maximum(max_exp_avg_vars[i], s, out=max_exp_avg_vars[i])
+            s = max_exp_avg_vars[i]
+
+        if not rectify:
+            bc1 = 1 - beta1**step
+            bc2 = 1 - beta2**step
+            denom = s.sqrt().div_(bc2**0.5).add_(eps)
+            p.addcdiv_(m, denom, value=-lr / bc1)
+            continue
+
+        adaptive, sgd = _rectification(step, beta1, beta2, degenerated_to_sgd)
+        if isinstance(adaptive, Tensor):  # compiled: both terms, one of them zero
+            p.addcdiv_(m, s.sqrt().add_(eps), value=-lr * adaptive)
+            p.add_(m * (-lr * sgd))
+        elif adaptive:
+            p.addcdiv_(m, s.sqrt().add_(eps), value=-lr * adaptive)
+        elif sgd:
+            p.add_(m, alpha=-lr * sgd)
+
+
+def _multi_tensor_adabelief(
+    params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps, *, lr, beta1, beta2,
+    eps, weight_decay, amsgrad, weight_decouple, fixed_decay, rectify, degenerated_to_sgd,
+    maximize,
+):  # fmt: skip
+    lists = [params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps]
+    for ps, gs, ms, ss, maxs, steps in group_by_device_and_dtype(lists).values():
+        gs = torch._foreach_neg(gs) if maximize else gs
+        torch._foreach_add_(steps, 1)
+        if weight_decay != 0:
+            if weight_decouple:
+                torch._foreach_mul_(ps, 1 - (weight_decay if fixed_decay else lr * weight_decay))
+            else:
+                gs = torch._foreach_add(gs, ps, alpha=weight_decay)
+
+        torch._foreach_mul_(ms, beta1)
+        torch._foreach_add_(ms, gs, alpha=1 - beta1)
+        residuals = torch._foreach_sub(gs, ms)
+        torch._foreach_mul_(ss, beta2)
+        torch._foreach_addcmul_(ss, residuals, residuals, value=1 - beta2)
+        torch._foreach_add_(ss, eps)
+        if amsgrad:
+            torch._foreach_maximum_(maxs, ss)
+            ss = maxs
+        denom = torch._foreach_sqrt(ss)
+        step_values = [get_value(t) for t in steps]
+
+        if not rectify:
+            torch._foreach_div_(denom, [(1 - beta2**t) ** 0.5 for t in step_values])
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(ps, ms, denom, [-lr / (1 - beta1**t) for t in step_values])
+            continue
+
+        coefs = [_rectification(t, beta1, beta2, degenerated_to_sgd) for t in step_values]
+        torch._foreach_add_(denom, eps)
+        if any(a for a, _ in coefs):
+            torch._foreach_addcdiv_(ps, ms, denom, [-lr * a for a, _ in coefs])
+        if any(s for _, s in coefs):
+            torch._foreach_add_(ps, torch._foreach_mul(ms, [-lr * s for _, s in coefs]))

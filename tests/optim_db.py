@@ -1,0 +1,141 @@
+"""The table every optimizer test loops over.
+
+One ``OptimCase`` per optimizer: its hyperparameter variants, how to build its independent
+reference (the authors' package, or a float64 transcription of the paper in tests/references/),
+which state tensors correspond, and the inputs that must raise. tests/optim/test_common.py
+then gives every case the same checks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+import basin.optim as bo
+
+# A reference factory gets (params, our hyperparameters) and returns an optimizer, or None when
+# no reference covers that variant.
+RefFactory = Callable[[list[torch.Tensor], dict[str, Any]], Optimizer | None]
+
+
+@dataclass
+class OptimCase:
+    name: str
+    cls: type[Optimizer]
+    variants: list[dict[str, Any]]
+    reference: RefFactory | None = None
+    # our state key -> reference state key, compared after the reference run
+    state_map: dict[str, str] = field(default_factory=dict)
+    rtol: float = 1e-10
+    # (hyperparameters, text the ValueError message must contain)
+    errors: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+    # hyperparameters that make the optimizer train the test MLP well
+    train_hp: dict[str, Any] = field(default_factory=dict)
+    compile_variants: list[int] = field(default_factory=lambda: [0])
+    has_foreach: bool = True
+    model: Callable[[], nn.Module] | None = None  # default: tests.optim_db.mlp
+    steps: int = 100
+
+    def ids(self) -> list[str]:
+        return [variant_id(v) for v in self.variants]
+
+
+def variant_id(hp: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in hp.items()) or "default"
+
+
+def mlp() -> nn.Module:
+    """Small MLP (8-16-16-4, 500 parameters, biases included) used by the generic checks."""
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)
+    )
+
+
+def quiet(factory: Callable[..., Optimizer]) -> Callable[..., Optimizer]:
+    """Reference packages print banners and warnings on construction; silence them."""
+    import contextlib
+    import io
+
+    def build(*args: Any, **kwargs: Any) -> Optimizer:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return factory(*args, **kwargs)
+
+    return build
+
+
+# ------------------------------------------------------------------ AdaBelief
+
+
+def _adabelief_reference(params: list[torch.Tensor], hp: dict[str, Any]) -> Optimizer | None:
+    from references.adabelief_paper import AdaBeliefPaper
+
+    full = {**_ADABELIEF_DEFAULTS, **hp}
+    if full["amsgrad"] and full["rectify"]:
+        # the package ignores amsgrad under rectify; basin follows AMSGrad (see docstring)
+        return AdaBeliefPaper(params, **full)
+    from adabelief_pytorch import AdaBelief as RefAdaBelief
+
+    return quiet(RefAdaBelief)(params, print_change_log=False, **full)
+
+
+_ADABELIEF_DEFAULTS: dict[str, Any] = dict(
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    eps=1e-16,
+    weight_decay=0.0,
+    amsgrad=False,
+    weight_decouple=True,
+    fixed_decay=False,
+    rectify=True,
+    degenerated_to_sgd=True,
+)
+
+_COMMON_ERRORS: list[tuple[dict[str, Any], str]] = [
+    ({"lr": -1.0}, "lr"),
+    ({"lr": float("nan")}, "lr"),
+    ({"lr": "fast"}, "lr"),
+    ({"maximize": 1}, "maximize"),
+    ({"foreach": "yes"}, "foreach"),
+]
+_ADAM_LIKE_ERRORS: list[tuple[dict[str, Any], str]] = _COMMON_ERRORS + [
+    ({"betas": (1.0, 0.999)}, "betas[0]"),
+    ({"betas": (0.9, -0.1)}, "betas[1]"),
+    ({"betas": (0.9,)}, "betas"),
+    ({"eps": -1e-8}, "eps"),
+    ({"weight_decay": -0.1}, "weight_decay"),
+]
+
+ADABELIEF = OptimCase(
+    name="adabelief",
+    cls=bo.AdaBelief,
+    variants=[
+        {},
+        {"rectify": False},
+        {"rectify": False, "amsgrad": True},
+        {"amsgrad": True},
+        {"weight_decay": 0.1},
+        {"weight_decay": 0.1, "fixed_decay": True, "rectify": False},
+        {"weight_decay": 0.05, "weight_decouple": False},
+        {"degenerated_to_sgd": False, "betas": (0.8, 0.99), "eps": 1e-12},
+        {"lr": 1e-2, "betas": (0.5, 0.9), "eps": 1e-8, "rectify": False},
+    ],
+    reference=_adabelief_reference,
+    state_map={
+        "exp_avg": "exp_avg",
+        "exp_avg_var": "exp_avg_var",
+        "max_exp_avg_var": "max_exp_avg_var",
+    },
+    errors=_ADAM_LIKE_ERRORS + [({"amsgrad": "no"}, "amsgrad"), ({"rectify": None}, "rectify")],
+    train_hp={"lr": 1e-2},
+    compile_variants=[0, 2],
+)
+
+CASES: list[OptimCase] = [ADABELIEF]
+CASES_BY_NAME = {c.name: c for c in CASES}
