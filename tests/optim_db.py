@@ -137,5 +137,67 @@ ADABELIEF = OptimCase(
     compile_variants=[0, 2],
 )
 
-CASES: list[OptimCase] = [ADABELIEF]
+# ------------------------------------------------------------------ diffGrad
+
+
+def _diffgrad_reference(params: list[torch.Tensor], hp: dict[str, Any]) -> Optimizer | None:
+    # torch-optimizer 0.3.0 follows the paper and diffGrad_v2.py in every variant here (its only
+    # deviation, L2 decay written into p.grad, does not change the trajectory: see
+    # tests/optim/test_diffgrad.py, which also checks the float64 paper transcription).
+    from torch_optimizer import DiffGrad as RefDiffGrad
+
+    return quiet(RefDiffGrad)(params, **hp)
+
+
+DIFFGRAD = OptimCase(
+    name="diffgrad",
+    cls=bo.DiffGrad,
+    variants=[
+        {},
+        {"weight_decay": 0.1},
+        {"betas": (0.8, 0.99), "eps": 1e-6},
+        {"lr": 1e-2},
+        {"lr": 3e-3, "betas": (0.5, 0.9), "eps": 1e-10, "weight_decay": 0.01},
+    ],
+    reference=_diffgrad_reference,
+    state_map={
+        "exp_avg": "exp_avg",
+        "exp_avg_sq": "exp_avg_sq",
+        "previous_grad": "previous_grad",
+    },
+    errors=_ADAM_LIKE_ERRORS,
+    train_hp={"lr": 1e-2},
+    compile_variants=[1],
+)
+
+# ------------------------------------------------------------------ EXAdam
+
+
+def _exadam_reference(params: list[torch.Tensor], hp: dict[str, Any]) -> Optimizer | None:
+    # no package from the author: the float64 transcription of the paper (pytorch-optimizer's
+    # EXAdam, a second opinion, is compared in tests/optim/test_exadam.py)
+    from references.exadam_paper import EXAdamPaper
+
+    return EXAdamPaper(params, **hp)
+
+
+EXADAM = OptimCase(
+    name="exadam",
+    cls=bo.EXAdam,
+    variants=[
+        {},
+        {"dynamic_step_size": False},
+        {"weight_decay": 0.1},
+        {"weight_decay": 0.1, "dynamic_step_size": False},
+        {"betas": (0.8, 0.99), "eps": 1e-6},
+        {"lr": 1e-2, "betas": (0.5, 0.9), "eps": 1e-10},
+    ],
+    reference=_exadam_reference,
+    state_map={"exp_avg": "m", "exp_avg_sq": "v"},
+    errors=_ADAM_LIKE_ERRORS + [({"dynamic_step_size": "no"}, "dynamic_step_size")],
+    train_hp={"lr": 1e-2},
+    compile_variants=[2],
+)
+
+CASES: list[OptimCase] = [ADABELIEF, DIFFGRAD, EXADAM]
 CASES_BY_NAME = {c.name: c for c in CASES}

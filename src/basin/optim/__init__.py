@@ -37,3 +37,36 @@ register(
         state_note="+1 with amsgrad",
     )
 )
+
+from .diffgrad import DiffGrad  # noqa: E402
+
+__all__ += ["DiffGrad"]
+
+register(
+    OptimInfo(
+        name="diffgrad",
+        cls=DiffGrad,
+        paper=Paper(
+            "diffGrad: An Optimization Method for Convolutional Neural Networks",
+            "Dubey et al.",
+            "1909.11015",
+            2019,
+        ),
+        state_memory=3.0,
+        capabilities=_ALL_CAPS,
+    )
+)
+
+from .exadam import EXAdam  # noqa: E402
+
+__all__ += ["EXAdam"]
+
+register(
+    OptimInfo(
+        name="exadam",
+        cls=EXAdam,
+        paper=Paper("EXAdam: The Power of Adaptive Cross-Moments", "Adly", "2412.20302", 2024),
+        state_memory=2.0,
+        capabilities=_ALL_CAPS,
+    )
+)

@@ -1,0 +1,214 @@
+"""diffGrad: Adam whose step is damped where the gradient barely changes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import (
+    BasinOptimizer,
+    check_betas,
+    check_grad,
+    check_lr,
+    check_nonnegative,
+    get_value,
+    group_by_device_and_dtype,
+    use_foreach,
+)
+
+__all__ = ["DiffGrad", "diffgrad"]
+
+
+class DiffGrad(BasinOptimizer):
+    r"""diffGrad (Dubey et al., 2019): Adam with a per-coordinate *friction*
+    :math:`\xi_t = \mathrm{sigmoid}(|g_{t-1} - g_t|) \in [0.5, 1)` on the first moment, so that
+    coordinates whose gradient hardly changes (near an optimum) take smaller steps.
+
+    Update, with :math:`bc_1 = 1-\beta_1^t`, :math:`bc_2 = 1-\beta_2^t` and :math:`g_0 = 0`::
+
+        g_t <- g_t + wd * p                                  (L2, if weight_decay)
+        m_t = b1 m_{t-1} + (1-b1) g_t
+        v_t = b2 v_{t-1} + (1-b2) g_t^2
+        xi  = sigmoid(|g_{t-1} - g_t|)
+        p  <- p - lr * sqrt(bc2)/bc1 * xi * m_t / (sqrt(v_t) + eps)
+        g_{t-1} <- copy of g_t                              (state "previous_grad")
+
+    Args:
+        params: iterable of parameters or parameter groups.
+        lr: learning rate (default 1e-3).
+        betas: coefficients of the first and second moments (default (0.9, 0.999)).
+        eps: added to ``sqrt(v)`` in the denominator (default 1e-8).
+        weight_decay: L2 penalty added to the gradient (default 0); the stored previous
+            gradient includes it, as in the authors' code.
+        maximize: maximize the objective (default False).
+        foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
+
+    References:
+        Shiv Ram Dubey, Soumendu Chakraborty, Swalpa Kumar Roy, Snehasis Mukherjee, Satish Kumar
+        Singh, Bidyut Baran Chaudhuri. "diffGrad: An Optimization Method for Convolutional Neural
+        Networks." IEEE TNNLS 2020, arXiv:1909.11015 (2019). Reference code:
+        shivram1987/diffGrad ``diffGrad_v2.py``; torch-optimizer 0.3.0 ``DiffGrad``.
+
+    Differences from the paper / reference code:
+        * eps is added to ``sqrt(v_t)`` with the bias corrections folded into the step size
+          (Kingma & Ba's "efficient" form, as in the authors' code and torch-optimizer), i.e. the
+          paper's ``m^/(sqrt(v^) + eps)`` with ``eps`` scaled by ``sqrt(bc2)``.
+        * The previous gradient is a copy (the authors' first ``diffGrad.py`` kept a reference to
+          ``p.grad``, so zeroing gradients in place made ``xi`` a constant 0.5).
+        * L2 decay does not modify ``p.grad`` in place (the authors' code and torch-optimizer do).
+        * bfloat16/float16 parameters are updated in their own dtype (state in that dtype too).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        check_lr(lr)
+        check_betas(betas)
+        check_nonnegative("eps", eps)
+        check_nonnegative("weight_decay", weight_decay)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            foreach=foreach,
+        )
+        super().__init__(params, defaults)
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, prev_grads, steps = [], [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            check_grad(p, "DiffGrad")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = self._new_step()
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["previous_grad"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            prev_grads.append(state["previous_grad"])
+            steps.append(state["step"])
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        diffgrad(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            prev_grads,
+            steps,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+            foreach=group["foreach"],
+        )
+
+
+def diffgrad(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    previous_grads: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    foreach: bool | None = None,
+) -> None:
+    """Functional diffGrad; see :class:`DiffGrad`."""
+    fn = _multi_tensor_diffgrad if use_foreach(foreach, params) else _single_tensor_diffgrad
+    fn(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        previous_grads,
+        state_steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        maximize=maximize,
+    )
+
+
+def _step_size(step: Any, lr: Any, beta1: float, beta2: float) -> Any:
+    """``lr * sqrt(bc2) / bc1`` for a Python step (eager) or a tensor step (compiled)."""
+    return lr * (1 - beta2**step) ** 0.5 / (1 - beta1**step)
+
+
+def _single_tensor_diffgrad(
+    params, grads, exp_avgs, exp_avg_sqs, previous_grads, state_steps, *, lr, beta1, beta2, eps,
+    weight_decay, maximize,
+):  # fmt: skip
+    for i, p in enumerate(params):
+        g = -grads[i] if maximize else grads[i]
+        m, v, prev = exp_avgs[i], exp_avg_sqs[i], previous_grads[i]
+        state_steps[i] += 1
+        step_size = _step_size(get_value(state_steps[i]), lr, beta1, beta2)
+
+        if weight_decay != 0:
+            g = g.add(p, alpha=weight_decay)
+
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = v.sqrt().add_(eps)
+        # prev becomes the numerator xi * m, then the copy of g for the next step
+        prev.sub_(g).abs_().sigmoid_().mul_(m)
+        if isinstance(step_size, Tensor):  # compiled: a tensor coefficient
+            p.sub_(prev.div_(denom).mul_(step_size))
+        else:
+            p.addcdiv_(prev, denom, value=-step_size)
+        prev.copy_(g)
+
+
+def _multi_tensor_diffgrad(
+    params, grads, exp_avgs, exp_avg_sqs, previous_grads, state_steps, *, lr, beta1, beta2, eps,
+    weight_decay, maximize,
+):  # fmt: skip
+    lists = [params, grads, exp_avgs, exp_avg_sqs, previous_grads, state_steps]
+    for ps, gs, ms, vs, prevs, steps in group_by_device_and_dtype(lists).values():
+        gs = torch._foreach_neg(gs) if maximize else gs
+        torch._foreach_add_(steps, 1)
+        if weight_decay != 0:
+            gs = torch._foreach_add(gs, ps, alpha=weight_decay)
+
+        torch._foreach_lerp_(ms, gs, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_sub_(prevs, gs)
+        torch._foreach_abs_(prevs)
+        torch._foreach_sigmoid_(prevs)
+        torch._foreach_mul_(prevs, ms)
+        sizes = [-_step_size(get_value(t), lr, beta1, beta2) for t in steps]
+        torch._foreach_addcdiv_(ps, prevs, denom, sizes)
+        torch._foreach_copy_(prevs, gs)

@@ -1,0 +1,248 @@
+"""EXAdam: Adam with cross-moment bias corrections, a gradient term and a growing step size."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import (
+    BasinOptimizer,
+    check_betas,
+    check_bool,
+    check_grad,
+    check_lr,
+    check_nonnegative,
+    get_value,
+    group_by_device_and_dtype,
+    use_foreach,
+)
+
+__all__ = ["EXAdam", "exadam"]
+
+
+class EXAdam(BasinOptimizer):
+    r"""EXAdam (Adly, 2024): Adam whose bias corrections are modulated by the *other* moment,
+    plus a bias-corrected gradient term in the numerator and a logarithmically growing step.
+
+    Update, with :math:`bc_1 = 1-\beta_1^t`, :math:`bc_2 = 1-\beta_2^t`::
+
+        p  <- p * (1 - lr*wd)                               (decoupled, before everything else)
+        m_t = b1 m_{t-1} + (1-b1) g_t
+        v_t = b2 v_{t-1} + (1-b2) g_t^2
+        d1  = 1 + b2^t * v_t / (v_t + eps)                  (from v; corrects m and g)
+        d2  = 1 + b1^t * m_t^2 / (m_t^2 + eps)              (from m; corrects v)
+        m~  = m_t d1 / bc1,   g~ = g_t d1 / bc1,   v~ = v_t d2 / bc2
+        a_t = lr * ln(sqrt(2) * sqrt(t + 1))                (lr if not dynamic_step_size)
+        p  <- p - a_t (m~ + g~) / (sqrt(v~) + eps)
+
+    Args:
+        params: iterable of parameters or parameter groups.
+        lr: learning rate (default 1e-3).
+        betas: coefficients of the first and second moments (default (0.9, 0.999)).
+        eps: added to the denominator and inside d1, d2 (default 1e-8).
+        weight_decay: decoupled weight decay ``p *= 1 - lr*wd`` (default 0).
+        dynamic_step_size: scale the step by ``ln(sqrt(2(t+1)))`` as in the paper
+            (default True); False uses ``lr`` as the authors' later code does.
+        maximize: maximize the objective (default False).
+        foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
+
+    References:
+        Ahmed M. Adly. "EXAdam: The Power of Adaptive Cross-Moments." arXiv:2412.20302, 2024.
+        Reference code: AhmedMostafa16/EXAdam ``exadam.py``.
+
+    Differences from the paper / reference code:
+        * The dynamic step size of the paper (and of the authors' first commit) is the default;
+          the authors' later code and pytorch-optimizer 4.1.0's ``EXAdam`` dropped it
+          (``dynamic_step_size=False`` matches them).
+        * Weight decay is scaled by ``lr``, not by the dynamic ``a_t``, as in the authors' code.
+        * bfloat16/float16 parameters are updated in their own dtype (state in that dtype too).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        dynamic_step_size: bool = True,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        check_lr(lr)
+        check_betas(betas)
+        check_nonnegative("eps", eps)
+        check_nonnegative("weight_decay", weight_decay)
+        check_bool("dynamic_step_size", dynamic_step_size)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            dynamic_step_size=dynamic_step_size,
+            maximize=maximize,
+            foreach=foreach,
+        )
+        super().__init__(params, defaults)
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            check_grad(p, "EXAdam")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = self._new_step()
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        exadam(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            steps,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            dynamic_step_size=group["dynamic_step_size"],
+            maximize=group["maximize"],
+            foreach=group["foreach"],
+        )
+
+
+def exadam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    dynamic_step_size: bool,
+    maximize: bool,
+    foreach: bool | None = None,
+) -> None:
+    """Functional EXAdam; see :class:`EXAdam`."""
+    fn = _multi_tensor_exadam if use_foreach(foreach, params) else _single_tensor_exadam
+    fn(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        state_steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        dynamic_step_size=dynamic_step_size,
+        maximize=maximize,
+    )
+
+
+def _coefficients(step: Any, lr: Any, beta1: float, beta2: float, eps: float, dynamic: bool):
+    """Per-step scalars ``(b1^t, b2^t, step_scale, denom_eps)`` for a Python step (eager) or a
+    tensor step (compiled), with the bias corrections folded in:
+    ``a_t (m~ + g~)/(sqrt(v~) + eps) = step_scale * (m+g) d1 / (sqrt(v d2) + denom_eps)``
+    where ``step_scale = a_t sqrt(bc2)/bc1`` and ``denom_eps = eps sqrt(bc2)``."""
+    b1t, b2t = beta1**step, beta2**step
+    sqrt_bc2 = (1 - b2t) ** 0.5
+    alpha = lr
+    if dynamic:  # ln(sqrt(2) sqrt(t+1)) = ln(2 (t+1)) / 2
+        log = torch.log if isinstance(step, Tensor) else math.log
+        alpha = lr * (0.5 * log(2 * (step + 1)))
+    return b1t, b2t, alpha * sqrt_bc2 / (1 - b1t), eps * sqrt_bc2
+
+
+def _single_tensor_exadam(
+    params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
+    dynamic_step_size, maximize,
+):  # fmt: skip
+    for i, p in enumerate(params):
+        g = -grads[i] if maximize else grads[i]
+        m, v = exp_avgs[i], exp_avg_sqs[i]
+        state_steps[i] += 1
+        step = get_value(state_steps[i])
+        b1t, b2t, step_scale, denom_eps = _coefficients(
+            step, lr, beta1, beta2, eps, dynamic_step_size
+        )
+
+        if weight_decay != 0:
+            p.mul_(1 - lr * weight_decay)
+
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+
+        if isinstance(step, Tensor):  # compiled: tensor coefficients, Inductor fuses all of it
+            d1 = 1 + b2t * v / (v + eps)
+            m2 = m * m
+            d2 = 1 + b1t * m2 / (m2 + eps)
+            p.sub_(step_scale * (m + g) * d1 / ((v * d2).sqrt() + denom_eps))
+            continue
+
+        # eager: few passes, two temporaries (r, num) and one for the denominator
+        r = v.add(eps)
+        torch.div(v, r, out=r)  # v/(v+eps)
+        num = m.add(g)
+        num.addcmul_(num, r, value=b2t)  # (m+g) d1
+        torch.mul(m, m, out=r)
+        denom = r.add(eps)
+        r.div_(denom)  # m^2/(m^2+eps)
+        torch.addcmul(v, v, r, value=b1t, out=denom)  # v d2
+        denom.sqrt_().add_(denom_eps)
+        p.addcdiv_(num, denom, value=-step_scale)
+
+
+def _multi_tensor_exadam(
+    params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
+    dynamic_step_size, maximize,
+):  # fmt: skip
+    lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
+    for ps, gs, ms, vs, steps in group_by_device_and_dtype(lists).values():
+        gs = torch._foreach_neg(gs) if maximize else gs
+        torch._foreach_add_(steps, 1)
+        coefs = [
+            _coefficients(get_value(t), lr, beta1, beta2, eps, dynamic_step_size) for t in steps
+        ]
+        if weight_decay != 0:
+            torch._foreach_mul_(ps, 1 - lr * weight_decay)
+
+        torch._foreach_lerp_(ms, gs, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+
+        r = torch._foreach_div(vs, torch._foreach_add(vs, eps))  # v/(v+eps)
+        num = torch._foreach_add(ms, gs)
+        torch._foreach_mul_(r, num)
+        torch._foreach_mul_(r, [c[1] for c in coefs])
+        torch._foreach_add_(num, r)  # (m+g) d1
+
+        m2 = torch._foreach_mul(ms, ms)
+        denom = torch._foreach_add(m2, eps)
+        torch._foreach_div_(m2, denom)  # m^2/(m^2+eps)
+        torch._foreach_mul_(m2, vs)
+        torch._foreach_mul_(m2, [c[0] for c in coefs])
+        torch._foreach_add_(m2, vs)  # v d2
+        torch._foreach_sqrt_(m2)
+        torch._foreach_add_(m2, [c[3] for c in coefs])
+        torch._foreach_addcdiv_(ps, num, m2, [-c[2] for c in coefs])
