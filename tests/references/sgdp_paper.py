@@ -39,8 +39,8 @@ class SGDPPaper(Optimizer):
             for w in group["params"]:
                 g = w.grad.clone()
                 st = self.state[w]
-                v = self.mu * st.get("v", torch.zeros_like(w)) + (1 - self.damp) * g
-                st["v"] = v
+                v = self.mu * st.get("momentum", torch.zeros_like(w)) + (1 - self.damp) * g
+                st["momentum"] = v
                 p = g + self.mu * v if self.nesterov else v
                 ratio = 1.0
                 if w.dim() > 1:
