@@ -255,3 +255,43 @@ def test_compiled_projection_equals_eager(cls, hp) -> None:
     with torch._dynamo.config.patch(error_on_recompile=True):
         train(model_c, opt_c, step_c, data[3:])
     assert_models_close(model_c, model, 1e-9)
+
+
+def _rows_with_cosines(cosines):
+    """p with unit rows e_i in R^4 and g whose row i has cosine cosines[i] with p's row i."""
+    p = torch.zeros(len(cosines), 4, dtype=torch.float64)
+    g = torch.zeros_like(p)
+    for i, c in enumerate(cosines):
+        p[i, i] = 1.0
+        g[i, i] = c
+        g[i, 3] = (1 - c * c) ** 0.5
+    return p, g
+
+
+@pytest.mark.parametrize("c,fires", [(0.0499, True), (0.0501, False)])
+def test_projection_channel_threshold_is_delta_over_sqrt_row_length(c, fires) -> None:
+    # rows of length 4: threshold 0.1/2 = 0.05; the layer view (cosine c > 0.1/sqrt(8)) never fires
+    p, g = _rows_with_cosines([c, c])
+    u = torch.ones_like(p)
+    out, wd = scale_invariant_projection(p, g, u, delta=0.1, wd_ratio=0.5, eps=0.0)
+    assert (wd == 0.5) is fires
+    expected = u.clone()
+    if fires:
+        expected[0, 0] = expected[1, 1] = 0.0  # radial parts removed row by row
+    assert torch.allclose(out, expected)
+
+
+def test_projection_falls_back_to_the_layer_view() -> None:
+    # rows too aligned for the channel view (0.2 > 0.05) but opposite: layer cosine 0 -> project
+    # against the whole tensor, p_hat = p/||p||, u <- u - p_hat <p_hat, u>
+    p, g = _rows_with_cosines([0.2, -0.2])
+    u = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]], dtype=torch.float64)
+    out, wd = scale_invariant_projection(p, g, u, delta=0.1, wd_ratio=0.5, eps=0.0)
+    p_hat = p / p.norm()
+    assert wd == 0.5
+    assert torch.allclose(out, u - p_hat * (p_hat * u).sum())
+    # and the layer threshold is delta/sqrt(numel) = 0.1/sqrt(8): cosines 0.2 and -0.1 give a
+    # layer cosine of 0.05 > 0.0354, so nothing fires
+    p, g = _rows_with_cosines([0.2, -0.1])
+    out, wd = scale_invariant_projection(p, g, u, delta=0.1, wd_ratio=0.5, eps=0.0)
+    assert wd == 1.0 and out is u
