@@ -199,5 +199,127 @@ EXADAM = OptimCase(
     compile_variants=[2],
 )
 
-CASES: list[OptimCase] = [ADABELIEF, DIFFGRAD, EXADAM]
+# ------------------------------------------------------------------ AdamP / SGDP
+
+
+def _adamp_reference(params: list[torch.Tensor], hp: dict[str, Any]) -> Optimizer | None:
+    from adamp import AdamP as RefAdamP
+
+    return quiet(RefAdamP)(params, **hp)
+
+
+def _sgdp_reference(params: list[torch.Tensor], hp: dict[str, Any]) -> Optimizer | None:
+    if hp.get("momentum", 0) != 0 and not hp.get("nesterov", False):
+        # the package projects its momentum buffer in place here; basin follows the paper
+        # (see SGDP's docstring and tests/optim/test_adamp.py)
+        from references.sgdp_paper import SGDPPaper
+
+        return SGDPPaper(params, **hp)
+    from adamp import SGDP as RefSGDP
+
+    return quiet(RefSGDP)(params, **hp)
+
+
+_PROJECTION_ERRORS: list[tuple[dict[str, Any], str]] = [
+    ({"delta": -0.1}, "delta"),
+    ({"wd_ratio": 1.5}, "wd_ratio"),
+    ({"wd_ratio": float("nan")}, "wd_ratio"),
+    ({"nesterov": 1}, "nesterov"),
+]
+
+ADAMP = OptimCase(
+    name="adamp",
+    cls=bo.AdamP,
+    variants=[
+        {},
+        {"weight_decay": 0.1},
+        {"nesterov": True},
+        # a large delta makes the projection fire on the (not scale-invariant) test MLP too
+        {"delta": 1.0, "wd_ratio": 0.5, "weight_decay": 0.05},
+        {"delta": 1.0, "nesterov": True, "weight_decay": 0.1},
+        {"lr": 1e-2, "betas": (0.5, 0.9), "eps": 1e-6, "weight_decay": 0.01},
+    ],
+    reference=_adamp_reference,
+    state_map={"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"},
+    errors=_ADAM_LIKE_ERRORS + _PROJECTION_ERRORS,
+    train_hp={"lr": 1e-2},
+    compile_variants=[3],
+)
+
+SGDP = OptimCase(
+    name="sgdp",
+    cls=bo.SGDP,
+    variants=[
+        {"lr": 0.1},
+        {"lr": 0.1, "momentum": 0.9},
+        {"lr": 0.1, "momentum": 0.9, "nesterov": True},
+        {"lr": 0.05, "momentum": 0.9, "dampening": 0.5},
+        {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-2},
+        {"lr": 0.1, "weight_decay": 0.1, "dampening": 0.2, "delta": 1.0, "wd_ratio": 0.5},
+        {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-2, "delta": 1.0},
+        {"lr": 0.05, "momentum": 0.5, "nesterov": True, "weight_decay": 1e-2, "delta": 1.0},
+    ],
+    reference=_sgdp_reference,
+    # no generic state map: momentum=0 keeps no buffer; buffers are compared in test_adamp.py
+    errors=[({"lr": 0.1, **hp}, n) if "lr" not in hp else (hp, n) for hp, n in _COMMON_ERRORS]
+    + [({"lr": 0.1, **hp}, n) for hp, n in _PROJECTION_ERRORS]
+    + [
+        ({"lr": 0.1, "momentum": 1.0}, "momentum"),
+        ({"lr": 0.1, "dampening": -0.5}, "dampening"),
+        ({"lr": 0.1, "eps": -1.0}, "eps"),
+        ({"lr": 0.1, "weight_decay": -1.0}, "weight_decay"),
+    ],
+    train_hp={"lr": 0.1, "momentum": 0.9},
+    compile_variants=[6],
+)
+
+
+# ------------------------------------------------------------------ SGD-SaI
+
+
+def _sgd_sai_reference(params: list[torch.Tensor], hp: dict[str, Any]) -> Optimizer | None:
+    if hp.get("momentum", 0.9) == 0:
+        # sgd-sai 1.0.3 crashes with momentum=0 (tests/optim/test_sgd_sai.py)
+        from references.sgd_sai_paper import SGDSaIPaper
+
+        return SGDSaIPaper(params, **hp)
+    import contextlib
+    import io
+
+    from sgd_sai import SGD_sai
+
+    ref = quiet(SGD_sai)(params, **hp)
+    step = ref.step
+
+    def silent_step(closure=None):  # it prints a banner on its first step
+        with contextlib.redirect_stdout(io.StringIO()):
+            return step(closure)
+
+    ref.step = silent_step  # type: ignore[method-assign]
+    return ref
+
+
+SGDSAI = OptimCase(
+    name="sgdsai",
+    cls=bo.SGDSaI,
+    variants=[
+        {},
+        {"momentum": 0.0},
+        {"weight_decay": 0.0},
+        {"lr": 1e-3, "momentum": 0.5, "eps": 1e-6, "weight_decay": 0.1},
+    ],
+    reference=_sgd_sai_reference,
+    state_map={"momentum_buffer": "momentum_buffer", "gsnr": "gsnr"},
+    errors=_COMMON_ERRORS
+    + [
+        ({"momentum": 1.0}, "momentum"),
+        ({"momentum": -0.1}, "momentum"),
+        ({"eps": -1e-8}, "eps"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+    ],
+    train_hp={"lr": 1e-2},
+    compile_variants=[0, 1],
+)
+
+CASES: list[OptimCase] = [ADABELIEF, DIFFGRAD, EXADAM, ADAMP, SGDP, SGDSAI]
 CASES_BY_NAME = {c.name: c for c in CASES}

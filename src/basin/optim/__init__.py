@@ -4,13 +4,18 @@ against its authors' reference code, plus a registry that builds any optimizer b
 from __future__ import annotations
 
 from .adabelief import AdaBelief
+from .adamp import SGDP, AdamP
 from .param_groups import weight_decay_groups
 from .registry import OptimInfo, Paper, available, create, get_class, info, infos, register
+from .sgd_sai import SGDSaI
 
 __all__ = [
     "AdaBelief",
+    "AdamP",
     "OptimInfo",
     "Paper",
+    "SGDP",
+    "SGDSaI",
     "available",
     "create",
     "get_class",
@@ -68,5 +73,46 @@ register(
         paper=Paper("EXAdam: The Power of Adaptive Cross-Moments", "Adly", "2412.20302", 2024),
         state_memory=2.0,
         capabilities=_ALL_CAPS,
+    )
+)
+
+_ADAMP_PAPER = Paper(
+    "AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant Weights",
+    "Heo et al.",
+    "2006.08217",
+    2021,
+)
+register(
+    OptimInfo(
+        name="adamp",
+        cls=AdamP,
+        paper=_ADAMP_PAPER,
+        state_memory=2.0,
+        capabilities=_ALL_CAPS | {"nesterov", "projection"},
+    )
+)
+register(
+    OptimInfo(
+        name="sgdp",
+        cls=SGDP,
+        paper=_ADAMP_PAPER,
+        state_memory=1.0,
+        capabilities=_ALL_CAPS | {"nesterov", "projection"},
+        state_note="with momentum > 0; 0 with momentum = 0 (the default)",
+    )
+)
+register(
+    OptimInfo(
+        name="sgdsai",
+        cls=SGDSaI,
+        paper=Paper(
+            "No More Adam: Learning Rate Scaling at Initialization is All You Need",
+            "Xu et al.",
+            "2412.11768",
+            2024,
+        ),
+        state_memory=1.0,
+        capabilities=_ALL_CAPS,
+        state_note="+1 scalar (g-SNR) per tensor; 0 + scalar with momentum = 0",
     )
 )

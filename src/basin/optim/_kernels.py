@@ -3,10 +3,12 @@ boundary: no Python branching on tensor values, no ``.item()``."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["MUON_NS_COEFFICIENTS", "newton_schulz5"]
+__all__ = ["MUON_NS_COEFFICIENTS", "newton_schulz5", "scale_invariant_projection"]
 
 # Quintic Newton-Schulz coefficients (a, b, c) of Muon (Jordan et al., 2024): chosen to maximise
 # the slope at zero, so singular values land in roughly [0.7, 1.2] after 5 steps, not exactly 1.
@@ -40,3 +42,58 @@ def newton_schulz5(
         poly = b * gram + c * gram @ gram
         X = a * X + poly @ X
     return X.mT if tall else X
+
+
+def scale_invariant_projection(
+    param: Tensor, grad: Tensor, update: Tensor, *, delta: float, wd_ratio: float, eps: float
+) -> tuple[Tensor, float | Tensor]:
+    """AdamP/SGDP projection (Heo et al., 2021, arXiv:2006.08217): if ``param`` looks
+    scale-invariant, remove the radial component of ``update``.
+
+    For ``param.ndim > 1`` only. Scale invariance is tested first per output channel (rows of
+    ``param.reshape(out, -1)``), then for the whole tensor: the view is taken when
+    ``max |cos(grad_row, param_row)| < delta / sqrt(row length)`` (cosine with the raw gradient,
+    each norm clamped below at ``eps``). Then, per row of that view,
+    ``update <- update - p_hat <p_hat, update>`` with ``p_hat = p_row / (||p_row|| + eps)``.
+
+    Returns ``(update, wd_factor)``; ``update`` is a new tensor when projected (the input is never
+    written) and ``wd_factor`` is ``wd_ratio`` if projected, else 1. Eager: branches and returns
+    a Python float. Under ``torch.compile``: computes both views and selects with
+    ``torch.where`` (no graph break, no data-dependent control flow) and returns a tensor."""
+    rows = param.shape[0]
+    pv = param.reshape(rows, -1)
+    gv = grad.reshape(rows, -1)
+    uv = update.reshape(rows, -1)
+    p_norm = torch.linalg.vector_norm(pv, dim=1)
+    g_norm = torch.linalg.vector_norm(gv, dim=1)
+    pg = torch.linalg.vecdot(pv, gv, dim=1)
+    cos_rows = pg.abs() / (p_norm.clamp_min(eps) * g_norm.clamp_min(eps))
+    thr_rows = delta / math.sqrt(pv.shape[1])
+    thr_layer = delta / math.sqrt(param.numel())
+    # layer view from the row statistics: ||p||^2 = sum ||p_row||^2, <p, g> = sum <p_row, g_row>
+    p_norm_layer = torch.linalg.vector_norm(p_norm)
+
+    def layer_cos() -> Tensor:
+        g_norm_layer = torch.linalg.vector_norm(g_norm)
+        return pg.sum().abs() / (p_norm_layer.clamp_min(eps) * g_norm_layer.clamp_min(eps))
+
+    if not torch.compiler.is_compiling():
+        if cos_rows.max() < thr_rows:
+            coef = torch.linalg.vecdot(pv, uv, dim=1).div_((p_norm + eps).square_())
+            return torch.addcmul(uv, pv, coef.unsqueeze(1), value=-1).view_as(update), wd_ratio
+        if layer_cos() < thr_layer:
+            coef = torch.linalg.vecdot(pv, uv, dim=1).sum() / (p_norm_layer + eps) ** 2
+            return torch.addcmul(uv, pv, coef, value=-1).view_as(update), wd_ratio
+        return update, 1.0
+
+    by_rows = cos_rows.max() < thr_rows
+    by_layer = layer_cos() < thr_layer
+    pu = torch.linalg.vecdot(pv, uv, dim=1)
+    coef = torch.where(
+        by_rows,
+        pu / (p_norm + eps) ** 2,
+        torch.where(by_layer, pu.sum() / (p_norm_layer + eps) ** 2, 0.0),
+    )
+    projected = torch.addcmul(uv, pv, coef.unsqueeze(1), value=-1).view_as(update)
+    fired = (by_rows | by_layer).to(param.dtype)
+    return projected, 1 + fired * (wd_ratio - 1)

@@ -1,0 +1,193 @@
+"""SGD-SaI: SGD with momentum and per-tensor learning rates fixed at initialisation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._base import (
+    BasinOptimizer,
+    check_grad,
+    check_lr,
+    check_nonnegative,
+    check_range,
+    get_value,
+    use_foreach,
+)
+
+__all__ = ["SGDSaI", "gradient_snr", "sgd_sai"]
+
+
+def gradient_snr(grad: Tensor, eps: float) -> Tensor:
+    """g-SNR of one tensor: ``||g||_2 / (std(g) + eps)`` with the unbiased std over all entries,
+    taken as 0 when undefined (a single entry). float32 or wider; a 0-d tensor."""
+    g = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
+    norm = torch.linalg.vector_norm(g)
+    if g.numel() < 2:  # the reference's std() is NaN here and nan_to_num makes it 0
+        return norm / eps
+    return norm / (g.std().nan_to_num_() + eps)
+
+
+class SGDSaI(BasinOptimizer):
+    r"""SGD-SaI (Xu et al., 2024): SGD with momentum where each parameter tensor gets a fixed
+    learning-rate scale, its gradient signal-to-noise ratio at the first step.
+
+    Update (per tensor; ``gsnr`` and ``buf`` are set from the tensor's first gradient)::
+
+        gsnr = ||g_1||_2 / (std(g_1) + eps)       (unbiased std; 0 for a single entry)
+        buf  = g_1, then buf = momentum buf + (1 - momentum) g
+        p   <- p (1 - lr wd) - lr gsnr buf
+
+    With ``momentum=0`` the buffer is the gradient itself (no state besides ``gsnr``).
+
+    Args:
+        params: iterable of parameters or parameter groups.
+        lr: learning rate (default 1e-2).
+        momentum: momentum factor in [0, 1) (default 0.9).
+        eps: added to the gradient std (default 1e-8).
+        weight_decay: decoupled weight decay, applied to every tensor (default 1e-2).
+        maximize: maximize the objective (default False).
+        foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
+
+    References:
+        Minghao Xu, Lichuan Xiang, Xu Cai, Hongkai Wen. "No More Adam: Learning Rate Scaling at
+        Initialization is All You Need." arXiv:2412.11768, 2024. Reference code: sgd-sai 1.0.3
+        (AnonymousAlethiometer/SGD_SaI), the release of the paper's time.
+
+    Differences from the reference code:
+        * g-SNR follows 1.0.3 (the paper era): ``||g|| / (std(g) + eps)``. Later releases changed
+          the normalisation (1.0.4 divides by the largest g-SNR over all tensors, 1.1.0 by
+          ``sqrt(numel)``); basin does not follow them.
+        * ``momentum=0`` works (plain SGD with the g-SNR scale); the reference raises
+          (``buf`` is never assigned).
+        * The reference computes g-SNR once, for the tensors that have a gradient at the
+          optimizer's first step (a tensor first receiving a gradient later raises KeyError);
+          basin computes it for each tensor at its own first gradient. No printing.
+        * The buffer starts as a copy of the first gradient and is then updated uniformly, so the
+          first step's buffer is ``momentum*g + (1-momentum)*g`` (equal to ``g`` up to rounding),
+          which keeps the compiled step free of a first-step branch.
+        * bfloat16/float16 parameters: the g-SNR is computed and kept in float32.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-2,
+        momentum: float = 0.9,
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        check_lr(lr)
+        check_range("momentum", momentum, 0.0, 1.0, high_inclusive=False)
+        check_nonnegative("eps", eps)
+        check_nonnegative("weight_decay", weight_decay)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            foreach=foreach,
+        )
+        super().__init__(params, defaults)
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        params, grads, bufs, gsnrs = [], [], [], []
+        momentum, maximize = group["momentum"], group["maximize"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            check_grad(p, "SGDSaI")
+            state = self.state[p]
+            if "gsnr" not in state:
+                state["gsnr"] = gradient_snr(p.grad, group["eps"])
+            if momentum != 0 and "momentum_buffer" not in state:
+                g = p.grad.neg() if maximize else p.grad
+                state["momentum_buffer"] = g.clone(memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            bufs.append(state.get("momentum_buffer"))
+            gsnrs.append(state["gsnr"])
+        if not params:
+            return
+        sgd_sai(
+            params,
+            grads,
+            bufs,
+            gsnrs,
+            lr=group["lr"],
+            momentum=momentum,
+            weight_decay=group["weight_decay"],
+            maximize=maximize,
+            foreach=group["foreach"],
+        )
+
+
+def sgd_sai(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    gsnrs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    weight_decay: float,
+    maximize: bool,
+    foreach: bool | None = None,
+) -> None:
+    """Functional SGD-SaI; see :class:`SGDSaI`. Buffers must start as the first gradient."""
+    fn = _multi_tensor_sgd_sai if use_foreach(foreach, params) else _single_tensor_sgd_sai
+    fn(
+        params,
+        grads,
+        momentum_buffers,
+        gsnrs,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        maximize=maximize,
+    )
+
+
+def _single_tensor_sgd_sai(
+    params, grads, momentum_buffers, gsnrs, *, lr, momentum, weight_decay, maximize
+):
+    decay = 1 - lr * weight_decay
+    for i, p in enumerate(params):
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            buf.mul_(momentum).add_(grads[i], alpha=-(1 - momentum) if maximize else 1 - momentum)
+        else:
+            buf = -grads[i] if maximize else grads[i]
+        if weight_decay != 0:
+            p.mul_(decay)
+        scale = get_value(gsnrs[i])
+        if isinstance(scale, Tensor):  # compiled: tensor scalars, no .item()
+            p.sub_(buf * (lr * scale))
+        else:
+            p.add_(buf, alpha=-lr * scale)
+
+
+def _multi_tensor_sgd_sai(
+    params, grads, momentum_buffers, gsnrs, *, lr, momentum, weight_decay, maximize
+):
+    # g-SNRs may be float32 beside low-precision params: keep them out of the grouping
+    scales = [-lr * get_value(s) for s in gsnrs]
+    lists = [params, grads, momentum_buffers]
+    grouped = Optimizer._group_tensors_by_device_and_dtype(lists, with_indices=True)  # type: ignore[arg-type]
+    for (ps, gs, bufs), indices in grouped.values():
+        if momentum != 0:
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, gs, alpha=-(1 - momentum) if maximize else 1 - momentum)
+        else:
+            bufs = torch._foreach_neg(gs) if maximize else gs
+        if weight_decay != 0:
+            torch._foreach_mul_(ps, 1 - lr * weight_decay)
+        torch._foreach_add_(ps, torch._foreach_mul(bufs, [scales[j] for j in indices]))
