@@ -233,10 +233,15 @@ def _single_tensor_adabelief(
     eps, weight_decay, amsgrad, weight_decouple, fixed_decay, rectify, degenerated_to_sgd,
     maximize,
 ):  # fmt: skip
+    # Eager speed (benchmarks/optim_step.py): nine passes over each tensor instead of eleven and
+    # one temporary instead of two, the step counters advanced in one call, and the Python
+    # scalar coefficients computed once per distinct step.
+    torch._foreach_add_(state_steps, 1)
+    eps_t = torch.tensor(eps, dtype=torch.float64)  # 0-d: broadcasts to any dtype and device
+    coefs: dict[Any, tuple] = {}
     for i, p in enumerate(params):
         g = -grads[i] if maximize else grads[i]
         m, s = exp_avgs[i], exp_avg_vars[i]
-        state_steps[i] += 1
         step = get_value(state_steps[i])
 
         if weight_decay != 0:
@@ -245,26 +250,31 @@ def _single_tensor_adabelief(
             else:
                 g = g.add(p, alpha=weight_decay)
 
-        m.mul_(beta1).add_(g, alpha=1 - beta1)
-        residual = g - m
-        s.mul_(beta2).addcmul_(residual, residual, value=1 - beta2).add_(eps)
+        m.lerp_(g, 1 - beta1)  # m = b1 m + (1-b1) g
+        buf = torch.sub(g, m)  # the residual g - m; reused below for the denominator
+        torch.add(eps_t, s, alpha=beta2, out=s)  # s = b2 s + eps
+        s.addcmul_(buf, buf, value=1 - beta2)  #   + (1-b2) (g-m)^2
         if amsgrad:
             torch.maximum(max_exp_avg_vars[i], s, out=max_exp_avg_vars[i])
             s = max_exp_avg_vars[i]
 
         if not rectify:
-            bc1 = 1 - beta1**step
-            bc2 = 1 - beta2**step
-            denom = s.sqrt().div_(bc2**0.5).add_(eps)
-            p.addcdiv_(m, denom, value=-lr / bc1)
+            # lr/bc1 * m / (sqrt(s)/sqrt(bc2) + eps) = lr*sqrt(bc2)/bc1 * m / (sqrt(s) + eps*sqrt(bc2))
+            sqrt_bc2 = (1 - beta2**step) ** 0.5
+            denom = torch.sqrt(s, out=buf).add_(eps * sqrt_bc2)
+            p.addcdiv_(m, denom, value=-lr * sqrt_bc2 / (1 - beta1**step))
             continue
 
-        adaptive, sgd = _rectification(step, beta1, beta2, degenerated_to_sgd)
-        if isinstance(adaptive, Tensor):  # compiled: both terms, one of them zero
-            p.addcdiv_(m, s.sqrt().add_(eps), value=-lr * adaptive)
+        if isinstance(step, Tensor):  # compiled: both terms, one of them zero
+            adaptive, sgd = _rectification(step, beta1, beta2, degenerated_to_sgd)
+            p.addcdiv_(m, torch.sqrt(s, out=buf).add_(eps), value=-lr * adaptive)
             p.add_(m * (-lr * sgd))
-        elif adaptive:
-            p.addcdiv_(m, s.sqrt().add_(eps), value=-lr * adaptive)
+            continue
+        if step not in coefs:
+            coefs[step] = _rectification(step, beta1, beta2, degenerated_to_sgd)
+        adaptive, sgd = coefs[step]
+        if adaptive:
+            p.addcdiv_(m, torch.sqrt(s, out=buf).add_(eps), value=-lr * adaptive)
         elif sgd:
             p.add_(m, alpha=-lr * sgd)
 
@@ -284,8 +294,7 @@ def _multi_tensor_adabelief(
             else:
                 gs = torch._foreach_add(gs, ps, alpha=weight_decay)
 
-        torch._foreach_mul_(ms, beta1)
-        torch._foreach_add_(ms, gs, alpha=1 - beta1)
+        torch._foreach_lerp_(ms, gs, 1 - beta1)
         residuals = torch._foreach_sub(gs, ms)
         torch._foreach_mul_(ss, beta2)
         torch._foreach_addcmul_(ss, residuals, residuals, value=1 - beta2)
