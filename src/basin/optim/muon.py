@@ -91,6 +91,8 @@ class Muon(MatrixOptimizer):
           ``ndim == 4`` and takes the scale from the kernel's last two (spatial) dimensions, and
           orthogonalises a 3-D tensor as a batch of matrices; basin follows the stated rule
           (scale by the shape of the matrix that was orthogonalised). Identical for 2-D weights.
+          (muon-optimizer 0.1.0 also never reshapes a conv update back, so its step raises on
+          4-D kernels; tests/optim/test_muon.py checks both.)
         * ``p.grad`` is not modified (the reference overwrites it with the Nesterov blend).
         * Options the reference lacks: ``nesterov=False``, ``ns_steps``, ``ns_dtype``,
           ``maximize``, ``adamw_fallback``; ``lr`` may be a tensor.

@@ -65,6 +65,9 @@ class SWAN(MatrixOptimizer):
     UNVERIFIED choices (no authors' code to check against):
         * ``ns_steps=10`` (ports use 6-10); the iteration converges only for eigenvalues of the
           normalised Gram matrix above about ``2.25**-ns_steps``, smaller directions are damped.
+          Row centering makes square and tall gradients rank-deficient; there rounding noise
+          in the null space grows ~1.5x per iteration, so do not raise ``ns_steps`` far beyond
+          ~20 in float32 (at 40 it overflows to NaN on such layers).
         * ``eps`` in the row std (the paper divides by the std alone) and in the rescaling.
         * ``rescale=True`` (the norm-restoring step, so that ``lr`` is on Adam's scale), the
           default ``lr`` 1e-3 and the Adam fallback defaults.
