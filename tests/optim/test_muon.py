@@ -40,7 +40,7 @@ def test_newton_schulz5_bit_identical_to_the_package(shape) -> None:
         assert torch.equal(ours, ref)
 
 
-@pytest.mark.parametrize("wd,momentum", [(0.0, 0.95), (0.1, 0.9)])
+@pytest.mark.parametrize("wd,momentum", [(0.1, 0.9)])  # defaults: in the table
 def test_bit_identical_to_the_package_in_float32(wd: float, momentum: float) -> None:
     """40 steps on an MLP with float32 parameters: Muon groups and the AdamW fallback equal
     SingleDeviceMuonWithAuxAdam bit for bit. Tolerance 0 is the honest one: the same bfloat16
