@@ -321,5 +321,174 @@ SGDSAI = OptimCase(
     compile_variants=[0, 1],
 )
 
-CASES: list[OptimCase] = [ADABELIEF, DIFFGRAD, EXADAM, ADAMP, SGDP, SGDSAI]
+# ------------------------------------------------------------------ Muon
+
+
+_MUON_DEFAULTS: dict[str, Any] = dict(
+    lr=0.02,
+    momentum=0.95,
+    weight_decay=0.0,
+    nesterov=True,
+    ns_steps=5,
+    ns_dtype=torch.bfloat16,
+    adamw_lr=3e-4,
+    adamw_betas=(0.9, 0.95),
+    adamw_eps=1e-10,
+    adamw_weight_decay=0.0,
+)
+
+
+def _matrices_first(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The parameter order of a matrix optimizer with automatic fallback routing (matrix
+    group, then its fallback companion), so that states are compared parameter by parameter."""
+    return [p for p in params if p.ndim >= 2] + [p for p in params if p.ndim < 2]
+
+
+def _muon_reference(params: list[torch.Tensor], hp: dict[str, Any]) -> Optimizer | None:
+    """bfloat16 Newton-Schulz: the authors' package (basin is bit-identical to it); the
+    high-precision path (ns_dtype=None): the float64 SVD-based transcription."""
+    full = {**_MUON_DEFAULTS, **hp}
+    if full["ns_dtype"] is None:
+        from references.muon_paper import MuonPaper
+
+        keys = set(_MUON_DEFAULTS) - {"ns_dtype"}
+        return MuonPaper(_matrices_first(params), **{k: full[k] for k in keys})
+    if full["ns_dtype"] is not torch.bfloat16 or not full["nesterov"] or full["ns_steps"] != 5:
+        return None
+    from muon import SingleDeviceMuonWithAuxAdam
+
+    muon_group = dict(
+        params=[p for p in params if p.ndim >= 2],
+        use_muon=True,
+        lr=full["lr"],
+        momentum=full["momentum"],
+        weight_decay=full["weight_decay"],
+    )
+    adam_group = dict(
+        params=[p for p in params if p.ndim < 2],
+        use_muon=False,
+        lr=full["adamw_lr"],
+        betas=full["adamw_betas"],
+        eps=full["adamw_eps"],
+        weight_decay=full["adamw_weight_decay"],
+    )
+    return quiet(SingleDeviceMuonWithAuxAdam)([muon_group, adam_group])
+
+
+_MATRIX_ERRORS: list[tuple[dict[str, Any], str]] = _COMMON_ERRORS + [
+    ({"weight_decay": -0.1}, "weight_decay"),
+    ({"ns_steps": 0}, "ns_steps"),
+    ({"ns_steps": 2.5}, "ns_steps"),
+    ({"ns_steps": True}, "ns_steps"),
+]
+
+MUON = OptimCase(
+    name="muon",
+    cls=bo.Muon,
+    variants=[
+        {"adamw_fallback": True, "ns_dtype": None},
+        {"adamw_fallback": True},
+        {
+            "adamw_fallback": True,
+            "momentum": 0.9,
+            "weight_decay": 0.1,
+            "adamw_lr": 1e-3,
+            "adamw_betas": (0.8, 0.99),
+            "adamw_weight_decay": 0.05,
+        },
+        {
+            "adamw_fallback": True,
+            "ns_dtype": None,
+            "nesterov": False,
+            "ns_steps": 3,
+            "lr": 0.05,
+            "weight_decay": 0.01,
+        },
+        {"adamw_fallback": True, "ns_dtype": torch.float32, "ns_steps": 7},
+    ],  # fmt: skip
+    reference=_muon_reference,
+    state_map={
+        "momentum_buffer": "momentum_buffer",
+        "exp_avg": "exp_avg",
+        "exp_avg_sq": "exp_avg_sq",
+    },  # fmt: skip
+    # the package: bit-identical (error 0); the SVD transcription: the quintic's slope at 0 is
+    # a = 3.4445, so 5 steps amplify float64 rounding of small singular values by up to
+    # a**5 ~ 5e2, and 100 steps accumulate it: measured <= 1e-12, asserted 1e-10
+    rtol=1e-10,
+    errors=_MATRIX_ERRORS
+    + [
+        ({"momentum": 1.0}, "momentum"),
+        ({"momentum": -0.1}, "momentum"),
+        ({"nesterov": "yes"}, "nesterov"),
+        ({"ns_dtype": torch.int32}, "ns_dtype"),
+        ({"adamw_betas": (0.9, 1.0)}, "adamw_betas[1]"),
+        ({"adamw_eps": -1.0}, "adamw_eps"),
+        ({"adamw_lr": -1.0}, "adamw_lr"),
+        ({"adamw_fallback": 1}, "adamw_fallback"),
+        ({}, "adamw_fallback=True"),
+        ({}, "muon_param_groups"),
+    ],
+    # float32 Newton-Schulz: bfloat16 matmuls are slow on CPU (the bf16 path is tested above)
+    train_hp={"adamw_fallback": True, "lr": 0.02, "adamw_lr": 1e-2, "ns_dtype": torch.float32},
+    compile_variants=[0],
+)
+
+
+# ------------------------------------------------------------------ SWAN
+
+
+def _swan_reference(params: list[torch.Tensor], hp: dict[str, Any]) -> Optimizer | None:
+    """The float64 transcription with an exact (eigendecomposition) whitening: it matches once
+    Newton-Schulz has converged, so only variants with >= 20 iterations are compared."""
+    if hp.get("ns_steps", 10) < 20:
+        return None
+    from references.swan_paper import SWANPaper
+
+    return SWANPaper(_matrices_first(params), **hp)
+
+
+def swan_mlp() -> nn.Module:
+    """8-6-4 MLP: whitening inverts each gradient's Gram matrix, and row centering leaves square
+    and tall gradients rank-deficient (rows sum to zero), where Newton-Schulz and the exact
+    inverse square root agree only up to amplified rounding; wide layers keep the comparison
+    exact (measured <= 2e-13 over 100 steps with 20-25 iterations, asserted 1e-11). The default
+    MLP (square and tall layers) is covered in tests/optim/test_swan.py."""
+    return nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 4))
+
+
+SWAN_CASE = OptimCase(
+    name="swan",
+    cls=bo.SWAN,
+    variants=[
+        {"adam_fallback": True, "ns_steps": 20},
+        {"adam_fallback": True},
+        {"adam_fallback": True, "ns_steps": 25, "lr": 0.01, "weight_decay": 0.1, "rescale": False},
+        {
+            "adam_fallback": True,
+            "ns_steps": 20,
+            "adam_lr": 3e-3,
+            "adam_betas": (0.8, 0.99),
+            "adam_weight_decay": 0.05,
+            "eps": 1e-6,
+        },
+    ],  # fmt: skip
+    reference=_swan_reference,
+    state_map={"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"},
+    rtol=1e-11,
+    errors=_MATRIX_ERRORS
+    + [
+        ({"eps": -1.0}, "eps"),
+        ({"rescale": 0}, "rescale"),
+        ({"adam_betas": (1.0, 0.9)}, "adam_betas[0]"),
+        ({"adam_lr": float("nan")}, "adam_lr"),
+        ({}, "adam_fallback=True"),
+        ({}, "swan_param_groups"),
+    ],
+    train_hp={"adam_fallback": True, "lr": 1e-2, "adam_lr": 1e-2},
+    compile_variants=[0],
+    model=swan_mlp,
+)
+
+CASES: list[OptimCase] = [ADABELIEF, DIFFGRAD, EXADAM, ADAMP, SGDP, SGDSAI, MUON, SWAN_CASE]
 CASES_BY_NAME = {c.name: c for c in CASES}

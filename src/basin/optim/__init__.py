@@ -116,3 +116,45 @@ register(
         state_note="+1 scalar (g-SNR) per tensor; 0 + scalar with momentum = 0",
     )
 )
+
+from .muon import Muon, muon_param_groups  # noqa: E402
+
+__all__ += ["Muon", "muon_param_groups"]
+
+register(
+    OptimInfo(
+        name="muon",
+        cls=Muon,
+        paper=Paper(
+            "Muon is Scalable for LLM Training (Muon: Jordan et al., blog, 2024)",
+            "Liu et al.",
+            "2502.16982",
+            2025,
+        ),
+        state_memory=1.0,
+        capabilities=_ALL_CAPS | {"matrix", "fallback", "nesterov"},
+        state_note="matrices: momentum (1.0); AdamW fallback params (embeddings, head, "
+        "ndim<2): 2.0",
+    )
+)
+
+from .swan import SWAN, swan_param_groups  # noqa: E402
+
+__all__ += ["SWAN", "swan_param_groups"]
+
+register(
+    OptimInfo(
+        name="swan",
+        cls=SWAN,
+        paper=Paper(
+            "SWAN: SGD with Normalization and Whitening Enables Stateless LLM Training",
+            "Ma et al.",
+            "2412.13148",
+            2024,
+        ),
+        state_memory=0.0,
+        capabilities=_ALL_CAPS | {"matrix", "fallback", "stateless"},
+        state_note="matrices: stateless (0.0); Adam fallback params (embeddings, head, "
+        "ndim<2): 2.0",
+    )
+)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
 
-__all__ = ["weight_decay_groups"]
+__all__ = ["matrix_param_groups", "weight_decay_groups"]
 
 _NORM_TYPES = (
     nn.modules.batchnorm._NormBase,
@@ -38,5 +39,66 @@ def weight_decay_groups(
     groups = [
         {"params": decay, "weight_decay": weight_decay, **group_options},
         {"params": no_decay, "weight_decay": 0.0, **group_options},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def matrix_param_groups(
+    model: nn.Module,
+    flag: str,
+    *,
+    head: str | Iterable[str] | None = "auto",
+    matrix_options: dict[str, Any] | None = None,
+    fallback_options: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Split ``model``'s parameters for a matrix-only optimizer (Muon, SWAN): hidden weight
+    matrices and convolution kernels in a group with ``flag=True``; embeddings (``nn.Embedding``,
+    ``nn.EmbeddingBag``), the output head and every parameter with ``ndim < 2`` (biases, gains)
+    in a group with ``flag=False``, which the optimizer updates with its Adam(W) fallback.
+
+    ``head``: ``"auto"`` takes the last ``nn.Linear`` in ``model.modules()`` order as the output
+    head; ``None`` means no head; otherwise an iterable of module or parameter names (as in
+    ``model.named_modules()`` / ``model.named_parameters()``) whose parameters go to the fallback.
+    ``matrix_options`` / ``fallback_options`` are added to the two groups (e.g. ``{"lr": 0.02}``).
+    Parameters that do not require gradients are left out; shared parameters appear once; empty
+    groups are dropped."""
+    if isinstance(head, str) and head != "auto":
+        head = [head]
+    head_ids: set[int] = set()
+    if head == "auto":
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if linears:
+            head_ids = {id(p) for p in linears[-1].parameters()}
+    elif head is not None:
+        names = set(head)
+        modules = dict(model.named_modules())
+        named = dict(model.named_parameters())
+        unknown = sorted(n for n in names if n not in modules and n not in named)
+        if unknown:
+            raise ValueError(
+                f"head: no module or parameter named {', '.join(map(repr, unknown))} in the model"
+            )
+        for n in names:
+            if n in named:
+                head_ids.add(id(named[n]))
+            else:
+                head_ids.update(id(p) for p in modules[n].parameters())
+    matrix, fallback, seen = [], [], set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if (
+                p.ndim < 2
+                or id(p) in head_ids
+                or isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+            ):
+                fallback.append(p)
+            else:
+                matrix.append(p)
+    groups = [
+        {"params": matrix, flag: True, **(matrix_options or {})},
+        {"params": fallback, flag: False, **(fallback_options or {})},
     ]
     return [g for g in groups if g["params"]]

@@ -1,0 +1,271 @@
+"""Muon: momentum orthogonalized by Newton-Schulz, for hidden weight matrices."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._base import (
+    check_betas,
+    check_bool,
+    check_grad,
+    check_lr,
+    check_nonnegative,
+    check_range,
+    group_by_device_and_dtype,
+    use_foreach,
+)
+from ._kernels import newton_schulz5
+from ._matrix import MatrixOptimizer, _add_scaled
+from .param_groups import matrix_param_groups
+
+__all__ = ["Muon", "muon", "muon_param_groups"]
+
+
+def check_ns_steps(ns_steps: Any) -> None:
+    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
+        raise ValueError(f"ns_steps must be an integer >= 1, got {ns_steps!r}")
+
+
+def check_ns_dtype(ns_dtype: Any) -> None:
+    if ns_dtype is not None and ns_dtype not in (torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(
+            f"ns_dtype must be torch.bfloat16, torch.float32, torch.float64 or None "
+            f"(the parameter's dtype), got {ns_dtype!r}"
+        )
+
+
+class Muon(MatrixOptimizer):
+    r"""Muon (Jordan et al., 2024): SGD-momentum whose update for each weight matrix is replaced
+    by an approximately orthogonal matrix with the same singular vectors, computed by a quintic
+    Newton-Schulz iteration. Only for hidden weight matrices; embeddings, the output head, biases
+    and gains use the built-in AdamW fallback.
+
+    Update of a matrix group (``ndim >= 2``; kernels of ``ndim > 2`` are viewed as
+    ``(size(0), -1)``)::
+
+        m <- b m + (1-b) g                           (torch.lerp)
+        u = (1-b) g + b m  if nesterov else m
+        O = NS5(u) * sqrt(max(1, rows/cols))         (NS5: basin.optim._kernels.newton_schulz5)
+        p <- p (1 - lr wd) - lr O
+
+    Fallback groups (``use_muon=False``): AdamW, ``p <- p(1 - lr wd) - lr m_hat/(sqrt(v_hat)+eps)``.
+
+    Parameter groups: a group's ``use_muon`` flag (default True) picks the rule. Build the groups
+    with :func:`muon_param_groups` (hidden matrices to Muon; embeddings, the last ``nn.Linear``
+    and ``ndim < 2`` parameters to AdamW), or pass ``adamw_fallback=True`` to route just the
+    ``ndim < 2`` parameters of every Muon group to AdamW (each such group is followed by an AdamW
+    companion group). Without either, a Muon group holding an ``ndim < 2`` parameter raises
+    ``ValueError`` naming it. Groups with ``use_muon=False`` take missing ``lr``, ``betas``,
+    ``eps``, ``weight_decay`` from ``adamw_lr``, ``adamw_betas``, ``adamw_eps``,
+    ``adamw_weight_decay``.
+
+    Args:
+        params: parameters or parameter groups (see above).
+        lr: learning rate of Muon groups, in units of spectral norm per update (default 0.02).
+        momentum: momentum coefficient ``b`` in [0, 1) (default 0.95).
+        weight_decay: decoupled weight decay of Muon groups (default 0).
+        nesterov: use the Nesterov-style update ``lerp(g, m, b)`` (default True).
+        ns_steps: Newton-Schulz iterations (default 5).
+        ns_dtype: compute dtype of Newton-Schulz: ``torch.bfloat16`` (default, as the reference),
+            ``torch.float32``/``torch.float64``, or None for the parameter's dtype.
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: fallback AdamW defaults (3e-4,
+            (0.9, 0.95), 1e-10, 0), as in the reference's ``SingleDeviceMuonWithAuxAdam``.
+        adamw_fallback: route ``ndim < 2`` parameters of Muon groups to AdamW (default False).
+        maximize: maximize the objective (default False).
+        foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
+
+    References:
+        Keller Jordan, Yuchen Jin, Vlado Boza, Jiacheng You, Franz Cesista, Laker Newhouse,
+        Jeremy Bernstein. "Muon: An optimizer for hidden layers in neural networks." Blog post,
+        2024, https://kellerjordan.github.io/posts/muon/. Jingyuan Liu et al. "Muon is Scalable
+        for LLM Training." arXiv:2502.16982, 2025. Reference code: muon-optimizer 0.1.0
+        (KellerJordan/Muon), ``SingleDeviceMuon`` / ``SingleDeviceMuonWithAuxAdam``.
+
+    Differences from the reference code:
+        * Kernels with ``ndim > 2`` are all flattened to ``(size(0), -1)`` and the scale
+          ``sqrt(max(1, rows/cols))`` uses that matrix's shape. The reference flattens only
+          ``ndim == 4`` and takes the scale from the kernel's last two (spatial) dimensions, and
+          orthogonalises a 3-D tensor as a batch of matrices; basin follows the stated rule
+          (scale by the shape of the matrix that was orthogonalised). Identical for 2-D weights.
+          (muon-optimizer 0.1.0 also never reshapes a conv update back, so its step raises on
+          4-D kernels; tests/optim/test_muon.py checks both.)
+        * ``p.grad`` is not modified (the reference overwrites it with the Nesterov blend).
+        * Options the reference lacks: ``nesterov=False``, ``ns_steps``, ``ns_dtype``,
+          ``maximize``, ``adamw_fallback``; ``lr`` may be a tensor.
+        Otherwise Muon and the AdamW fallback are bit-identical to the reference in bfloat16
+        Newton-Schulz (tests/optim/test_muon.py).
+    """
+
+    _flag = "use_muon"
+    _algo = "Muon"
+    _helper = "muon_param_groups"
+    _auto_kw = "adamw_fallback"
+    _fallback_name = "AdamW"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 0.02,
+        momentum: float = 0.95,
+        weight_decay: float = 0.0,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        ns_dtype: torch.dtype | None = torch.bfloat16,
+        *,
+        adamw_lr: float | Tensor = 3e-4,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-10,
+        adamw_weight_decay: float = 0.0,
+        adamw_fallback: bool = False,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        check_lr(lr)
+        check_range("momentum", momentum, 0.0, 1.0, high_inclusive=False)
+        check_nonnegative("weight_decay", weight_decay)
+        check_bool("nesterov", nesterov)
+        check_ns_steps(ns_steps)
+        check_ns_dtype(ns_dtype)
+        check_range("adamw_lr", adamw_lr, 0.0, float("inf"), high_inclusive=False)
+        check_betas(adamw_betas, "adamw_betas")
+        check_nonnegative("adamw_eps", adamw_eps)
+        check_nonnegative("adamw_weight_decay", adamw_weight_decay)
+        check_bool("adamw_fallback", adamw_fallback)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            ns_dtype=ns_dtype,
+            maximize=maximize,
+            foreach=foreach,
+        )
+        fallback = dict(
+            lr=adamw_lr, betas=tuple(adamw_betas), eps=adamw_eps, weight_decay=adamw_weight_decay
+        )
+        super().__init__(params, defaults, fallback, adamw_fallback)
+
+    def _check_matrix_group(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        check_range("momentum", group["momentum"], 0.0, 1.0, high_inclusive=False)
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_bool("nesterov", group["nesterov"])
+        check_ns_steps(group["ns_steps"])
+        check_ns_dtype(group["ns_dtype"])
+
+    def _matrix_step(self, group: dict[str, Any]) -> None:
+        params, grads, bufs = [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            check_grad(p, "Muon")
+            state = self.state[p]
+            if len(state) == 0:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            bufs.append(state["momentum_buffer"])
+        if not params:
+            return
+        muon(
+            params,
+            grads,
+            bufs,
+            lr=group["lr"],
+            momentum=group["momentum"],
+            weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"],
+            ns_steps=group["ns_steps"],
+            ns_dtype=group["ns_dtype"],
+            maximize=group["maximize"],
+            foreach=group["foreach"],
+        )
+
+
+def muon_param_groups(
+    model: nn.Module,
+    *,
+    head: str | Iterable[str] | None = "auto",
+    muon: dict[str, Any] | None = None,
+    adamw: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Parameter groups for :class:`Muon`: hidden matrices and kernels with ``use_muon=True``;
+    embeddings, the output head (``head="auto"``: the last ``nn.Linear``; or a list of module /
+    parameter names; or None) and ``ndim < 2`` parameters with ``use_muon=False`` (AdamW).
+    ``muon`` / ``adamw``: extra options of the two groups, e.g. ``adamw={"lr": 1e-3}``::
+
+        opt = Muon(muon_param_groups(model, head=["lm_head"]), lr=0.02, adamw_lr=3e-4)
+    """
+    return matrix_param_groups(
+        model, "use_muon", head=head, matrix_options=muon, fallback_options=adamw
+    )
+
+
+def _orthogonalized(u: Tensor, ns_steps: int, ns_dtype: torch.dtype | None) -> Tensor:
+    """NS5 of ``u`` viewed as a matrix, scaled by ``sqrt(max(1, rows/cols))``, in ``u``'s shape
+    (and in the compute dtype: the caller adds it to the parameter)."""
+    mat = u.reshape(u.size(0), -1) if u.ndim > 2 else u
+    rows, cols = mat.shape
+    out = newton_schulz5(mat, ns_steps, dtype=ns_dtype)
+    out = out * max(1.0, rows / cols) ** 0.5  # in the compute dtype, as the reference
+    return out.reshape(u.shape)
+
+
+def muon(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+    ns_steps: int,
+    ns_dtype: torch.dtype | None,
+    maximize: bool,
+    foreach: bool | None = None,
+) -> None:
+    """Functional Muon (matrix parameters only); see :class:`Muon`."""
+    fn = _multi_tensor_muon if use_foreach(foreach, params) else _single_tensor_muon
+    fn(
+        params, grads, momentum_buffers, lr=lr, momentum=momentum, weight_decay=weight_decay,
+        nesterov=nesterov, ns_steps=ns_steps, ns_dtype=ns_dtype, maximize=maximize,
+    )  # fmt: skip
+
+
+def _single_tensor_muon(
+    params, grads, momentum_buffers, *, lr, momentum, weight_decay, nesterov, ns_steps, ns_dtype,
+    maximize,
+):  # fmt: skip
+    for i, p in enumerate(params):
+        g = -grads[i] if maximize else grads[i]
+        buf = momentum_buffers[i]
+        buf.lerp_(g, 1 - momentum)
+        u = g.lerp(buf, momentum) if nesterov else buf
+        update = _orthogonalized(u, ns_steps, ns_dtype).to(p.dtype)
+        if weight_decay != 0:
+            p.mul_(1 - lr * weight_decay)
+        _add_scaled(p, update, lr)
+
+
+def _multi_tensor_muon(
+    params, grads, momentum_buffers, *, lr, momentum, weight_decay, nesterov, ns_steps, ns_dtype,
+    maximize,
+):  # fmt: skip
+    for ps, gs, bufs in group_by_device_and_dtype([params, grads, momentum_buffers]).values():
+        gs = torch._foreach_neg(gs) if maximize else gs
+        torch._foreach_lerp_(bufs, gs, 1 - momentum)
+        us = torch._foreach_lerp(gs, bufs, momentum) if nesterov else bufs
+        # Newton-Schulz is a chain of matmuls per matrix: no foreach form
+        updates = [_orthogonalized(u, ns_steps, ns_dtype).to(p.dtype) for u, p in zip(us, ps)]
+        if weight_decay != 0:
+            torch._foreach_mul_(ps, 1 - lr * weight_decay)
+        if isinstance(lr, Tensor):
+            torch._foreach_add_(ps, torch._foreach_mul(updates, -lr))
+        else:
+            torch._foreach_add_(ps, updates, alpha=-lr)
