@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["MUON_NS_COEFFICIENTS", "newton_schulz5"]
+__all__ = ["MUON_NS_COEFFICIENTS", "adamw_step_", "newton_schulz5"]
 
 # Quintic Newton-Schulz coefficients (a, b, c) of Muon (Jordan et al., 2024): chosen to maximise
 # the slope at zero, so singular values land in roughly [0.7, 1.2] after 5 steps, not exactly 1.
@@ -40,3 +40,32 @@ def newton_schulz5(
         poly = b * gram + c * gram @ gram
         X = a * X + poly @ X
     return X.mT if tall else X
+
+
+def adamw_step_(
+    p: Tensor,
+    g: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor | float,
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One in-place AdamW step (Loshchilov & Hutter, arXiv:1711.05101) of ``p`` with gradient
+    ``g``; ``step`` is the already-incremented count (Python number or tensor under compile).
+    The element-wise fallback that the matrix optimizers use for non-matrix parameters."""
+    bc1 = 1 - beta1**step
+    bc2 = 1 - beta2**step
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if weight_decay != 0:
+        p.mul_(1 - lr * weight_decay)
+    denom = (exp_avg_sq.sqrt() / bc2**0.5).add_(eps)
+    if isinstance(bc1, Tensor) or isinstance(lr, Tensor):  # compiled: tensor step size
+        p.sub_(exp_avg / denom * (lr / bc1))
+    else:
+        p.addcdiv_(exp_avg, denom, value=-lr / bc1)
