@@ -50,6 +50,11 @@ class COSMOS(BasinOptimizer):
     ``matrix_rule``: ``None`` (default, the automatic choice above), ``True`` (matrix rule; a
     tensor with ndim > 2 is viewed as ``(size(0), -1)``) or ``False`` (AdamW).
 
+    Keep ``rank`` below the rank of the gradients (for a classifier head trained with
+    cross-entropy that is ``classes - 1``): otherwise the residual ``G~ - G~ P P^T`` is rounding
+    noise that the Frobenius normalisation of ``B`` blows up to full size, as in the reference
+    code.
+
     Memory: ``M`` (mn) + ``V`` (mr) + ``P`` (nr) + ``S`` (r^2), i.e. ``1 + r/n + r/m + r^2/mn``
     times the parameter (about 1.2 for a 1024 x 1024 matrix with r = 64), versus 2 for Adam.
 

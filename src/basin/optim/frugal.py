@@ -62,6 +62,11 @@ class FRUGAL(BasinOptimizer):
     ``2 * density`` times the parameter (0.5 at the default), plus the projector (``r * dim``
     floats for svd/random, ``r`` indices for randperm).
 
+    ``torch.compile(opt.step, fullgraph=True)`` is not supported: the rebuild every
+    ``update_gap`` steps is Python control flow on the step count (and the random projectors
+    use a ``torch.Generator``), so a compiled step would graph-break or recompile at each
+    rebuild. Compile the model instead; the per-step optimizer work is a few small matmuls.
+
     Args:
         params: iterable of parameters or parameter groups.
         lr: learning rate (default 1e-3).
