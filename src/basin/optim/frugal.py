@@ -97,6 +97,8 @@ class FRUGAL(BasinOptimizer):
           random ones a positive-diagonal R, so that with ``reset_statistics=False`` (state kept
           across rebuilds, in the new basis' coordinates, as in the reference) the trajectory
           does not depend on the LAPACK build's sign choices.
+        * The SVD runs in the parameter's dtype for float64 (the reference converts every
+          non-float32 gradient to float32 first); float16/bfloat16 use float32 in both.
         * Random projectors draw from a per-parameter seeded generator (the reference uses the
           global RNG), and ``randperm`` stores indices instead of a 0/1 matrix.
         * The rebuild schedule is per parameter (the reference reads the first parameter of the
