@@ -5,29 +5,49 @@ from __future__ import annotations
 
 from .adabelief import AdaBelief
 from .adamp import SGDP, AdamP
+from .cosmos import COSMOS
+from .diffgrad import DiffGrad
+from .exadam import EXAdam
+from .frugal import FRUGAL
+from .muon import Muon, muon_param_groups
 from .param_groups import weight_decay_groups
 from .registry import OptimInfo, Paper, available, create, get_class, info, infos, register
 from .sgd_sai import SGDSaI
+from .swan import SWAN, swan_param_groups
 
 __all__ = [
+    "COSMOS",
+    "FRUGAL",
+    "SGDP",
+    "SWAN",
     "AdaBelief",
     "AdamP",
+    "DiffGrad",
+    "EXAdam",
+    "Muon",
     "OptimInfo",
     "Paper",
-    "SGDP",
     "SGDSaI",
     "available",
     "create",
     "get_class",
     "info",
     "infos",
+    "muon_param_groups",
     "register",
+    "swan_param_groups",
     "weight_decay_groups",
 ]
 
 _ALL_CAPS = frozenset({"foreach", "compile", "maximize", "param_groups", "closure"})
+_ADAMP_PAPER = Paper(
+    "AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant Weights",
+    "Heo et al.",
+    "2006.08217",
+    2021,
+)
 
-register(
+for _info in (
     OptimInfo(
         name="adabelief",
         cls=AdaBelief,
@@ -40,14 +60,7 @@ register(
         state_memory=2.0,
         capabilities=_ALL_CAPS | {"amsgrad", "rectify"},
         state_note="+1 with amsgrad",
-    )
-)
-
-from .diffgrad import DiffGrad  # noqa: E402
-
-__all__ += ["DiffGrad"]
-
-register(
+    ),
     OptimInfo(
         name="diffgrad",
         cls=DiffGrad,
@@ -59,39 +72,21 @@ register(
         ),
         state_memory=3.0,
         capabilities=_ALL_CAPS,
-    )
-)
-
-from .exadam import EXAdam  # noqa: E402
-
-__all__ += ["EXAdam"]
-
-register(
+    ),
     OptimInfo(
         name="exadam",
         cls=EXAdam,
         paper=Paper("EXAdam: The Power of Adaptive Cross-Moments", "Adly", "2412.20302", 2024),
         state_memory=2.0,
         capabilities=_ALL_CAPS,
-    )
-)
-
-_ADAMP_PAPER = Paper(
-    "AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant Weights",
-    "Heo et al.",
-    "2006.08217",
-    2021,
-)
-register(
+    ),
     OptimInfo(
         name="adamp",
         cls=AdamP,
         paper=_ADAMP_PAPER,
         state_memory=2.0,
         capabilities=_ALL_CAPS | {"nesterov", "projection"},
-    )
-)
-register(
+    ),
     OptimInfo(
         name="sgdp",
         cls=SGDP,
@@ -99,9 +94,7 @@ register(
         state_memory=1.0,
         capabilities=_ALL_CAPS | {"nesterov", "projection"},
         state_note="with momentum > 0; 0 with momentum = 0 (the default)",
-    )
-)
-register(
+    ),
     OptimInfo(
         name="sgdsai",
         cls=SGDSaI,
@@ -114,14 +107,7 @@ register(
         state_memory=1.0,
         capabilities=_ALL_CAPS,
         state_note="+1 scalar (g-SNR) per tensor; 0 + scalar with momentum = 0",
-    )
-)
-
-from .muon import Muon, muon_param_groups  # noqa: E402
-
-__all__ += ["Muon", "muon_param_groups"]
-
-register(
+    ),
     OptimInfo(
         name="muon",
         cls=Muon,
@@ -133,16 +119,8 @@ register(
         ),
         state_memory=1.0,
         capabilities=_ALL_CAPS | {"matrix", "fallback", "nesterov"},
-        state_note="matrices: momentum (1.0); AdamW fallback params (embeddings, head, "
-        "ndim<2): 2.0",
-    )
-)
-
-from .swan import SWAN, swan_param_groups  # noqa: E402
-
-__all__ += ["SWAN", "swan_param_groups"]
-
-register(
+        state_note="matrices: momentum (1.0); AdamW fallback params (embeddings, head, ndim<2): 2.0",
+    ),
     OptimInfo(
         name="swan",
         cls=SWAN,
@@ -154,7 +132,36 @@ register(
         ),
         state_memory=0.0,
         capabilities=_ALL_CAPS | {"matrix", "fallback", "stateless"},
-        state_note="matrices: stateless (0.0); Adam fallback params (embeddings, head, "
-        "ndim<2): 2.0",
-    )
-)
+        state_note="matrices: stateless (0.0); Adam fallback params (embeddings, head, ndim<2): 2.0",
+    ),
+    OptimInfo(
+        name="cosmos",
+        cls=COSMOS,
+        paper=Paper(
+            "COSMOS: A Hybrid Adaptive Optimizer for Memory-Efficient Training of LLMs",
+            "Liu et al.",
+            "2502.17410",
+            2025,
+        ),
+        state_memory=1.13,
+        capabilities=frozenset({"compile", "maximize", "param_groups", "closure", "matrix"}),
+        state_note="matrices: 1 + r/n + r/m + r^2/(mn) (1.13 for 1024x1024, r=64); "
+        "AdamW fallback params: 2",
+    ),
+    OptimInfo(
+        name="frugal",
+        cls=FRUGAL,
+        paper=Paper(
+            "FRUGAL: Memory-Efficient Optimization by Reducing State Overhead for Scalable "
+            "Training",
+            "Zmushko et al.",
+            "2411.07837",
+            2024,
+        ),
+        state_memory=0.5,
+        capabilities=frozenset({"maximize", "param_groups", "closure", "matrix"}),
+        state_note="projected matrices: 2*density (0.5) + the projector; other params: AdamW, 2",
+    ),
+):
+    register(_info)
+del _info
