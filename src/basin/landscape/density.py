@@ -115,18 +115,21 @@ def hessian_density(
     dens = gaussian_density(grid, nodes, weights, sigma)
     dens /= _trapezoid(dens, grid)
     # converged Ritz values, merged across probes (the same eigenvalue found by several probes)
+    eps = torch.finfo(op.dtype).eps
+    tol_eff = max(outlier_tol, 100 * eps)
+    merge = 100 * eps * norm
     cand = sorted(
         (
             (float(t), float(b))
             for th, bd in zip(nodes, bounds)
             for t, b in zip(th, bd)
-            if b <= outlier_tol * norm
+            if b <= tol_eff * norm
         ),
         key=lambda tb: -tb[0],
     )
     outs: list[tuple[float, float]] = []
     for t, b in cand:
-        if outs and abs(outs[-1][0] - t) <= max(outs[-1][1], b, 1e-9 * norm):
+        if outs and abs(outs[-1][0] - t) <= max(outs[-1][1], b, merge):
             if b < outs[-1][1]:
                 outs[-1] = (t, b)
             continue

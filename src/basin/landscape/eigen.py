@@ -36,8 +36,9 @@ class EigenResult:
         eigenvalues: (k,) float64, descending.
         eigenvectors: (k, n) unit vectors over the selected parameters (flattened in
             ``param_names`` order), row ``i`` belongs to ``eigenvalues[i]``.
-        residuals: ``||H y_i - lambda_i y_i||``; H has an eigenvalue within this of
-            ``eigenvalues[i]`` (rigorous up to rounding).
+        residuals: ``||H y_i - lambda_i y_i||`` from the recurrence, floored at
+            ``eps * ||H|| * sqrt(n)`` (rounding of the working precision); H has an eigenvalue
+            within this of ``eigenvalues[i]``.
         error_bounds: ``min(r, r^2/gap)`` with the Ritz gap: the (much tighter) estimate of
             ``|lambda_i - true|`` once the neighbours have converged.
         converged: per eigenvalue, ``error_bounds <= tol * max(|lambda|, 1e-6 ||H||)``.
@@ -137,10 +138,15 @@ def hessian_eigenvalues(
     min_iter = min(op.n, max(n_wanted + 2, 2 * n_wanted, 10))
     start = op.n_products
 
+    eps = torch.finfo(op.dtype).eps
+
     def converged(theta, resid):
         idx = _select(theta, k, which)
-        eb = error_bounds(theta, resid)[idx]
         norm = float(np.max(np.abs(theta)))
+        # the recurrence cannot see rounding in the products themselves: floor the bounds at
+        # what rounding in the working precision can hide
+        resid = np.maximum(resid, eps * norm * math.sqrt(op.n))
+        eb = error_bounds(theta, resid)[idx]
         floor = np.maximum(np.abs(theta[idx]), 1e-6 * norm)
         return eb, eb <= tol * floor, idx
 
@@ -156,6 +162,7 @@ def hessian_eigenvalues(
     state = lanczos(op.matvec, v0, max_iter, stop=stop, generator=gen)
     theta, s, resid = state.ritz()
     eb, ok, idx = converged(theta, resid)
+    resid = np.maximum(resid, eps * float(np.max(np.abs(theta))) * math.sqrt(op.n))
     vecs = state.ritz_vectors(s[:, idx])
     return EigenResult(
         eigenvalues=torch.as_tensor(theta[idx], dtype=torch.float64),
