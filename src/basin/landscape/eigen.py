@@ -41,7 +41,8 @@ class EigenResult:
             within this of ``eigenvalues[i]``.
         error_bounds: ``min(r, r^2/gap)`` with the Ritz gap: the (much tighter) estimate of
             ``|lambda_i - true|`` once the neighbours have converged.
-        converged: per eigenvalue, ``error_bounds <= tol * max(|lambda|, 1e-6 ||H||)``.
+        converged: per eigenvalue, ``error_bounds <= tol * max(|lambda|, 1e-6 ||H||)``, or the
+            residual reached the rounding floor of the working precision (float32).
         n_hvp: curvature-vector products used; n_iter: Lanczos steps; seconds: wall time.
     """
 
@@ -144,11 +145,13 @@ def hessian_eigenvalues(
         idx = _select(theta, k, which)
         norm = float(np.max(np.abs(theta)))
         # the recurrence cannot see rounding in the products themselves: floor the bounds at
-        # what rounding in the working precision can hide
-        resid = np.maximum(resid, eps * norm * math.sqrt(op.n))
-        eb = error_bounds(theta, resid)[idx]
-        floor = np.maximum(np.abs(theta[idx]), 1e-6 * norm)
-        return eb, eb <= tol * floor, idx
+        # what rounding in the working precision can hide; a value whose residual reached that
+        # floor has converged as far as the precision allows
+        floor_r = eps * norm * math.sqrt(op.n)
+        at_floor = resid[idx] <= floor_r
+        eb = error_bounds(theta, np.maximum(resid, floor_r))[idx]
+        scale = np.maximum(np.abs(theta[idx]), 1e-6 * norm)
+        return eb, (eb <= tol * scale) | at_floor, idx
 
     def stop(state) -> bool:
         if state.m < min_iter:

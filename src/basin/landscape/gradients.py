@@ -44,7 +44,7 @@ __all__ = [
 @dataclass(frozen=True)
 class NoiseScaleResult:
     """``b_simple`` = ``trace_sigma / grad_norm_sq``; ``trace_sigma_stderr`` from the spread of the
-    small-batch gradient norms; ``b_small``, ``b_big``, ``n_grads`` (gradient evaluations) and
+    centred small-batch gradient norms ``|g_k - G_big|^2``; ``b_small``, ``b_big``, ``n_grads`` (gradient evaluations) and
     ``seconds``."""
 
     b_simple: float
@@ -115,9 +115,12 @@ def gradient_noise_scale(
             ]
         ).double()
         sq = (gs * gs).sum(1)
-        all_small.append(sq)
+        mean = gs.mean(0)
+        # mean|g_k|^2 - |mean g|^2 = mean|g_k - mean g|^2: the spread of these centred norms
+        # (not of |g_k|^2, whose G.e_k term cancels in the estimator) gives the standard error
+        all_small.append((gs - mean).pow(2).sum(1))
         small_sq.append(float(sq.mean()))
-        big_sq.append(float(gs.mean(0).pow(2).sum()))
+        big_sq.append(float(mean.pow(2).sum()))
 
     def avg(vals):
         if ema is None:

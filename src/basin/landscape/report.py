@@ -3,6 +3,7 @@ built-in demo workload the command can run without :mod:`basin.bench`."""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -92,6 +93,19 @@ def run_landscape(
     return LandscapeReport(eig, tr, dens, surf, tuple(files), time.perf_counter() - t0)
 
 
+@functools.lru_cache(maxsize=4)
+def _mnist1d(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.seed = seed
+    d = make_dataset(args)
+    return (
+        torch.tensor(d["x"][:512], dtype=torch.float32),
+        torch.tensor(d["y"][:512], dtype=torch.long),
+    )
+
+
 @dataclass
 class DemoWorkload:
     name: str
@@ -107,13 +121,7 @@ def demo_workload(name: str = "demo-mlp", seed: int = 0, train_steps: int = 100)
     deterministic."""
     if name != "demo-mlp":
         raise ValueError(f"unknown demo workload {name!r} (built in: demo-mlp)")
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    args = get_dataset_args()
-    args.seed = seed
-    d = make_dataset(args)
-    x = torch.tensor(d["x"][:512], dtype=torch.float32)
-    y = torch.tensor(d["y"][:512], dtype=torch.long)
+    x, y = _mnist1d(seed)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(40, 32), nn.Tanh(), nn.Linear(32, 10))
     loss_fn = nn.functional.cross_entropy
