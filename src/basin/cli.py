@@ -98,6 +98,10 @@ def landscape(
     out: str = typer.Option("landscape_out", "--out", help="Directory for the plots."),
     k: int = typer.Option(5, "--k", help="Eigenvalues per end of the spectrum."),
     trace_hvp: int = typer.Option(99, "--trace-hvp", help="Hessian-vector products for the trace."),
+    probes: int = typer.Option(3, "--probes", help="SLQ probes for the density (0: skip)."),
+    surface_steps: int = typer.Option(
+        21, "--surface-steps", help="Points of the 1-D slice (0: skip)."
+    ),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Hessian spectrum, trace, density and a loss-surface slice of a workload; writes plots."""
@@ -122,7 +126,20 @@ def landscape(
             raise UserError(
                 f"checkpoint {checkpoint!r} does not fit workload {workload!r}: {first}"
             ) from None
-    run_landscape(model, loss_fn, data, out, k=k, trace_hvp=trace_hvp, seed=seed, echo=typer.echo)
+    if probes < 0 or surface_steps < 0 or surface_steps == 1:
+        raise UserError("--probes must be >= 0 and --surface-steps 0 or >= 2")
+    run_landscape(
+        model,
+        loss_fn,
+        data,
+        out,
+        k=k,
+        trace_hvp=trace_hvp,
+        density_probes=probes,
+        surface_steps=surface_steps,
+        seed=seed,
+        echo=typer.echo,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,10 +47,11 @@ def dense_hessian(model, loss_fn, x, y, names=None) -> torch.Tensor:
 
 
 def mnist1d_tensors(n: int = 256, dtype=torch.float64):
-    from mnist1d.data import get_dataset_args, make_dataset
+    # the demo workload's in-memory copy of MNIST-1D (generated offline once per process)
+    from basin.landscape.report import _mnist1d
 
-    d = make_dataset(get_dataset_args())
-    return torch.tensor(d["x"][:n], dtype=dtype), torch.tensor(d["y"][:n], dtype=torch.long)
+    x, y = _mnist1d(0)
+    return x[:n].to(dtype), y[:n].clone()
 
 
 class Quadratic(nn.Module):

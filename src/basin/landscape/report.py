@@ -40,14 +40,14 @@ def run_landscape(
     *,
     k: int = 5,
     trace_hvp: int = 99,
-    density: bool = True,
-    surface: bool = True,
+    density_probes: int = 3,
     surface_steps: int = 21,
     seed: int = 0,
     echo: Callable[[str], None] = print,
 ) -> LandscapeReport:
-    """Top-k and bottom-k eigenvalues, the Hutch++ trace, the spectral density and a 1-D surface
-    slice; prints the figures through ``echo`` and, if ``out_dir`` is given, writes
+    """Top-k and bottom-k eigenvalues, the Hutch++ trace, the spectral density (``density_probes``
+    SLQ probes of 60 steps; 0 skips it) and a 1-D surface slice (``surface_steps`` points; 0 skips
+    it); prints the figures through ``echo`` and, if ``out_dir`` is given, writes
     ``density.png`` and ``surface_1d.png`` there."""
     t0 = time.perf_counter()
     op = CurvatureOperator(model, loss_fn, data)
@@ -65,13 +65,13 @@ def run_landscape(
     files: list[Path] = []
     out = Path(out_dir) if out_dir is not None else None
     dens = surf = None
-    if density:
-        dens = hessian_density(op, n_probes=3, n_iter=min(60, op.n), seed=seed)
+    if density_probes:
+        dens = hessian_density(op, n_probes=density_probes, n_iter=min(60, op.n), seed=seed)
         echo(
             f"density (SLQ, {dens.n_hvp} HVPs): {len(dens.outliers)} converged outliers, "
             f"largest {dens.outliers[:3].round(6).tolist()}"
         )
-    if surface:
+    if surface_steps:
         surf = loss_surface(model, loss_fn, data, steps=surface_steps, seed=seed)
         echo(
             f"1-D filter-normalised slice: min loss {surf.losses.min():.6g} at alpha="
