@@ -11,7 +11,8 @@ unbiased estimate of ``(1/n) tr f(H)``. The density is ``mean_v sum_j tau_j N(t;
 on a grid padded by ``5 sigma`` beyond the extreme nodes, renormalised by the trapezoid rule so it
 integrates to 1 (the truncated tails hold < 1e-6 of the mass). Outliers: Ritz values of the
 probes that converged to eigenvalues of H (gap-based error bound <= ``outlier_tol`` times the
-spectral norm), which Lanczos finds at the edges of the spectrum.
+spectral norm, at least 100 machine epsilons of the working precision), merged across probes;
+Lanczos finds these first at the edges of the spectrum.
 """
 
 from __future__ import annotations
