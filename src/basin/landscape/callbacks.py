@@ -1,0 +1,142 @@
+"""Trackers a training loop calls every N steps (sharpness = top Hessian eigenvalue, and trace).
+
+Under full-batch gradient descent the sharpness rises to about ``2 / lr`` and hovers there (J. Cohen,
+S. Kaur, Y. Li, J. Z. Kolter, A. Talwalkar, "Gradient Descent on Neural Networks Typically Occurs at
+the Edge of Stability", arXiv:2103.00065, 2021); the tracker records the series to show it.
+Each measurement warm-starts Lanczos from the previous top eigenvector, which changes slowly
+between measurements, so it needs fewer products than a cold start.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from .eigen import hessian_eigenvalues
+from .trace import hessian_trace
+
+__all__ = ["SharpnessRecord", "SharpnessTracker"]
+
+
+@dataclass(frozen=True)
+class SharpnessRecord:
+    step: int
+    sharpness: float
+    sharpness_bound: float
+    trace: float
+    trace_stderr: float
+    n_hvp: int
+    seconds: float
+
+
+class SharpnessTracker:
+    """Record the top Hessian eigenvalue (and trace) of ``loss_fn`` on ``data`` every ``every``
+    steps: call ``tracker(step)`` (or ``tracker.step(step)``) from the training loop.
+
+    Args:
+        model, loss_fn, data: as for :func:`~basin.landscape.hessian_eigenvalues`; ``data`` is
+            kept (a fixed measurement batch is the usual choice).
+        every: measure when ``step % every == 0``.
+        trace_hvp: products for the Hutch++ trace (0 disables the trace).
+        tol: Lanczos tolerance (relative error bound of the sharpness).
+        params: parameter subset.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        data: Any,
+        *,
+        every: int = 10,
+        trace_hvp: int = 0,
+        tol: float = 1e-4,
+        params: str | Sequence[str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an integer >= 1, got {every!r}")
+        if (
+            isinstance(trace_hvp, bool)
+            or not isinstance(trace_hvp, int)
+            or trace_hvp < 0
+            or 0 < trace_hvp < 3
+        ):
+            raise ValueError(f"trace_hvp must be 0 or an integer >= 3, got {trace_hvp!r}")
+        self.model, self.loss_fn, self.data = model, loss_fn, data
+        self.every, self.trace_hvp, self.tol, self.params, self.seed = (
+            every,
+            trace_hvp,
+            tol,
+            params,
+            seed,
+        )
+        self.records: list[SharpnessRecord] = []
+        self._vec: Tensor | None = None
+
+    def __call__(self, step: int) -> SharpnessRecord | None:
+        return self.step(step)
+
+    def step(self, step: int) -> SharpnessRecord | None:
+        """Measure if ``step`` is a multiple of ``every``; returns the new record or None."""
+        if step % self.every:
+            return None
+        return self.measure(step)
+
+    def measure(self, step: int) -> SharpnessRecord:
+        t0 = time.perf_counter()
+        eig = hessian_eigenvalues(
+            self.model,
+            self.loss_fn,
+            self.data,
+            k=1,
+            tol=self.tol,
+            params=self.params,
+            seed=self.seed,
+            init=self._vec,
+        )
+        self._vec = eig.eigenvectors[0]
+        n = eig.n_hvp
+        tr, se = math.nan, math.nan
+        if self.trace_hvp:
+            t = hessian_trace(
+                self.model,
+                self.loss_fn,
+                self.data,
+                n_hvp=self.trace_hvp,
+                params=self.params,
+                seed=self.seed + step,
+            )
+            tr, se, n = t.trace, t.stderr, n + t.n_hvp
+        rec = SharpnessRecord(
+            step=int(step),
+            sharpness=float(eig.eigenvalues[0]),
+            sharpness_bound=float(eig.error_bounds[0]),
+            trace=tr,
+            trace_stderr=se,
+            n_hvp=n,
+            seconds=time.perf_counter() - t0,
+        )
+        self.records.append(rec)
+        return rec
+
+    @property
+    def steps(self) -> list[int]:
+        return [r.step for r in self.records]
+
+    @property
+    def sharpness(self) -> list[float]:
+        return [r.sharpness for r in self.records]
+
+    @property
+    def traces(self) -> list[float]:
+        return [r.trace for r in self.records]
+
+    def as_dicts(self) -> list[dict]:
+        """Records as plain dicts (for JSON / the bench store)."""
+        return [asdict(r) for r in self.records]
