@@ -525,7 +525,7 @@ def _html(
                 f"<td>{_fmt(r['ttt_steps'], 'g')}</td><td>{_fmt(r['ttt_seconds'], '.3g')}</td>"
                 f"<td>{r['reached']}/{r['runs'] - r['failed']}</td>"
                 f"<td>{_fmt(r['step_time_ms'], '.3g')}</td>"
-                f"<td>{'-' if sb is None else f'{sb / 1024:.1f} KiB'}</td>"
+                f"<td>{_bytes(sb)}</td>"
                 f"<td>{e(json.dumps(r['hparams'], sort_keys=True))}</td></tr>"
             )
         parts.append("</table>")
@@ -572,3 +572,13 @@ def _html(
         parts.append(f"<img alt='tuning {e(str(s['name']))}' src='{_tuning_plot(s)}'>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024**2:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / 1024**2:.1f} MiB"
