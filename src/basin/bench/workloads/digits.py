@@ -16,7 +16,12 @@ from . import Task, Workload, _Forever, classification_eval, register
 
 @cache
 def data() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ValueError(
+            "the digits_cnn workload needs scikit-learn: pip install scikit-learn"
+        ) from None
 
     d = load_digits()
     x = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
