@@ -86,6 +86,7 @@ class Workload:
 
 
 _WORKLOADS: dict[str, Workload] = {}
+_LOADED = False
 
 
 def register(w: Workload) -> Workload:
@@ -94,9 +95,12 @@ def register(w: Workload) -> Workload:
 
 
 def _load_all() -> None:
-    if _WORKLOADS:
+    global _LOADED
+    if _LOADED:
         return
     from . import charlm, digits, mnist1d, quadratic, synthetic  # noqa: F401  (register)
+
+    _LOADED = True
 
 
 def names() -> list[str]:

@@ -10,8 +10,12 @@ Reference: Greydanus, Kobak, "Scaling down deep learning with MNIST-1D", arXiv:2
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
+import os
 from functools import cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,20 +24,44 @@ from torch import Tensor, nn
 from . import Task, Workload, _Forever, classification_eval, register
 
 
+def _cache_dir() -> Path:
+    return Path(os.environ.get("BASIN_CACHE", Path.home() / ".cache" / "basin"))
+
+
 @cache
 def data() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(x_train, y_train, x_test, y_test) generated offline (about a second, cached)."""
+    """(x_train, y_train, x_test, y_test) generated offline by ``make_dataset`` (a few
+    seconds; the tensors are then cached on disk under ``$BASIN_CACHE`` or
+    ``~/.cache/basin``, keyed by the generator's arguments and package version)."""
+    from importlib.metadata import version
+
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
+    spec = {k: v for k, v in vars(args).items() if k != "url"}
+    tag = json.dumps([spec, version("mnist1d")], sort_keys=True, default=str)
+    path = _cache_dir() / f"mnist1d-{hashlib.sha256(tag.encode()).hexdigest()[:16]}.pt"
+    if path.is_file():
+        try:
+            return tuple(torch.load(path, weights_only=True))  # type: ignore[return-value]
+        except Exception:  # noqa: BLE001  -- a corrupt cache is regenerated
+            pass
     with contextlib.redirect_stdout(io.StringIO()):
         d = make_dataset(args)
-    return (
+    out = (
         torch.as_tensor(d["x"], dtype=torch.float32),
         torch.as_tensor(d["y"], dtype=torch.long),
         torch.as_tensor(d["x_test"], dtype=torch.float32),
         torch.as_tensor(d["y_test"], dtype=torch.long),
     )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(list(out), tmp)
+        tmp.replace(path)
+    except OSError:
+        pass  # read-only home: regenerate next time
+    return out
 
 
 class MLP(nn.Module):
