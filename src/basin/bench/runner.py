@@ -202,6 +202,7 @@ class RunResult:
     state_bytes: int
     n_params: int
     diverged_step: int | None = None
+    cpu_seconds: float | None = None  # process CPU time of the whole run (all threads)
     error: str | None = None
     version: str = ""
     git_rev: str | None = None
@@ -277,7 +278,7 @@ def run(
 
     cfg = config
     w = _wl.get(cfg.workload)
-    wall0 = time.perf_counter()
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     task = w.build(cfg.seed, cfg.batch_size)
     model, loss_fn, batches = task.model, task.loss_fn, task.batches
     model.train()
@@ -382,6 +383,7 @@ def run(
         steps_done=step,
         train_seconds=train_s,
         wall_seconds=time.perf_counter() - wall0,
+        cpu_seconds=time.process_time() - cpu0,
         step_time=statistics.median(tr["step_time"]) if tr["step_time"] else None,
         state_bytes=_state_bytes(opt),
         n_params=sum(p.numel() for p in model.parameters()),
