@@ -329,9 +329,10 @@ def _pm(m: float | None, s: float | None) -> str:
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px;color:#222}
-table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}
-th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#f0f0f0} td:first-child,th:first-child{text-align:left}
+table{border-collapse:collapse;margin:8px 0 16px;font-size:12px}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}
+td:last-child{white-space:normal;font-size:11px;max-width:220px;text-align:left}
+th{background:#f0f0f0;white-space:normal;font-size:12px} td:first-child,th:first-child{text-align:left}
 img{max-width:100%;display:block;margin:8px 0}
 .meta{color:#666;font-size:12px} h2{border-bottom:1px solid #ddd;padding-bottom:4px}
 .best{font-weight:bold}
@@ -508,9 +509,9 @@ def _html(
         vals = [r["metric_mean"] for r in wr if r["metric_mean"] is not None]
         best = (min(vals) if mode == "min" else max(vals)) if vals else None
         parts.append(
-            "<table><tr><th>optimizer</th><th>runs (ok/diverged/failed)</th>"
+            "<table><tr><th>optimizer</th><th>runs (ok/div./failed)</th>"
             f"<th>final {e(mname)} (mean &plusmn; std)</th><th>final eval loss</th>"
-            "<th>final train loss</th><th>time-to-target: steps</th><th>seconds</th>"
+            "<th>final train loss</th><th>time-to-target (steps)</th><th>(seconds)</th>"
             "<th>reached</th><th>step time (ms)</th><th>optimizer state</th>"
             "<th>hyperparameters</th></tr>"
         )
