@@ -142,6 +142,288 @@ def landscape(
     )
 
 
+def _split(values: list[str] | None) -> list[str]:
+    out: list[str] = []
+    for v in values or []:
+        out += [x.strip() for x in v.split(",") if x.strip()]
+    return out
+
+
+def _parse_value(text: str) -> object:
+    import json
+
+    t = text.strip()
+    for conv in (int, float):
+        try:
+            return conv(t)
+        except ValueError:
+            pass
+    if t.lower() in ("true", "false"):
+        return t.lower() == "true"
+    if t.lower() == "none":
+        return None
+    try:
+        v = json.loads(t)
+        return tuple(v) if isinstance(v, list) else v
+    except ValueError:
+        pass
+    if "," in t:  # betas=0.9,0.999
+        return tuple(_parse_value(x) for x in t.split(","))
+    return t
+
+
+def parse_hparams(items: list[str] | None, optimizers: list[str]) -> dict[str, dict[str, object]]:
+    """``["lr=1e-3", "torch:sgd.momentum=0.8"]`` -> per-optimizer overrides. A bare name
+    applies to every optimizer; ``OPT.name=value`` to that one."""
+    out: dict[str, dict[str, object]] = {o: {} for o in optimizers}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--hp {item!r}: expected NAME=VALUE or OPTIMIZER.NAME=VALUE")
+        name, value = item.split("=", 1)
+        val = _parse_value(value)
+        if "." in name:
+            opt, hp = name.rsplit(".", 1)
+            if opt not in out:
+                raise UserError(f"--hp {item!r}: optimizer {opt!r} is not in --optimizers")
+            out[opt][hp.strip()] = val
+        else:
+            for o in optimizers:
+                out[o][name.strip()] = val
+    return {o: hp for o, hp in out.items() if hp}
+
+
+def _progress(quiet: bool):
+    """A rich progress display (or a no-op context) and a sweep progress callback."""
+    import contextlib
+
+    if quiet:
+        return contextlib.nullcontext(), None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    prog = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
+    tasks: dict[str, int] = {}
+
+    def cb(done: int, total: int, desc: str, step: int, steps: int | None) -> None:
+        if "all" not in tasks:
+            tasks["all"] = prog.add_task("runs", total=total)
+            tasks["run"] = prog.add_task("", total=steps or 1)
+        prog.update(tasks["all"], completed=done, total=total)
+        if desc == "done":
+            prog.update(tasks["run"], visible=False)
+            return
+        prog.update(tasks["run"], description=f"  {desc}", completed=step, total=steps or step or 1)
+
+    return prog, cb
+
+
+@app.command()
+def bench(
+    workload: list[str] = typer.Option(  # noqa: B008
+        ["mnist1d_mlp"], "--workload", "-w", help="Workload name(s), comma-separated or repeated."
+    ),
+    optimizers: str = typer.Option(
+        "",
+        "--optimizers",
+        "-o",
+        help="Comma-separated optimizer names (any registry name, torch:*, pytorch_optimizer:*). "
+        "Default: torch:adamw, torch:sgd, adabelief, diffgrad, sgdsai.",
+    ),
+    seeds: int = typer.Option(3, "--seeds", "-s", help="Seeds 0..N-1 per optimizer."),
+    steps: int | None = typer.Option(None, help="Step budget (default: the workload's)."),
+    time_budget: float | None = typer.Option(
+        None, "--time-budget", help="Training seconds per run (evaluation excluded)."
+    ),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Default: the workload's."),
+    scale_lr: bool = typer.Option(
+        False,
+        "--scale-lr",
+        help="Rescale each default lr to --batch-size (linear rule for SGD, square root for "
+        "adaptive methods).",
+    ),
+    hp: list[str] = typer.Option(  # noqa: B008
+        [], "--hp", help="Hyperparameter override NAME=VALUE (all) or OPT.NAME=VALUE; repeatable."
+    ),
+    schedule: str = typer.Option("constant", help="constant | cosine | warmup | wsd | wsd-s"),
+    warmup: float | None = typer.Option(None, help="Warmup fraction of the budget."),
+    decay: float | None = typer.Option(None, help="WSD decay fraction."),
+    decay_shape: str | None = typer.Option(None, "--decay-shape", help="linear | cosine | 1-sqrt"),
+    cycles: int | None = typer.Option(None, help="WSD-S cycles."),
+    eval_every: int | None = typer.Option(None, "--eval-every"),
+    sharpness_every: int = typer.Option(
+        0, "--sharpness-every", help="Top Hessian eigenvalue every N steps (needs basin.landscape)."
+    ),
+    threads: int = typer.Option(1, help="torch CPU threads (small workloads run fastest on one)."),
+    storage: str = typer.Option("sqlite:///results/basin.db", help="Where runs are stored."),
+    report: str | None = typer.Option(
+        None, help="Report directory (default: next to the storage file)."
+    ),
+    no_report: bool = typer.Option(False, "--no-report", help="Do not write a report."),
+    list_workloads: bool = typer.Option(False, "--list", help="List workloads and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
+) -> None:
+    """Run every optimizer x seed on the workload(s); skip runs already stored; write a report."""
+    from pathlib import Path
+
+    import torch
+
+    from basin.bench import workloads as wl
+    from basin.bench.runner import DEFAULT_OPTIMIZERS, configs_for, sweep
+    from basin.bench.schedules import scale_lr as _scale
+    from basin.bench.schedules import scaling_rule
+    from basin.bench.store import Store, sqlite_path
+
+    console = Console(width=160)
+    if list_workloads:
+        table = Table(title="basin workloads")
+        for col in ("name", "metric", "target", "batch", "steps", "description"):
+            table.add_column(col)
+        for w in wl.workloads():
+            table.add_row(
+                w.name,
+                f"{w.metric} ({w.metric_mode})",
+                f"{w.target:g}",
+                str(w.batch_size),
+                str(w.steps),
+                w.description,
+            )
+        console.print(table)
+        return
+    names = _split(workload)
+    opts = _split([optimizers]) or list(DEFAULT_OPTIMIZERS)
+    if len(set(opts)) != len(opts):
+        raise UserError("--optimizers lists a name twice")
+    if seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {seeds}")
+    if threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    sched: dict[str, object] = {"name": schedule}
+    for k, v in (
+        ("warmup", warmup),
+        ("decay", decay),
+        ("decay_shape", decay_shape),
+        ("cycles", cycles),
+    ):
+        if v is not None:
+            sched[k] = v
+    overrides = parse_hparams(hp, opts)
+    configs = []
+    for name in names:
+        w = wl.get(name)
+        per = {o: dict(overrides.get(o, {})) for o in opts}
+        if scale_lr and batch_size is not None:
+            for o in opts:
+                if "lr" not in per[o]:
+                    base = wl.default_hparams(w, o).get("lr")
+                    if base is not None:
+                        per[o]["lr"] = _scale(base, w.batch_size, batch_size, scaling_rule(o))
+        configs += configs_for(
+            [w.name],
+            opts,
+            range(seeds),
+            {o: h for o, h in per.items() if h},
+            steps=steps,
+            time_budget=time_budget,
+            batch_size=batch_size,
+            schedule=sched,
+            eval_every=eval_every,
+            sharpness_every=sharpness_every,
+        )
+    torch.set_num_threads(threads)
+    store = Store(storage)
+    display, cb = _progress(quiet)
+    with store:
+        with display:
+            done = sweep(configs, store, progress=cb)
+        skipped = len(configs) - len(done)
+        if not quiet:
+            _summary_table(console, store, names, opts)
+        out = None
+        if not no_report:
+            from basin.bench.report import write_report
+
+            path = sqlite_path(storage)
+            out = (
+                Path(report) if report else (Path(path).parent if path != ":memory:" else Path("."))
+            )
+            paths = write_report(store, out)
+            out = paths["html"]
+    diverged = sum(r.status == "diverged" for r in done)
+    failed = sum(r.status == "failed" for r in done)
+    msg = f"{len(done)} run(s) done, {skipped} already stored"
+    msg += f", {diverged} diverged" if diverged else ""
+    msg += f", {failed} failed" if failed else ""
+    msg += f"; runs in {storage}"
+    if out is not None:
+        msg += f"; report: {out}"
+    print(msg, file=sys.stderr)
+
+
+def _summary_table(console: Console, store, names: list[str], opts: list[str]) -> None:
+    from basin.bench import workloads as wl
+    from basin.bench.report import summarize
+
+    rows = [
+        r
+        for r in summarize(store.runs())
+        if r["workload"] in {wl.get(n).name for n in names} and r["optimizer"] in opts
+    ]
+    table = Table(title="final metrics (mean ± std over seeds)")
+    for col in (
+        "workload",
+        "optimizer",
+        "ok/div/fail",
+        "metric",
+        "time-to-target (steps)",
+        "step ms",
+    ):
+        table.add_column(col)
+    for r in rows:
+        m = "-" if r["metric_mean"] is None else f"{r['metric_mean']:.4g} ± {r['metric_std']:.2g}"
+        ttt = "not reached" if r["ttt_steps"] == float("inf") else f"{r['ttt_steps']:g}"
+        st = "-" if r["step_time_ms"] is None else f"{r['step_time_ms']:.3g}"
+        table.add_row(
+            r["workload"],
+            r["optimizer"],
+            f"{r['ok']}/{r['diverged']}/{r['failed']}",
+            f"{r['metric_name']} {m}",
+            ttt,
+            st,
+        )
+    console.print(table)
+
+
+@app.command()
+def report(
+    results: str = typer.Argument(..., help="Storage URL (sqlite:///path.db) or .db file path."),
+    out: str | None = typer.Option(
+        None, "--out", help="Output directory (default: next to the database)."
+    ),
+    measure: str = typer.Option(
+        "seconds", help="Time-to-target measure for performance profiles: seconds | steps."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Write report.html (self-contained), results.json, runs.csv and summary.csv."""
+    from pathlib import Path
+
+    from basin.bench.report import write_report
+    from basin.bench.store import sqlite_path
+
+    path = sqlite_path(results)
+    target = Path(out) if out else Path(path).parent
+    paths = write_report(results, target, profile_measure=measure)
+    if not quiet:
+        for p in paths.values():
+            print(p)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     try:

@@ -1,0 +1,28 @@
+"""basin.bench: optimizer benchmark harness.
+
+Workloads built offline from a seed (:mod:`basin.bench.workloads`), one training run -> one
+record (:mod:`basin.bench.runner`), SQLite storage that lets a killed sweep resume
+(:mod:`basin.bench.store`), learning-rate schedules and batch-size scaling rules
+(:mod:`basin.bench.schedules`), performance profiles (:mod:`basin.bench.profiles`) and the
+HTML/JSON/CSV report (:mod:`basin.bench.report`).
+
+    from basin.bench import make_config, run
+    result = run(make_config("mnist1d_mlp", "adabelief", seed=0))
+"""
+
+from __future__ import annotations
+
+from .runner import DEFAULT_OPTIMIZERS, RunConfig, RunResult, configs_for, make_config, run, sweep
+from .store import DEFAULT_STORAGE, Store
+
+__all__ = [
+    "DEFAULT_OPTIMIZERS",
+    "DEFAULT_STORAGE",
+    "RunConfig",
+    "RunResult",
+    "Store",
+    "configs_for",
+    "make_config",
+    "run",
+    "sweep",
+]

@@ -1,0 +1,585 @@
+"""Reports from stored runs: JSON, CSV and one self-contained HTML file.
+
+:func:`write_report` reads every run in a storage, aggregates over seeds per workload and
+optimizer (final metrics mean +- std, time-to-target, step time, optimizer state memory),
+draws the curves with matplotlib (mean +- std bands over seeds), performance profiles
+(:mod:`basin.bench.profiles`), sharpness curves when recorded and, for tuning studies found in
+the same storage, their history and parameter importance, and writes::
+
+    report.html    self-contained (PNG images embedded as base64 data URIs)
+    results.json   summary rows + every run record
+    runs.csv       one row per run
+    summary.csv    one row per (workload, optimizer)
+
+Tuning sections come from :func:`tune_summaries`, which returns ``[]`` when the storage holds
+no studies. Each summary is a dict with ``name``, ``n_trials``, ``direction``, ``best_value``,
+``best_params``, ``history`` (list of ``[trial_number, value]``) and ``importance``
+(``{param: importance}``, possibly empty); :mod:`basin.bench.tune` may provide its own
+``study_summaries(storage_url)`` which is then used instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime as _dt
+import html
+import io
+import json
+import math
+import sqlite3
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import workloads as _wl
+from .profiles import performance_profiles, profile_scores, taus
+from .store import Store, sqlite_path
+
+__all__ = ["load_runs", "summarize", "tune_summaries", "write_report"]
+
+
+# ------------------------------------------------------------------ data
+
+
+def load_runs(storage: str | Store) -> list[dict[str, Any]]:
+    """Every stored run (``ValueError`` if the storage cannot be read or does not exist)."""
+    if isinstance(storage, Store):
+        return storage.runs()
+    with Store(storage, create=False) as st:
+        return st.runs()
+
+
+def _mean_std(xs: Sequence[float]) -> tuple[float | None, float | None]:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _median_inf(xs: Sequence[float]) -> float:
+    """Median where unreached (inf) counts as the slowest."""
+    if not xs:
+        return math.inf
+    s = sorted(xs)
+    n = len(s)
+    m = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+    return m
+
+
+def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (workload, optimizer): counts, final metrics mean/std over non-diverged
+    seeds, time-to-target (median over all seeds, unreached or diverged = inf)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        groups[(r["config"]["workload"], r["config"]["optimizer"])].append(r)
+    rows = []
+    for (wname, opt), rs in sorted(groups.items()):
+        ok = [r for r in rs if r["status"] == "ok"]
+
+        def fin(k: str, ok: list[dict[str, Any]] = ok) -> list[float]:
+            return [r["final"].get(k) for r in ok]
+
+        m, s = _mean_std(fin("metric"))
+        el, els = _mean_std(fin("eval_loss"))
+        tl, tls = _mean_std(fin("train_loss"))
+        ttt_steps = [
+            r["time_to_target"]["step"] if r.get("time_to_target") else math.inf
+            for r in rs
+            if r["status"] != "failed"
+        ]
+        ttt_secs = [
+            r["time_to_target"]["seconds"] if r.get("time_to_target") else math.inf
+            for r in rs
+            if r["status"] != "failed"
+        ]
+        try:
+            w = _wl.get(wname)
+            metric_name, mode, target = w.metric, w.metric_mode, w.target
+        except ValueError:
+            metric_name, mode, target = "metric", "min", None
+        step_times = [r["step_time"] for r in ok if r.get("step_time")]
+        rows.append(
+            {
+                "workload": wname,
+                "optimizer": opt,
+                "metric_name": metric_name,
+                "metric_mode": mode,
+                "target": target,
+                "runs": len(rs),
+                "ok": len(ok),
+                "diverged": sum(r["status"] == "diverged" for r in rs),
+                "failed": sum(r["status"] == "failed" for r in rs),
+                "metric_mean": m,
+                "metric_std": s,
+                "eval_loss_mean": el,
+                "eval_loss_std": els,
+                "train_loss_mean": tl,
+                "train_loss_std": tls,
+                "reached": sum(math.isfinite(t) for t in ttt_steps),
+                "ttt_steps": _median_inf(ttt_steps),
+                "ttt_seconds": _median_inf(ttt_secs),
+                "step_time_ms": 1e3 * statistics.median(step_times) if step_times else None,
+                "state_bytes": max((r["state_bytes"] for r in ok), default=None),
+                "hparams": rs[0]["config"]["hparams"],
+            }
+        )
+    return rows
+
+
+# ------------------------------------------------------------------ tuning hook
+
+
+def tune_summaries(storage: str) -> list[dict[str, Any]]:
+    """Summaries of the tuning studies stored alongside the runs, or ``[]`` if there are none.
+
+    Uses ``basin.bench.tune.study_summaries`` when that module provides it; otherwise reads
+    Optuna studies directly (only if Optuna's tables exist, so the file is never modified)."""
+    try:
+        from . import tune  # type: ignore[attr-defined]
+
+        if hasattr(tune, "study_summaries"):
+            return list(tune.study_summaries(storage))
+    except ImportError:
+        pass
+    try:
+        path = sqlite_path(storage)
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        has = con.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='studies'"
+        ).fetchone()
+        con.close()
+    except (sqlite3.Error, ValueError):
+        return []
+    if not has:
+        return []
+    try:
+        import optuna
+    except ImportError:
+        return []
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = storage if "://" in storage else f"sqlite:///{storage}"
+    out = []
+    for s in optuna.get_all_study_summaries(storage=url):
+        study = optuna.load_study(study_name=s.study_name, storage=url)
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if not done:
+            continue
+        importance: dict[str, float] = {}
+        if len(done) >= 2:
+            try:
+                importance = dict(optuna.importance.get_param_importances(study))
+            except Exception:  # noqa: BLE001  -- importance is optional decoration
+                importance = {}
+        out.append(
+            {
+                "name": s.study_name,
+                "n_trials": len(study.trials),
+                "direction": study.direction.name.lower(),
+                "best_value": study.best_value,
+                "best_params": study.best_params,
+                "history": [[t.number, t.value] for t in done],
+                "importance": importance,
+            }
+        )
+    return out
+
+
+# ------------------------------------------------------------------ plots
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _band(ax: Any, series: list[tuple[list[float], list[float]]], label: str, color: Any) -> None:
+    """Mean +- std over seeds on the steps all seeds share (truncated to the shortest)."""
+    if not series:
+        return
+    n = min(len(x) for x, _ in series)
+    if n == 0:
+        return
+    x = np.asarray(series[0][0][:n], dtype=float)
+    ys = np.asarray([y[:n] for _, y in series], dtype=float)
+    mean, std = ys.mean(0), ys.std(0)
+    ax.plot(x, mean, label=f"{label} (n={len(series)})", color=color, lw=1.5)
+    if len(series) > 1:
+        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+
+
+def _curves(wname: str, runs: list[dict[str, Any]], sharp: bool) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    try:
+        w = _wl.get(wname)
+        mname, target = w.metric, w.target
+    except ValueError:
+        mname, target = "metric", None
+    by_opt: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        if r["status"] == "ok":
+            by_opt[r["config"]["optimizer"]].append(r)
+    ncol = 3 if sharp else 2
+    fig, axes = plt.subplots(1, ncol, figsize=(5.0 * ncol, 3.4))
+    colors = plt.get_cmap("tab10")
+    for i, (opt, rs) in enumerate(sorted(by_opt.items())):
+        c = colors(i % 10)
+        tr = [(r["series"]["train"]["step"], r["series"]["train"]["loss"]) for r in rs]
+        ev = [(r["series"]["eval"]["step"], r["series"]["eval"]["metric"]) for r in rs]
+        _band(axes[0], tr, opt, c)
+        _band(axes[1], ev, opt, c)
+        if sharp:
+            sh = [
+                (r["series"]["sharpness"]["step"], r["series"]["sharpness"]["value"])
+                for r in rs
+                if r["series"].get("sharpness", {}).get("step")
+            ]
+            _band(axes[2], sh, opt, c)
+    axes[0].set(xlabel="step", ylabel="train loss", title=f"{wname}: train loss")
+    axes[1].set(xlabel="step", ylabel=mname, title=f"{wname}: eval {mname}")
+    if target is not None:
+        axes[1].axhline(target, color="k", ls=":", lw=1, label="target")
+    try:
+        if all(v > 0 for line in axes[0].get_lines() for v in line.get_ydata()):
+            axes[0].set_yscale("log")
+    except (TypeError, ValueError):
+        pass
+    if sharp:
+        axes[2].set(xlabel="step", ylabel="top Hessian eigenvalue", title=f"{wname}: sharpness")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _profile_plot(profiles: dict[str, np.ndarray], grid: np.ndarray) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for i, (opt, rho) in enumerate(sorted(profiles.items())):
+        ax.step(grid, rho, where="post", label=opt, color=plt.get_cmap("tab10")(i % 10))
+    ax.set(xlabel="tau (time / fastest time)", ylabel="fraction of workloads", ylim=(-0.02, 1.02))
+    ax.set_title("Performance profiles (time-to-target)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _tuning_plot(s: dict[str, Any]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    imp = s.get("importance") or {}
+    fig, axes = plt.subplots(1, 2 if imp else 1, figsize=(10 if imp else 5, 3.2))
+    axes = np.atleast_1d(axes)
+    hist = [(n, v) for n, v in s.get("history", []) if v is not None]
+    if hist:
+        xs, ys = zip(*hist)
+        axes[0].plot(xs, ys, "o", ms=3, alpha=0.6, label="trial")
+        best = (
+            np.minimum.accumulate(ys)
+            if s.get("direction") == "minimize"
+            else np.maximum.accumulate(ys)
+        )
+        axes[0].plot(xs, best, "-", lw=1.5, label="best so far")
+        axes[0].legend(fontsize=7)
+    axes[0].set(xlabel="trial", ylabel="objective", title=f"{s['name']}: history")
+    axes[0].grid(alpha=0.3)
+    if imp:
+        names = list(imp)[::-1]
+        axes[1].barh(names, [imp[n] for n in names])
+        axes[1].set(xlabel="importance", title="parameter importance")
+    fig.tight_layout()
+    return _png(fig)
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _fmt(x: Any, spec: str = ".4g") -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and math.isinf(x):
+        return "not reached"
+    return format(x, spec) if isinstance(x, (int, float)) else str(x)
+
+
+def _pm(m: float | None, s: float | None) -> str:
+    return "-" if m is None else f"{m:.4g} &plusmn; {s:.2g}"
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:8px 0 16px;font-size:12px}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}
+td:last-child{white-space:normal;font-size:11px;max-width:220px;text-align:left}
+th{background:#f0f0f0;white-space:normal;font-size:12px} td:first-child,th:first-child{text-align:left}
+img{max-width:100%;display:block;margin:8px 0}
+.meta{color:#666;font-size:12px} h2{border-bottom:1px solid #ddd;padding-bottom:4px}
+.best{font-weight:bold}
+"""
+
+
+def write_report(
+    storage: str | Store,
+    out_dir: str | Path,
+    *,
+    title: str = "basin benchmark report",
+    profile_measure: str = "seconds",
+) -> dict[str, Path]:
+    """Write report.html, results.json, runs.csv and summary.csv under ``out_dir``.
+
+    ``profile_measure`` is ``"seconds"`` (training time, AlgoPerf's choice) or ``"steps"``.
+    Returns the written paths. ``ValueError`` if the storage cannot be read or has no runs."""
+    if profile_measure not in ("seconds", "steps"):
+        raise ValueError(f"profile_measure must be 'seconds' or 'steps', got {profile_measure!r}")
+    url = storage.url if isinstance(storage, Store) else str(storage)
+    runs = load_runs(storage)
+    if not runs:
+        raise ValueError(f"storage {url!r} holds no runs")
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create report directory {str(out)!r}: {exc.strerror}") from None
+    rows = summarize(runs)
+    tuning = (
+        tune_summaries(url) if not isinstance(storage, Store) or storage.path != ":memory:" else []
+    )
+
+    # performance profiles over workloads (need >= 1 workload; meaningful with several)
+    col = "ttt_seconds" if profile_measure == "seconds" else "ttt_steps"
+    times: dict[str, dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        times[r["workload"]][r["optimizer"]] = r[col]
+    grid = taus()
+    profiles = performance_profiles(times, grid)
+    scores = profile_scores(profiles, grid)
+
+    paths = {
+        "html": out / "report.html",
+        "json": out / "results.json",
+        "runs_csv": out / "runs.csv",
+        "summary_csv": out / "summary.csv",
+    }
+    payload = {
+        "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "storage": url,
+        "summary": rows,
+        "profile_measure": profile_measure,
+        "profile_scores": scores,
+        "tuning": tuning,
+        "runs": runs,
+    }
+    _atomic_write(paths["json"], json.dumps(_json_safe(payload), indent=1, sort_keys=True))
+    _write_csv(
+        paths["summary_csv"],
+        [
+            {k: v for k, v in r.items() if k != "hparams"}
+            | {"hparams": json.dumps(r["hparams"], sort_keys=True)}
+            for r in rows
+        ],
+    )
+    _write_csv(paths["runs_csv"], [_run_row(r) for r in runs])
+    _atomic_write(
+        paths["html"],
+        _html(title, url, runs, rows, profiles, scores, grid, tuning, profile_measure),
+    )
+    return paths
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x
+
+
+def _run_row(r: dict[str, Any]) -> dict[str, Any]:
+    c = r["config"]
+    ttt = r.get("time_to_target") or {}
+    f = r.get("final") or {}
+    return {
+        "key": r["key"],
+        "workload": c["workload"],
+        "optimizer": c["optimizer"],
+        "seed": c["seed"],
+        "status": r["status"],
+        "diverged_step": r.get("diverged_step"),
+        "steps_done": r.get("steps_done"),
+        "train_seconds": r.get("train_seconds"),
+        "final_train_loss": f.get("train_loss"),
+        "final_eval_loss": f.get("eval_loss"),
+        "final_metric": f.get("metric"),
+        "best_metric": f.get("best_metric"),
+        "ttt_step": ttt.get("step"),
+        "ttt_seconds": ttt.get("seconds"),
+        "step_time": r.get("step_time"),
+        "state_bytes": r.get("state_bytes"),
+        "hparams": json.dumps(c["hparams"], sort_keys=True),
+        "schedule": json.dumps(c["schedule"], sort_keys=True),
+        "batch_size": c.get("batch_size"),
+        "version": r.get("version"),
+        "git_rev": r.get("git_rev"),
+        "created": r.get("created"),
+        "error": r.get("error"),
+    }
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    _atomic_write(path, buf.getvalue())
+
+
+def _html(
+    title: str,
+    url: str,
+    runs: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    profiles: dict[str, np.ndarray],
+    scores: dict[str, float],
+    grid: np.ndarray,
+    tuning: list[dict[str, Any]],
+    measure: str,
+) -> str:
+    e = html.escape
+    revs = sorted({r.get("git_rev") or "-" for r in runs})
+    versions = sorted({r.get("version") or "-" for r in runs})
+    env = runs[-1].get("env", {})
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+        f"<p class='meta'>{len(runs)} runs from {e(url)}; generated "
+        f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; basin "
+        f"{e(', '.join(versions))}; git {e(', '.join(r[:10] for r in revs))}; python "
+        f"{e(str(env.get('python')))}, torch {e(str(env.get('torch')))}, "
+        f"{e(str(env.get('platform')))}, {e(str(env.get('threads')))} thread(s)</p>",
+    ]
+    by_w: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        by_w[r["config"]["workload"]].append(r)
+    for wname in sorted(by_w):
+        wr = [r for r in rows if r["workload"] == wname]
+        try:
+            w = _wl.get(wname)
+            desc = w.description
+        except ValueError:
+            desc = ""
+        mname, mode, target = wr[0]["metric_name"], wr[0]["metric_mode"], wr[0]["target"]
+        cfg0 = by_w[wname][0]["config"]
+        budget = f"{cfg0['steps']} steps" if cfg0.get("steps") else f"{cfg0.get('time_budget')} s"
+        parts.append(
+            f"<h2>{e(wname)}</h2><p>{e(desc)}. Budget {e(budget)}, batch "
+            f"{cfg0['batch_size']}, schedule {e(cfg0['schedule']['name'])}; target "
+            f"{e(mname)} {'&le;' if mode == 'min' else '&ge;'} {_fmt(target)}.</p>"
+        )
+        vals = [r["metric_mean"] for r in wr if r["metric_mean"] is not None]
+        best = (min(vals) if mode == "min" else max(vals)) if vals else None
+        parts.append(
+            "<table><tr><th>optimizer</th><th>runs (ok/div./failed)</th>"
+            f"<th>final {e(mname)} (mean &plusmn; std)</th><th>final eval loss</th>"
+            "<th>final train loss</th><th>time-to-target (steps)</th><th>(seconds)</th>"
+            "<th>reached</th><th>step time (ms)</th><th>optimizer state</th>"
+            "<th>hyperparameters</th></tr>"
+        )
+        for r in wr:
+            cls = " class='best'" if best is not None and r["metric_mean"] == best else ""
+            sb = r["state_bytes"]
+            parts.append(
+                f"<tr><td>{e(r['optimizer'])}</td><td>{r['runs']} ({r['ok']}/{r['diverged']}/"
+                f"{r['failed']})</td><td{cls}>{_pm(r['metric_mean'], r['metric_std'])}</td>"
+                f"<td>{_pm(r['eval_loss_mean'], r['eval_loss_std'])}</td>"
+                f"<td>{_pm(r['train_loss_mean'], r['train_loss_std'])}</td>"
+                f"<td>{_fmt(r['ttt_steps'], 'g')}</td><td>{_fmt(r['ttt_seconds'], '.3g')}</td>"
+                f"<td>{r['reached']}/{r['runs'] - r['failed']}</td>"
+                f"<td>{_fmt(r['step_time_ms'], '.3g')}</td>"
+                f"<td>{_bytes(sb)}</td>"
+                f"<td>{e(json.dumps(r['hparams'], sort_keys=True))}</td></tr>"
+            )
+        parts.append("</table>")
+        sharp = any(
+            r["series"].get("sharpness", {}).get("step") for r in by_w[wname] if r["status"] == "ok"
+        )
+        if any(r["status"] == "ok" for r in by_w[wname]):
+            parts.append(
+                f"<img alt='curves {e(wname)}' src='{_curves(wname, by_w[wname], sharp)}'>"
+            )
+        bad = [r for r in by_w[wname] if r["status"] != "ok"]
+        if bad:
+            parts.append("<p>Runs that did not finish normally:</p><ul>")
+            for r in bad:
+                why = (
+                    f"diverged at step {r['diverged_step']}"
+                    if r["status"] == "diverged"
+                    else f"failed: {r.get('error')}"
+                )
+                parts.append(
+                    f"<li>{e(r['config']['optimizer'])} seed {r['config']['seed']}: {e(why)}</li>"
+                )
+            parts.append("</ul>")
+    parts.append("<h2>Performance profiles</h2>")
+    parts.append(
+        f"<p>Per workload, time-to-target ({e(measure)}, median over seeds) relative to the "
+        f"fastest optimizer; rho(tau) = fraction of the {len(by_w)} workload(s) an optimizer "
+        "reaches within tau times the fastest. Score = normalised area under rho for tau in "
+        "[1, 4] (AlgoPerf).</p>"
+    )
+    parts.append(f"<img alt='performance profiles' src='{_profile_plot(profiles, grid)}'>")
+    parts.append("<table><tr><th>optimizer</th><th>profile score</th></tr>")
+    for o, s in sorted(scores.items(), key=lambda kv: -kv[1]):
+        parts.append(f"<tr><td>{e(o)}</td><td>{s:.3f}</td></tr>")
+    parts.append("</table>")
+    parts.append("<h2>Tuning</h2>")
+    if not tuning:
+        parts.append("<p>No tuning studies in this storage.</p>")
+    for s in tuning:
+        parts.append(
+            f"<h3>{e(str(s['name']))}</h3><p>{s['n_trials']} trials, best "
+            f"{_fmt(s.get('best_value'))} with {e(json.dumps(s.get('best_params', {}), sort_keys=True))}</p>"
+        )
+        parts.append(f"<img alt='tuning {e(str(s['name']))}' src='{_tuning_plot(s)}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024**2:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / 1024**2:.1f} MiB"

@@ -1,0 +1,482 @@
+"""One training run -> one result record; and sweeps of runs that resume from a store.
+
+:func:`make_config` resolves and validates a run's full configuration (workload defaults,
+per-optimizer default hyperparameters, budget, schedule) so that mistakes surface before
+anything runs; :func:`run` trains it and returns a :class:`RunResult`; :func:`sweep` runs many
+configurations, skipping those already in the store, storing each finished run at once.
+
+For tuners: ``run(config, report=callback)`` calls ``callback(step, metrics)`` after every
+evaluation with ``metrics = {"train_loss", "eval_loss", "metric", "seconds"}``; an exception
+raised by the callback (e.g. ``optuna.TrialPruned``) propagates out of :func:`run` unchanged
+and nothing is stored.
+
+A run whose training loss (or evaluation loss) becomes NaN or infinite stops and is returned
+with ``status="diverged"`` and ``diverged_step`` = the first step whose loss was not finite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import workloads as _wl
+from .schedules import lr_multiplier, validate_schedule
+
+__all__ = [
+    "DEFAULT_OPTIMIZERS",
+    "RunConfig",
+    "RunResult",
+    "environment",
+    "git_revision",
+    "make_config",
+    "run",
+    "sweep",
+]
+
+# The README's default comparison. diffgrad and sgdsai are basin optimizers.
+DEFAULT_OPTIMIZERS: list[str] = ["torch:adamw", "torch:sgd", "adabelief", "diffgrad", "sgdsai"]
+
+ReportFn = Callable[[int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Full configuration of one run. Build it with :func:`make_config`.
+
+    ``steps`` and ``time_budget`` (seconds of training, evaluation excluded) are budgets:
+    training stops at whichever comes first (at least one is set). ``key()`` is the hash of
+    everything here, so any change makes a different run."""
+
+    workload: str
+    optimizer: str
+    hparams: dict[str, Any]
+    seed: int = 0
+    steps: int | None = None
+    time_budget: float | None = None
+    batch_size: int = 1
+    schedule: dict[str, Any] = field(default_factory=lambda: {"name": "constant"})
+    eval_every: int = 100
+    log_every: int = 10
+    sharpness_every: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["hparams"] = _jsonable(d["hparams"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def key(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in sorted(x.items())}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return x
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def make_config(
+    workload: str,
+    optimizer: str,
+    hparams: dict[str, Any] | None = None,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    time_budget: float | None = None,
+    batch_size: int | None = None,
+    schedule: dict[str, Any] | str | None = None,
+    eval_every: int | None = None,
+    log_every: int = 10,
+    sharpness_every: int = 0,
+) -> RunConfig:
+    """Resolve defaults and validate; raises ``ValueError`` with one clear line on mistakes.
+
+    Hyperparameters: the workload's default for this optimizer (see
+    :func:`basin.bench.workloads.default_hparams`) updated by ``hparams``. If neither
+    ``steps`` nor ``time_budget`` is given, the workload's step budget is used."""
+    from basin.optim import create, get_class
+
+    w = _wl.get(workload)
+    get_class(optimizer)  # unknown names raise with close matches
+    hp = _wl.default_hparams(w, optimizer)
+    hp.update(hparams or {})
+    _check_int("seed", seed, 0)
+    if steps is not None:
+        _check_int("steps", steps, 1)
+    if time_budget is not None:
+        if isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)):
+            raise ValueError(
+                f"time_budget must be a positive number of seconds, got {time_budget!r}"
+            )
+        if not (math.isfinite(time_budget) and time_budget > 0):
+            raise ValueError(
+                f"time_budget must be a positive number of seconds, got {time_budget!r}"
+            )
+        time_budget = float(time_budget)
+    if steps is None and time_budget is None:
+        steps = w.steps
+    bs = w.batch_size if batch_size is None else _check_int("batch_size", batch_size, 1)
+    ev = w.eval_every if eval_every is None else _check_int("eval_every", eval_every, 1)
+    _check_int("log_every", log_every, 1)
+    _check_int("sharpness_every", sharpness_every, 0)
+    if sharpness_every:
+        _sharpness_fn()  # fails now, not in the middle of a sweep
+    sched = validate_schedule(schedule)
+    # hyperparameter names and values: let the optimizer itself validate them
+    probe = torch.nn.Parameter(torch.zeros(2, 2))
+    try:
+        create(optimizer, [probe], **hp)
+    except TypeError as exc:
+        raise ValueError(f"{optimizer}: invalid hyperparameters {hp}: {exc}") from None
+    except ValueError as exc:
+        msg = str(exc)
+        raise ValueError(msg if optimizer in msg else f"{optimizer}: {msg}") from None
+    return RunConfig(
+        workload=w.name,
+        optimizer=optimizer.strip(),
+        hparams=_jsonable(hp),
+        seed=seed,
+        steps=steps,
+        time_budget=time_budget,
+        batch_size=bs,
+        schedule=sched,
+        eval_every=ev,
+        log_every=log_every,
+        sharpness_every=sharpness_every,
+    )
+
+
+@dataclass
+class RunResult:
+    """What one run produced. ``series`` holds the curves:
+
+    - ``train``: ``step``, ``seconds`` (training time), ``loss`` (mean over the logging
+      window), ``lr`` (first group), ``step_time`` (mean seconds per step in the window);
+    - ``eval``: ``step``, ``seconds``, ``eval_loss``, ``metric``;
+    - ``sharpness``: ``step``, ``value`` (top Hessian eigenvalue on a fixed training batch).
+    """
+
+    config: dict[str, Any]
+    key: str
+    status: str  # "ok" | "diverged" | "failed"
+    series: dict[str, dict[str, list[float]]]
+    final: dict[str, float | None]
+    time_to_target: dict[str, float] | None
+    steps_done: int
+    train_seconds: float
+    wall_seconds: float
+    step_time: float | None
+    state_bytes: int
+    n_params: int
+    diverged_step: int | None = None
+    cpu_seconds: float | None = None  # process CPU time of the whole run (all threads)
+    error: str | None = None
+    version: str = ""
+    git_rev: str | None = None
+    env: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunResult:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@cache
+def git_revision() -> str | None:
+    """Git commit of the source tree basin is imported from, or None (not a checkout)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rev = out.stdout.strip()
+    return rev if out.returncode == 0 and rev else None
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "argv0": Path(sys.argv[0]).name if sys.argv else "",
+    }
+
+
+def _sharpness_fn() -> Callable[..., Any]:
+    try:
+        from basin.landscape import hessian_eigenvalues
+    except ImportError as exc:
+        raise ValueError(
+            f"sharpness_every needs basin.landscape.hessian_eigenvalues, not importable: {exc}"
+        ) from None
+    return hessian_eigenvalues
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    total = 0
+    for st in opt.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
+    return total
+
+
+def run(
+    config: RunConfig,
+    report: ReportFn | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> RunResult:
+    """Train one configuration and return its result (see the module docstring)."""
+    from basin import __version__
+    from basin.optim import create
+
+    cfg = config
+    w = _wl.get(cfg.workload)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    task = w.build(cfg.seed, cfg.batch_size)
+    model, loss_fn, batches = task.model, task.loss_fn, task.batches
+    model.train()
+    opt = create(cfg.optimizer, model.parameters(), **cfg.hparams)
+    base_lrs = [g["lr"] for g in opt.param_groups] if "lr" in opt.param_groups[0] else None
+    constant = cfg.schedule["name"] == "constant"
+    sharp_fn = _sharpness_fn() if cfg.sharpness_every else None
+    max_steps = cfg.steps if cfg.steps is not None else sys.maxsize
+    budget = cfg.time_budget
+
+    tr: dict[str, list[float]] = {"step": [], "seconds": [], "loss": [], "lr": [], "step_time": []}
+    ev: dict[str, list[float]] = {"step": [], "seconds": [], "eval_loss": [], "metric": []}
+    sh: dict[str, list[float]] = {"step": [], "value": []}
+    pending: list[torch.Tensor] = []
+    status, diverged_step, ttt = "ok", None, None
+    train_s = 0.0
+    window_start_s, window_start_step = 0.0, 0
+    lr_now = base_lrs[0] if base_lrs else float("nan")
+    step = 0
+    t = time.perf_counter()
+    while step < max_steps and (budget is None or train_s < budget):
+        step += 1
+        if not constant and base_lrs is not None:
+            p = (step - 1) / cfg.steps if cfg.steps is not None else 0.0
+            if budget is not None:
+                p = max(p, train_s / budget)
+            m = lr_multiplier(cfg.schedule, p)
+            for g, lr0 in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr0 * m
+            lr_now = base_lrs[0] * m
+        x, y = next(batches)
+        loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        pending.append(loss.detach())
+        last = step >= max_steps
+        now = time.perf_counter()
+        train_s += now - t
+        t = now
+        if budget is not None and train_s >= budget:
+            last = True
+        if step % cfg.log_every == 0 or last:
+            losses = torch.stack(pending).float()
+            finite = torch.isfinite(losses)
+            if not bool(finite.all()):
+                first_bad = int((~finite).nonzero()[0, 0])
+                diverged_step = step - len(pending) + 1 + first_bad
+                status = "diverged"
+                break
+            n = len(pending)
+            tr["step"].append(step)
+            tr["seconds"].append(train_s)
+            tr["loss"].append(float(losses.mean()))
+            tr["lr"].append(float(lr_now))
+            tr["step_time"].append((train_s - window_start_s) / max(step - window_start_step, 1))
+            window_start_s, window_start_step = train_s, step
+            pending.clear()
+            del n
+            if progress is not None:
+                progress(step, cfg.steps)
+        if sharp_fn is not None and (step % cfg.sharpness_every == 0 or last):
+            val = sharp_fn(model, loss_fn, task.probe_batch, k=1).eigenvalues[0]
+            sh["step"].append(step)
+            sh["value"].append(float(val))
+            model.train()
+        if step % cfg.eval_every == 0 or last:
+            res = task.evaluate(model)
+            if not (math.isfinite(res["eval_loss"]) and math.isfinite(res["metric"])):
+                status, diverged_step = "diverged", step
+                break
+            ev["step"].append(step)
+            ev["seconds"].append(train_s)
+            ev["eval_loss"].append(res["eval_loss"])
+            ev["metric"].append(res["metric"])
+            if ttt is None and w.reached(res["metric"]):
+                ttt = {"step": step, "seconds": train_s}
+            if report is not None:
+                train_loss = tr["loss"][-1] if tr["loss"] else float("nan")
+                report(step, {"train_loss": train_loss, "seconds": train_s, **res})
+        t = time.perf_counter()  # evaluation, sharpness and callbacks are not training time
+
+    metrics = ev["metric"]
+    final = {
+        "train_loss": tr["loss"][-1] if tr["loss"] else None,
+        "eval_loss": ev["eval_loss"][-1] if ev["eval_loss"] else None,
+        "metric": metrics[-1] if metrics else None,
+        "best_metric": (min(metrics) if w.metric_mode == "min" else max(metrics))
+        if metrics
+        else None,
+        "sharpness": sh["value"][-1] if sh["value"] else None,
+    }
+    if status == "diverged":
+        final = {k: None for k in final}
+    return RunResult(
+        config=cfg.to_dict(),
+        key=cfg.key(),
+        status=status,
+        series={"train": tr, "eval": ev, "sharpness": sh},
+        final=final,
+        time_to_target=ttt,
+        steps_done=step,
+        train_seconds=train_s,
+        wall_seconds=time.perf_counter() - wall0,
+        cpu_seconds=time.process_time() - cpu0,
+        step_time=statistics.median(tr["step_time"]) if tr["step_time"] else None,
+        state_bytes=_state_bytes(opt),
+        n_params=sum(p.numel() for p in model.parameters()),
+        diverged_step=diverged_step,
+        version=__version__,
+        git_rev=git_revision(),
+        env=environment(),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def sweep(
+    configs: Sequence[RunConfig],
+    store: Any,
+    *,
+    progress: Any = None,
+    on_result: Callable[[RunResult | None, RunConfig], None] | None = None,
+    group: str = "bench",
+) -> list[RunResult]:
+    """Run every configuration not already stored; store each result as soon as it finishes.
+
+    Diverged runs are stored (with their step) and the sweep goes on; a run that raises is
+    stored as ``status="failed"`` with the error (and rerun on the next sweep). ``progress``
+    is an optional ``(done, total, description, step, steps)`` callback."""
+    results: list[RunResult] = []
+    todo = [c for c in configs if not store.has(c.key())]
+    skipped = len(configs) - len(todo)
+    for i, cfg in enumerate(todo):
+        desc = f"{cfg.workload} {cfg.optimizer} seed={cfg.seed}"
+
+        def step_cb(s: int, total: int | None, _d: str = desc, _i: int = i) -> None:
+            if progress is not None:
+                progress(skipped + _i, len(configs), _d, s, total)
+
+        step_cb(0, cfg.steps)
+        try:
+            res = run(cfg, progress=step_cb)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001  -- recorded, the sweep goes on
+            res = _failed(cfg, exc)
+        store.put(res, group=group)
+        results.append(res)
+        if on_result is not None:
+            on_result(res, cfg)
+    if progress is not None:
+        progress(len(configs), len(configs), "done", 0, None)
+    return results
+
+
+def _failed(cfg: RunConfig, exc: BaseException) -> RunResult:
+    from basin import __version__
+
+    return RunResult(
+        config=cfg.to_dict(),
+        key=cfg.key(),
+        status="failed",
+        series={"train": {}, "eval": {}, "sharpness": {}},
+        final={},
+        time_to_target=None,
+        steps_done=0,
+        train_seconds=0.0,
+        wall_seconds=0.0,
+        step_time=None,
+        state_bytes=0,
+        n_params=0,
+        error=f"{type(exc).__name__}: {exc}",
+        version=__version__,
+        git_rev=git_revision(),
+        env=environment(),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def configs_for(
+    workloads: Iterable[str],
+    optimizers: Iterable[str],
+    seeds: Iterable[int],
+    hparams: dict[str, dict[str, Any]] | None = None,
+    **kw: Any,
+) -> list[RunConfig]:
+    """The cross product workload x optimizer x seed, validated before anything runs.
+    ``hparams`` maps optimizer name -> hyperparameter overrides."""
+    hparams = hparams or {}
+    opts = list(optimizers)
+    unknown = set(hparams) - set(opts)
+    if unknown:
+        raise ValueError(
+            f"hyperparameters given for {', '.join(sorted(unknown))}, not in --optimizers"
+        )
+    return [
+        make_config(w, o, hparams.get(o), seed=s, **kw)
+        for w in workloads
+        for o in opts
+        for s in seeds
+    ]

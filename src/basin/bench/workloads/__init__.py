@@ -1,0 +1,193 @@
+"""Benchmark workloads: each is built offline and deterministically from a seed.
+
+A :class:`Workload` declares everything a run needs: how to build the model and data from a
+seed (:meth:`Workload.build` returns a :class:`Task`), the loss, the evaluation metric and
+whether it is minimised or maximised, the default batch size and step budget, the target value
+used for time-to-target, and per-optimizer default hyperparameters.
+
+Look workloads up with :func:`get` (unknown names raise ``ValueError`` naming close matches)
+and list them with :func:`names`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Task",
+    "Workload",
+    "default_hparams",
+    "get",
+    "names",
+    "register",
+    "workloads",
+]
+
+Batch = tuple[Tensor, Tensor]
+
+
+@dataclass
+class Task:
+    """One built instance of a workload (model + data), ready to train.
+
+    ``batches`` yields training batches forever in a seed-determined order;
+    ``evaluate(model)`` returns ``{"eval_loss": ..., "metric": ...}`` on the held-out data
+    (the model is put in eval mode and back); ``probe_batch`` is a fixed training batch used
+    for periodic diagnostics such as sharpness."""
+
+    model: nn.Module
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    batches: Iterator[Batch]
+    evaluate: Callable[[nn.Module], dict[str, float]]
+    probe_batch: Batch
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A benchmark problem. ``build(seed, batch_size)`` makes a :class:`Task`.
+
+    ``metric_mode`` is ``"min"`` or ``"max"``; ``target`` is the metric value that counts as
+    reached for time-to-target. ``lr`` holds per-optimizer-family learning rates
+    (``"adaptive"``: Adam-like, ``"sgd"``: SGD with momentum 0.9, ``"sgdsai"``) and
+    ``hparams`` optional per-optimizer overrides."""
+
+    name: str
+    family: str
+    description: str
+    builder: Callable[[int, int], Task]
+    metric: str
+    metric_mode: str
+    target: float
+    batch_size: int
+    steps: int
+    eval_every: int
+    lr: dict[str, float]
+    hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def build(self, seed: int, batch_size: int | None = None) -> Task:
+        bs = self.batch_size if batch_size is None else int(batch_size)
+        if bs < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        torch.manual_seed(seed)
+        return self.builder(seed, bs)
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether metric value ``a`` is at least as good as ``b``."""
+        return a <= b if self.metric_mode == "min" else a >= b
+
+    def reached(self, value: float) -> bool:
+        return self.better(value, self.target)
+
+
+_WORKLOADS: dict[str, Workload] = {}
+_LOADED = False
+
+
+def register(w: Workload) -> Workload:
+    _WORKLOADS[w.name] = w
+    return w
+
+
+def _load_all() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    from . import charlm, digits, mnist1d, quadratic, synthetic  # noqa: F401  (register)
+
+    _LOADED = True
+
+
+def names() -> list[str]:
+    _load_all()
+    return sorted(_WORKLOADS)
+
+
+def workloads() -> list[Workload]:
+    _load_all()
+    return [_WORKLOADS[n] for n in sorted(_WORKLOADS)]
+
+
+def get(name: str) -> Workload:
+    """The workload called ``name``; unknown names raise ``ValueError`` with close names."""
+    _load_all()
+    key = name.strip().lower()
+    if key in _WORKLOADS:
+        return _WORKLOADS[key]
+    close = difflib.get_close_matches(key, list(_WORKLOADS), n=3, cutoff=0.4)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown workload {name!r}{hint} (known: {', '.join(sorted(_WORKLOADS))})")
+
+
+# Optimizer families for default hyperparameters. Anything not listed keeps its own defaults
+# except the learning rate, which comes from the workload's "adaptive" entry.
+_SGD_LIKE = {"torch:sgd", "sgd"}
+_SAI = {"sgdsai", "sgd_sai", "pytorch_optimizer:sgdsai"}
+_OWN_LR = {"torch:lbfgs"}  # keep the optimizer's own defaults entirely
+
+
+def default_hparams(workload: Workload | str, optimizer: str) -> dict[str, Any]:
+    """Default hyperparameters of ``optimizer`` on ``workload`` (a small table).
+
+    SGD gets momentum 0.9 and the workload's SGD learning rate; SGD-SaI its own entry; every
+    other optimizer the workload's learning rate for adaptive methods. Per-workload overrides
+    in ``Workload.hparams`` win."""
+    w = get(workload) if isinstance(workload, str) else workload
+    key = optimizer.strip().lower()
+    if key in _OWN_LR:
+        hp: dict[str, Any] = {}
+    elif key in _SGD_LIKE:
+        hp = {"lr": w.lr["sgd"], "momentum": 0.9}
+    elif key in _SAI:
+        hp = {"lr": w.lr.get("sgdsai", w.lr["sgd"])}
+    else:
+        hp = {"lr": w.lr["adaptive"]}
+    hp.update(w.hparams.get(key, {}))
+    return hp
+
+
+class _Forever:
+    """Seeded infinite mini-batch iterator over in-memory tensors (reshuffled each epoch)."""
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, seed: int) -> None:
+        self.x, self.y = x, y
+        self.bs = min(batch_size, len(x))
+        self.gen = torch.Generator().manual_seed(seed)
+        self._perm = torch.randperm(len(x), generator=self.gen)
+        self._pos = 0
+
+    def __iter__(self) -> _Forever:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._pos + self.bs > len(self._perm):
+            self._perm = torch.randperm(len(self.x), generator=self.gen)
+            self._pos = 0
+        idx = self._perm[self._pos : self._pos + self.bs]
+        self._pos += self.bs
+        return self.x[idx], self.y[idx]
+
+
+def classification_eval(
+    x: Tensor, y: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor], chunk: int = 2048
+) -> Callable[[nn.Module], dict[str, float]]:
+    """Evaluation function returning mean cross-entropy and accuracy on ``(x, y)``."""
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        total_loss, correct = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(x), chunk):
+                out = model(x[i : i + chunk])
+                total_loss += float(loss_fn(out, y[i : i + chunk])) * len(out)
+                correct += int((out.argmax(-1) == y[i : i + chunk]).sum())
+        model.train(was_training)
+        return {"eval_loss": total_loss / len(x), "metric": correct / len(x)}
+
+    return evaluate

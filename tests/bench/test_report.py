@@ -1,0 +1,130 @@
+"""Report: aggregates, JSON/CSV, self-contained HTML, and that it renders in Chromium."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import tempfile
+
+import pytest
+
+from basin.bench import Store, configs_for, make_config, sweep
+from basin.bench.report import summarize, tune_summaries, write_report
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("rep") / "runs.db"
+    cfgs = configs_for(["f1", "f2"], ["torch:sgd", "adabelief"], range(2), eval_every=20)
+    cfgs.append(make_config("quadratic_deep", "torch:sgd", {"lr": 0.5, "momentum": 0.0}))
+    cfgs.append(make_config("quadratic_deep", "adabelief", steps=40, sharpness_every=0))
+    with Store(str(path)) as st:
+        sweep(cfgs, st)
+    return f"sqlite:///{path}"
+
+
+def test_summary_matches_the_runs(storage) -> None:
+    with Store(storage, create=False) as st:
+        runs = st.runs()
+    rows = {(r["workload"], r["optimizer"]): r for r in summarize(runs)}
+    assert len(runs) == 10 and len(rows) == 6
+    f1 = [
+        r
+        for r in runs
+        if r["config"]["workload"] == "f2" and r["config"]["optimizer"] == "adabelief"
+    ]
+    row = rows[("f2", "adabelief")]
+    assert row["metric_mean"] == pytest.approx(statistics.fmean(r["final"]["metric"] for r in f1))
+    assert row["runs"] == 2 and row["ok"] == 2 and row["reached"] == 2
+    div = rows[("quadratic_deep", "torch:sgd")]
+    assert div["diverged"] == 1 and div["metric_mean"] is None and div["ttt_steps"] == float("inf")
+
+
+def test_files_written(storage, tmp_path) -> None:
+    paths = write_report(storage, tmp_path / "out")
+    data = json.loads(paths["json"].read_text())
+    assert len(data["runs"]) == 10 and len(data["summary"]) == 6
+    assert set(data["profile_scores"]) == {"torch:sgd", "adabelief"}
+    rows = list(csv.DictReader(paths["runs_csv"].open()))
+    assert len(rows) == 10 and {r["status"] for r in rows} == {"ok", "diverged"}
+    summary = list(csv.DictReader(paths["summary_csv"].open()))
+    assert len(summary) == 6
+    html = paths["html"].read_text()
+    assert "diverged at step" in html and "Performance profiles" in html
+    # self-contained: no external resources, every image is an embedded PNG
+    assert not re.search(r"(src|href)=['\"](?!data:)", html)
+    imgs = re.findall(r"src='data:image/png;base64,([^']+)'", html)
+    assert len(imgs) == 4  # three workloads' curves + the profiles
+    for b in imgs:
+        assert base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_empty_or_missing_storage(tmp_path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        write_report(str(tmp_path / "nope.db"), tmp_path)
+    Store(str(tmp_path / "empty.db")).close()
+    with pytest.raises(ValueError, match="no runs"):
+        write_report(str(tmp_path / "empty.db"), tmp_path)
+
+
+def test_tuning_section_reads_optuna_studies(storage, tmp_path) -> None:
+    optuna = pytest.importorskip("optuna")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    db = tmp_path / "t.db"
+    shutil.copy(storage.removeprefix("sqlite:///"), db)
+    url = f"sqlite:///{db}"
+    assert tune_summaries(url) == []
+    study = optuna.create_study(
+        study_name="demo",
+        storage=url,
+        direction="minimize",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+    )
+    study.optimize(
+        lambda t: (t.suggest_float("x", -2, 2) - 1) ** 2 + 0 * t.suggest_float("y", 0, 1),
+        n_trials=12,
+    )
+    (s,) = tune_summaries(url)
+    assert s["name"] == "demo" and s["n_trials"] == 12 and len(s["history"]) == 12
+    assert s["best_value"] == pytest.approx(min(v for _, v in s["history"]))
+    assert set(s["importance"]) == {"x", "y"} and s["importance"]["x"] > s["importance"]["y"]
+    html = write_report(url, tmp_path / "o")["html"].read_text()
+    assert "<h3>demo</h3>" in html and "alt='tuning demo'" in html
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (CI installs it)")
+def test_html_renders_in_headless_chromium_with_all_images(storage, tmp_path) -> None:
+    html_path = write_report(storage, tmp_path / "r")["html"]
+    n_imgs = html_path.read_text().count("<img ")
+    # a copy with a probe script that records each image's decoded size into the DOM
+    probe = tmp_path / "probe.html"
+    script = (
+        "<script>window.addEventListener('load',()=>{document.body.setAttribute('data-imgs',"
+        "[...document.images].map(i=>i.complete?i.naturalWidth+'x'+i.naturalHeight:'0x0')"
+        ".join(','));});</script>"
+    )
+    probe.write_text(html_path.read_text().replace("</body>", script + "</body>"))
+    with tempfile.TemporaryDirectory() as profile:
+        out = subprocess.run(
+            [
+                CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=5000",
+                "--dump-dom", probe.as_uri(),
+            ],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    m = re.search(r'data-imgs="([^"]*)"', out.stdout)
+    assert m, "probe script did not run"
+    sizes = [tuple(map(int, s.split("x"))) for s in m.group(1).split(",")]
+    assert len(sizes) == n_imgs == 4
+    assert all(w > 100 and h > 100 for w, h in sizes), sizes
