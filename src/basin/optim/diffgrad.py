@@ -168,11 +168,15 @@ def _single_tensor_diffgrad(
     params, grads, exp_avgs, exp_avg_sqs, previous_grads, state_steps, *, lr, beta1, beta2, eps,
     weight_decay, maximize,
 ):  # fmt: skip
+    torch._foreach_add_(state_steps, 1)  # one dispatch instead of one per parameter
+    sizes: dict[Any, Any] = {}  # the step size per distinct step (usually just one)
     for i, p in enumerate(params):
         g = -grads[i] if maximize else grads[i]
         m, v, prev = exp_avgs[i], exp_avg_sqs[i], previous_grads[i]
-        state_steps[i] += 1
-        step_size = _step_size(get_value(state_steps[i]), lr, beta1, beta2)
+        step = get_value(state_steps[i])
+        step_size = sizes.get(step)
+        if step_size is None:
+            step_size = sizes[step] = _step_size(step, lr, beta1, beta2)
 
         if weight_decay != 0:
             g = g.add(p, alpha=weight_decay)

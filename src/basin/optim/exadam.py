@@ -178,14 +178,16 @@ def _single_tensor_exadam(
     params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
     dynamic_step_size, maximize,
 ):  # fmt: skip
+    torch._foreach_add_(state_steps, 1)  # one dispatch instead of one per parameter
+    coefs: dict[Any, tuple] = {}  # per distinct step (usually just one)
     for i, p in enumerate(params):
         g = -grads[i] if maximize else grads[i]
         m, v = exp_avgs[i], exp_avg_sqs[i]
-        state_steps[i] += 1
         step = get_value(state_steps[i])
-        b1t, b2t, step_scale, denom_eps = _coefficients(
-            step, lr, beta1, beta2, eps, dynamic_step_size
-        )
+        c = coefs.get(step)
+        if c is None:
+            c = coefs[step] = _coefficients(step, lr, beta1, beta2, eps, dynamic_step_size)
+        b1t, b2t, step_scale, denom_eps = c
 
         if weight_decay != 0:
             p.mul_(1 - lr * weight_decay)
