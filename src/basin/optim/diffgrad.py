@@ -197,6 +197,7 @@ def _multi_tensor_diffgrad(
     params, grads, exp_avgs, exp_avg_sqs, previous_grads, state_steps, *, lr, beta1, beta2, eps,
     weight_decay, maximize,
 ):  # fmt: skip
+    lr = get_value(lr)  # a tensor lr as a number: the foreach scalar lists need floats
     lists = [params, grads, exp_avgs, exp_avg_sqs, previous_grads, state_steps]
     for ps, gs, ms, vs, prevs, steps in group_by_device_and_dtype(lists).values():
         gs = torch._foreach_neg(gs) if maximize else gs

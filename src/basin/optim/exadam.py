@@ -219,6 +219,7 @@ def _multi_tensor_exadam(
     params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
     dynamic_step_size, maximize,
 ):  # fmt: skip
+    lr = get_value(lr)  # a tensor lr as a number: the foreach scalar lists need floats
     lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
     for ps, gs, ms, vs, steps in group_by_device_and_dtype(lists).values():
         gs = torch._foreach_neg(gs) if maximize else gs
