@@ -202,17 +202,18 @@ def _single_tensor_exadam(
             p.sub_(step_scale * (m + g) * d1 / ((v * d2).sqrt() + denom_eps))
             continue
 
-        # eager: few passes, two temporaries (r, num) and one for the denominator
+        # eager: 9 passes and two temporaries for the update, using
+        #   (m+g) d1 = (1+b2^t) (m+g) (1 - c2/(v+eps)),     c2 = b2^t eps/(1+b2^t)
+        #   v d2     = (1+b1^t) (v - c1 v/(m^2+eps)),       c1 = b1^t eps/(1+b1^t)
+        # (the subtracted fractions are <= 1/2: no cancellation), constants folded in the step
         r = v.add(eps)
-        torch.div(v, r, out=r)  # v/(v+eps)
         num = m.add(g)
-        num.addcmul_(num, r, value=b2t)  # (m+g) d1
-        torch.mul(m, m, out=r)
-        denom = r.add(eps)
-        r.div_(denom)  # m^2/(m^2+eps)
-        torch.addcmul(v, v, r, value=b1t, out=denom)  # v d2
-        denom.sqrt_().add_(denom_eps)
-        p.addcdiv_(num, denom, value=-step_scale)
+        num.addcdiv_(num, r, value=-b2t * eps / (1 + b2t))  # (m+g) d1 / (1+b2^t)
+        torch.mul(m, m, out=r).add_(eps)
+        torch.addcdiv(v, v, r, value=-b1t * eps / (1 + b1t), out=r)  # v d2 / (1+b1^t)
+        root = (1 + b1t) ** 0.5
+        r.sqrt_().add_(denom_eps / root)
+        p.addcdiv_(num, r, value=-step_scale * (1 + b2t) / root)
 
 
 def _multi_tensor_exadam(
@@ -234,18 +235,16 @@ def _multi_tensor_exadam(
         torch._foreach_mul_(vs, beta2)
         torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
 
-        r = torch._foreach_div(vs, torch._foreach_add(vs, eps))  # v/(v+eps)
+        # the folded form of the single-tensor eager branch (see there)
+        b1ts, b2ts = [c[0] for c in coefs], [c[1] for c in coefs]
+        roots = [(1 + b1t) ** 0.5 for b1t in b1ts]
+        r = torch._foreach_add(vs, eps)
         num = torch._foreach_add(ms, gs)
-        torch._foreach_mul_(r, num)
-        torch._foreach_mul_(r, [c[1] for c in coefs])
-        torch._foreach_add_(num, r)  # (m+g) d1
-
-        m2 = torch._foreach_mul(ms, ms)
-        denom = torch._foreach_add(m2, eps)
-        torch._foreach_div_(m2, denom)  # m^2/(m^2+eps)
-        torch._foreach_mul_(m2, vs)
-        torch._foreach_mul_(m2, [c[0] for c in coefs])
-        torch._foreach_add_(m2, vs)  # v d2
-        torch._foreach_sqrt_(m2)
-        torch._foreach_add_(m2, [c[3] for c in coefs])
-        torch._foreach_addcdiv_(ps, num, m2, [-c[2] for c in coefs])
+        torch._foreach_addcdiv_(num, num, r, [-b2t * eps / (1 + b2t) for b2t in b2ts])
+        r = torch._foreach_mul(ms, ms)
+        torch._foreach_add_(r, eps)
+        den = torch._foreach_addcdiv(vs, vs, r, [-b1t * eps / (1 + b1t) for b1t in b1ts])
+        torch._foreach_sqrt_(den)
+        torch._foreach_add_(den, [c[3] / root for c, root in zip(coefs, roots)])
+        sizes = [-c[2] * (1 + c[1]) / root for c, root in zip(coefs, roots)]
+        torch._foreach_addcdiv_(ps, num, den, sizes)
