@@ -59,6 +59,9 @@ class DiffGrad(BasinOptimizer):
         * The previous gradient is a copy (the authors' first ``diffGrad.py`` kept a reference to
           ``p.grad``, so zeroing gradients in place made ``xi`` a constant 0.5).
         * L2 decay does not modify ``p.grad`` in place (the authors' code and torch-optimizer do).
+        * pytorch-optimizer 4.1.0's ``DiffGrad`` (a second opinion) defaults to decoupled decay
+          and divides by ``sqrt(v + 1e-15) + eps``; with ``weight_decouple=False`` and that
+          1e-15 removed it agrees with basin (tested).
         * bfloat16/float16 parameters are updated in their own dtype (state in that dtype too).
     """
 

@@ -59,6 +59,8 @@ class EXAdam(BasinOptimizer):
           the authors' later code and pytorch-optimizer 4.1.0's ``EXAdam`` dropped it
           (``dynamic_step_size=False`` matches them).
         * Weight decay is scaled by ``lr``, not by the dynamic ``a_t``, as in the authors' code.
+        * The eager loop evaluates ``(m+g) d1`` and ``v d2`` in an algebraically equal folded
+          form (fewer passes); it matches the float64 transcription to 1e-10 over 100 steps.
         * bfloat16/float16 parameters are updated in their own dtype (state in that dtype too).
     """
 
