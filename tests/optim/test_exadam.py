@@ -87,3 +87,17 @@ def test_dynamic_step_is_the_only_difference_from_pytorch_optimizer():
     _train_pair(ours2, POEXAdam(plain.parameters(), lr=lr), model2, plain, steps=20)
     with pytest.raises(AssertionError, match="relative error"):
         compare_models(model2, plain, 1e-3)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_tensor_lr_equals_float_lr(foreach):
+    """lr given as a 0-d tensor (as torch.optim allows) takes exactly the float-lr steps."""
+    results = []
+    for lr in (1e-2, torch.tensor(1e-2, dtype=torch.float64)):
+        p = nn.Parameter(torch.linspace(-1, 1, 7, dtype=torch.float64))
+        opt = bo.EXAdam([p], lr=lr, weight_decay=0.1, foreach=foreach)
+        for _ in range(3):
+            p.grad = torch.sin(3 * p.detach())
+            opt.step()
+        results.append(p.detach())
+    torch.testing.assert_close(results[1], results[0], rtol=1e-14, atol=0)

@@ -59,6 +59,9 @@ class DiffGrad(BasinOptimizer):
         * The previous gradient is a copy (the authors' first ``diffGrad.py`` kept a reference to
           ``p.grad``, so zeroing gradients in place made ``xi`` a constant 0.5).
         * L2 decay does not modify ``p.grad`` in place (the authors' code and torch-optimizer do).
+        * pytorch-optimizer 4.1.0's ``DiffGrad`` (a second opinion) defaults to decoupled decay
+          and divides by ``sqrt(v + 1e-15) + eps``; with ``weight_decouple=False`` and that
+          1e-15 removed it agrees with basin (tested).
         * bfloat16/float16 parameters are updated in their own dtype (state in that dtype too).
     """
 
@@ -168,11 +171,15 @@ def _single_tensor_diffgrad(
     params, grads, exp_avgs, exp_avg_sqs, previous_grads, state_steps, *, lr, beta1, beta2, eps,
     weight_decay, maximize,
 ):  # fmt: skip
+    torch._foreach_add_(state_steps, 1)  # one dispatch instead of one per parameter
+    sizes: dict[Any, Any] = {}  # the step size per distinct step (usually just one)
     for i, p in enumerate(params):
         g = -grads[i] if maximize else grads[i]
         m, v, prev = exp_avgs[i], exp_avg_sqs[i], previous_grads[i]
-        state_steps[i] += 1
-        step_size = _step_size(get_value(state_steps[i]), lr, beta1, beta2)
+        step = get_value(state_steps[i])
+        step_size = sizes.get(step)
+        if step_size is None:
+            step_size = sizes[step] = _step_size(step, lr, beta1, beta2)
 
         if weight_decay != 0:
             g = g.add(p, alpha=weight_decay)
@@ -193,6 +200,7 @@ def _multi_tensor_diffgrad(
     params, grads, exp_avgs, exp_avg_sqs, previous_grads, state_steps, *, lr, beta1, beta2, eps,
     weight_decay, maximize,
 ):  # fmt: skip
+    lr = get_value(lr)  # a tensor lr as a number: the foreach scalar lists need floats
     lists = [params, grads, exp_avgs, exp_avg_sqs, previous_grads, state_steps]
     for ps, gs, ms, vs, prevs, steps in group_by_device_and_dtype(lists).values():
         gs = torch._foreach_neg(gs) if maximize else gs

@@ -59,6 +59,8 @@ class EXAdam(BasinOptimizer):
           the authors' later code and pytorch-optimizer 4.1.0's ``EXAdam`` dropped it
           (``dynamic_step_size=False`` matches them).
         * Weight decay is scaled by ``lr``, not by the dynamic ``a_t``, as in the authors' code.
+        * The eager loop evaluates ``(m+g) d1`` and ``v d2`` in an algebraically equal folded
+          form (fewer passes); it matches the float64 transcription to 1e-10 over 100 steps.
         * bfloat16/float16 parameters are updated in their own dtype (state in that dtype too).
     """
 
@@ -178,14 +180,16 @@ def _single_tensor_exadam(
     params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
     dynamic_step_size, maximize,
 ):  # fmt: skip
+    torch._foreach_add_(state_steps, 1)  # one dispatch instead of one per parameter
+    coefs: dict[Any, tuple] = {}  # per distinct step (usually just one)
     for i, p in enumerate(params):
         g = -grads[i] if maximize else grads[i]
         m, v = exp_avgs[i], exp_avg_sqs[i]
-        state_steps[i] += 1
         step = get_value(state_steps[i])
-        b1t, b2t, step_scale, denom_eps = _coefficients(
-            step, lr, beta1, beta2, eps, dynamic_step_size
-        )
+        c = coefs.get(step)
+        if c is None:
+            c = coefs[step] = _coefficients(step, lr, beta1, beta2, eps, dynamic_step_size)
+        b1t, b2t, step_scale, denom_eps = c
 
         if weight_decay != 0:
             p.mul_(1 - lr * weight_decay)
@@ -200,23 +204,25 @@ def _single_tensor_exadam(
             p.sub_(step_scale * (m + g) * d1 / ((v * d2).sqrt() + denom_eps))
             continue
 
-        # eager: few passes, two temporaries (r, num) and one for the denominator
+        # eager: 9 passes and two temporaries for the update, using
+        #   (m+g) d1 = (1+b2^t) (m+g) (1 - c2/(v+eps)),     c2 = b2^t eps/(1+b2^t)
+        #   v d2     = (1+b1^t) (v - c1 v/(m^2+eps)),       c1 = b1^t eps/(1+b1^t)
+        # (the subtracted fractions are <= 1/2: no cancellation), constants folded in the step
         r = v.add(eps)
-        torch.div(v, r, out=r)  # v/(v+eps)
         num = m.add(g)
-        num.addcmul_(num, r, value=b2t)  # (m+g) d1
-        torch.mul(m, m, out=r)
-        denom = r.add(eps)
-        r.div_(denom)  # m^2/(m^2+eps)
-        torch.addcmul(v, v, r, value=b1t, out=denom)  # v d2
-        denom.sqrt_().add_(denom_eps)
-        p.addcdiv_(num, denom, value=-step_scale)
+        num.addcdiv_(num, r, value=-b2t * eps / (1 + b2t))  # (m+g) d1 / (1+b2^t)
+        torch.mul(m, m, out=r).add_(eps)
+        torch.addcdiv(v, v, r, value=-b1t * eps / (1 + b1t), out=r)  # v d2 / (1+b1^t)
+        root = (1 + b1t) ** 0.5
+        r.sqrt_().add_(denom_eps / root)
+        p.addcdiv_(num, r, value=-step_scale * (1 + b2t) / root)
 
 
 def _multi_tensor_exadam(
     params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
     dynamic_step_size, maximize,
 ):  # fmt: skip
+    lr = get_value(lr)  # a tensor lr as a number: the foreach scalar lists need floats
     lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
     for ps, gs, ms, vs, steps in group_by_device_and_dtype(lists).values():
         gs = torch._foreach_neg(gs) if maximize else gs
@@ -231,18 +237,16 @@ def _multi_tensor_exadam(
         torch._foreach_mul_(vs, beta2)
         torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
 
-        r = torch._foreach_div(vs, torch._foreach_add(vs, eps))  # v/(v+eps)
+        # the folded form of the single-tensor eager branch (see there)
+        b1ts, b2ts = [c[0] for c in coefs], [c[1] for c in coefs]
+        roots = [(1 + b1t) ** 0.5 for b1t in b1ts]
+        r = torch._foreach_add(vs, eps)
         num = torch._foreach_add(ms, gs)
-        torch._foreach_mul_(r, num)
-        torch._foreach_mul_(r, [c[1] for c in coefs])
-        torch._foreach_add_(num, r)  # (m+g) d1
-
-        m2 = torch._foreach_mul(ms, ms)
-        denom = torch._foreach_add(m2, eps)
-        torch._foreach_div_(m2, denom)  # m^2/(m^2+eps)
-        torch._foreach_mul_(m2, vs)
-        torch._foreach_mul_(m2, [c[0] for c in coefs])
-        torch._foreach_add_(m2, vs)  # v d2
-        torch._foreach_sqrt_(m2)
-        torch._foreach_add_(m2, [c[3] for c in coefs])
-        torch._foreach_addcdiv_(ps, num, m2, [-c[2] for c in coefs])
+        torch._foreach_addcdiv_(num, num, r, [-b2t * eps / (1 + b2t) for b2t in b2ts])
+        r = torch._foreach_mul(ms, ms)
+        torch._foreach_add_(r, eps)
+        den = torch._foreach_addcdiv(vs, vs, r, [-b1t * eps / (1 + b1t) for b1t in b1ts])
+        torch._foreach_sqrt_(den)
+        torch._foreach_add_(den, [c[3] / root for c, root in zip(coefs, roots)])
+        sizes = [-c[2] * (1 + c[1]) / root for c, root in zip(coefs, roots)]
+        torch._foreach_addcdiv_(ps, num, den, sizes)
