@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from conftest import Quadratic, quad_loss
+from landscape_helpers import Quadratic, quad_loss
 
 from basin.landscape import CurvatureOperator, hessian_eigenvalues
 

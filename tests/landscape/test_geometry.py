@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import Quadratic, quad_loss
+from landscape_helpers import Quadratic, quad_loss
 from torch import nn
 
 from basin.landscape import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import dense_hessian, flat_params
+from landscape_helpers import dense_hessian, flat_params
 from torch import nn
 from torch.func import functional_call
 

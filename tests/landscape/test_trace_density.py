@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from conftest import Quadratic, quad_loss
+from landscape_helpers import Quadratic, quad_loss
 
 from basin.landscape import hessian_density, hessian_trace
 from basin.landscape.density import slq_nodes
