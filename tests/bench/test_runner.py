@@ -245,3 +245,15 @@ def test_any_registry_name_runs(name) -> None:
     r = run(make_config("f1", name, steps=30, eval_every=10))
     assert r.status == "ok" and r.steps_done == 30
     assert r.final["train_loss"] < 0.49  # moved downhill from f(-1) = 0.49
+
+
+@pytest.mark.parametrize("name", ["torch:adamw", "torch:sgd", "adabelief", "diffgrad", "sgdsai"])
+def test_default_optimizers_are_known_and_configured(name) -> None:
+    from basin.bench.runner import DEFAULT_OPTIMIZERS
+    from basin.optim import available
+
+    assert name in DEFAULT_OPTIMIZERS
+    if name not in available():
+        pytest.skip(f"{name} is implemented on another branch (merged later)")
+    cfg = make_config("mnist1d_mlp", name, steps=5)
+    assert cfg.hparams["lr"] > 0
