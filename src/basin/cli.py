@@ -372,7 +372,8 @@ def _summary_table(console: Console, store, names: list[str], opts: list[str]) -
     rows = [
         r
         for r in summarize(store.runs())
-        if r["workload"] in {wl.get(n).name for n in names} and r["optimizer"] in opts
+        if r["workload"] in {wl.get(n).name for n in names}
+        and r["optimizer"].split(" (")[0] in opts
     ]
     table = Table(title="final metrics (mean ± std over seeds)")
     for col in (

@@ -128,3 +128,25 @@ def test_html_renders_in_headless_chromium_with_all_images(storage, tmp_path) ->
     sizes = [tuple(map(int, s.split("x"))) for s in m.group(1).split(",")]
     assert len(sizes) == n_imgs == 4
     assert all(w > 100 and h > 100 for w, h in sizes), sizes
+
+
+def test_variants_are_labelled_and_tuner_groups_left_out(tmp_path) -> None:
+    from basin.bench import run
+    from basin.bench.report import labels
+
+    st = Store(str(tmp_path / "v.db"))
+    a = run(make_config("f1", "torch:sgd", {"lr": 0.01}, steps=20))
+    b = run(make_config("f1", "torch:sgd", {"lr": 0.02}, steps=20))
+    c = run(make_config("f1", "adabelief", steps=20))
+    t = run(make_config("f1", "adabelief", {"lr": 0.5}, steps=20))
+    for r in (a, b, c):
+        st.put(r)
+    st.put(t, group="tune:demo")
+    lab = labels([x.to_dict() for x in (a, b, c)])
+    assert lab[a.key] == "torch:sgd (lr=0.01)" and lab[b.key] == "torch:sgd (lr=0.02)"
+    assert lab[c.key] == "adabelief"
+    paths = write_report(st, tmp_path / "o")
+    data = json.loads(paths["json"].read_text())
+    assert {r["optimizer"] for r in data["summary"]} == set(lab.values())
+    assert t.key not in {r["key"] for r in data["runs"]}
+    assert len(write_report(st, tmp_path / "all", groups=None)["json"].read_text()) > 0

@@ -56,6 +56,27 @@ def test_sharpness_with_a_power_iteration_stand_in(monkeypatch) -> None:
     assert r.final["sharpness"] == sh["value"][-1]
 
 
+def test_report_draws_sharpness_curves(monkeypatch, tmp_path) -> None:
+    from basin.bench import Store
+    from basin.bench.report import write_report
+
+    fake = types.ModuleType("basin.landscape")
+    fake.hessian_eigenvalues = lambda *a, **k: _power_iteration(*a, **k, iters=50)
+    monkeypatch.setitem(sys.modules, "basin.landscape", fake)
+    with Store(str(tmp_path / "s.db")) as st:
+        st.put(run(make_config("quadratic_deep", "torch:sgd", steps=10, sharpness_every=5)))
+        html = write_report(st, tmp_path)["html"].read_text()
+    assert html.count("<img ") == 2  # curves (with a sharpness panel) + profiles
+    import base64
+    import io
+
+    from PIL import Image
+
+    src = html.split("alt='curves quadratic_deep' src='data:image/png;base64,")[1].split("'")[0]
+    width, height = Image.open(io.BytesIO(base64.b64decode(src))).size
+    assert width > 3.6 * height  # three panels, 15 x 3.4 in (two panels: 10 x 3.4)
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("basin.landscape") is None, reason="basin.landscape not present"
 )

@@ -46,12 +46,19 @@ __all__ = ["load_runs", "summarize", "tune_summaries", "write_report"]
 # ------------------------------------------------------------------ data
 
 
-def load_runs(storage: str | Store) -> list[dict[str, Any]]:
-    """Every stored run (``ValueError`` if the storage cannot be read or does not exist)."""
+def load_runs(storage: str | Store, groups: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Stored runs of the given groups (all if None); ``ValueError`` if the storage cannot be
+    read or does not exist."""
     if isinstance(storage, Store):
-        return storage.runs()
+        return _load(storage, groups)
     with Store(storage, create=False) as st:
+        return _load(st, groups)
+
+
+def _load(st: Store, groups: Sequence[str] | None) -> list[dict[str, Any]]:
+    if groups is None:
         return st.runs()
+    return [r for g in groups for r in st.runs(group=g)]
 
 
 def _mean_std(xs: Sequence[float]) -> tuple[float | None, float | None]:
@@ -71,12 +78,51 @@ def _median_inf(xs: Sequence[float]) -> float:
     return m
 
 
+_VARIANT_FIELDS = ("hparams", "steps", "time_budget", "batch_size", "schedule", "eval_every")
+
+
+def labels(runs: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """Run key -> display label: the optimizer name, plus what differs when one workload has
+    several configurations (hyperparameters, budget, ...) of the same optimizer."""
+    variants: dict[tuple[str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
+    for r in runs:
+        c = r["config"]
+        v = {k: c.get(k) for k in _VARIANT_FIELDS}
+        variants[(c["workload"], c["optimizer"])][json.dumps(v, sort_keys=True)] = v
+    out = {}
+    for r in runs:
+        c = r["config"]
+        vs = variants[(c["workload"], c["optimizer"])]
+        label = c["optimizer"]
+        if len(vs) > 1:
+            mine = {k: c.get(k) for k in _VARIANT_FIELDS}
+            diff = []
+            for k in _VARIANT_FIELDS:
+                if len({json.dumps(v[k], sort_keys=True) for v in vs.values()}) > 1:
+                    if k == "hparams":
+                        keys = {n for v in vs.values() for n in v["hparams"]}
+                        diff += [
+                            f"{n}={mine['hparams'].get(n)}"
+                            for n in sorted(keys)
+                            if len({json.dumps(v["hparams"].get(n)) for v in vs.values()}) > 1
+                        ]
+                    elif k == "schedule":
+                        diff.append(f"schedule={mine[k]['name']}")
+                    else:
+                        diff.append(f"{k}={mine[k]}")
+            label += " (" + ", ".join(diff) + ")"
+        out[r["key"]] = label
+    return out
+
+
 def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (workload, optimizer): counts, final metrics mean/std over non-diverged
-    seeds, time-to-target (median over all seeds, unreached or diverged = inf)."""
+    """One row per workload and configuration (all but the seed): counts, final metrics
+    mean/std over non-diverged seeds, time-to-target (median over all seeds, unreached or
+    diverged = inf). ``optimizer`` is the display label from :func:`labels`."""
+    lab = labels(runs)
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
-        groups[(r["config"]["workload"], r["config"]["optimizer"])].append(r)
+        groups[(r["config"]["workload"], lab[r["key"]])].append(r)
     rows = []
     for (wname, opt), rs in sorted(groups.items()):
         ok = [r for r in rs if r["status"] == "ok"]
@@ -228,9 +274,10 @@ def _curves(wname: str, runs: list[dict[str, Any]], sharp: bool) -> str:
     except ValueError:
         mname, target = "metric", None
     by_opt: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    lab = labels(runs)
     for r in runs:
         if r["status"] == "ok":
-            by_opt[r["config"]["optimizer"]].append(r)
+            by_opt[lab[r["key"]]].append(r)
     ncol = 3 if sharp else 2
     fig, axes = plt.subplots(1, ncol, figsize=(5.0 * ncol, 3.4))
     colors = plt.get_cmap("tab10")
@@ -345,15 +392,18 @@ def write_report(
     *,
     title: str = "basin benchmark report",
     profile_measure: str = "seconds",
+    groups: Sequence[str] | None = ("bench",),
 ) -> dict[str, Path]:
     """Write report.html, results.json, runs.csv and summary.csv under ``out_dir``.
 
     ``profile_measure`` is ``"seconds"`` (training time, AlgoPerf's choice) or ``"steps"``.
+    ``groups``: which stored groups of runs to include (``None`` = all); runs a tuner stores
+    under its own group (e.g. ``"tune:<study>"``) stay out of the comparison.
     Returns the written paths. ``ValueError`` if the storage cannot be read or has no runs."""
     if profile_measure not in ("seconds", "steps"):
         raise ValueError(f"profile_measure must be 'seconds' or 'steps', got {profile_measure!r}")
     url = storage.url if isinstance(storage, Store) else str(storage)
-    runs = load_runs(storage)
+    runs = load_runs(storage, groups)
     if not runs:
         raise ValueError(f"storage {url!r} holds no runs")
     out = Path(out_dir)

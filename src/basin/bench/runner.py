@@ -52,6 +52,8 @@ __all__ = [
 # The README's default comparison. diffgrad and sgdsai are basin optimizers.
 DEFAULT_OPTIMIZERS: list[str] = ["torch:adamw", "torch:sgd", "adabelief", "diffgrad", "sgdsai"]
 
+_CLOSURE_OPTIMIZERS = {"torch:lbfgs"}
+
 ReportFn = Callable[[int, dict[str, float]], None]
 
 
@@ -285,6 +287,9 @@ def run(
     opt = create(cfg.optimizer, model.parameters(), **cfg.hparams)
     base_lrs = [g["lr"] for g in opt.param_groups] if "lr" in opt.param_groups[0] else None
     constant = cfg.schedule["name"] == "constant"
+    # optimizers that re-evaluate the loss inside step() get a closure (its first value is
+    # the step's loss, as for every torch optimizer)
+    needs_closure = cfg.optimizer.strip().lower() in _CLOSURE_OPTIMIZERS
     sharp_fn = _sharpness_fn() if cfg.sharpness_every else None
     max_steps = cfg.steps if cfg.steps is not None else sys.maxsize
     budget = cfg.time_budget
@@ -310,10 +315,20 @@ def run(
                 g["lr"] = lr0 * m
             lr_now = base_lrs[0] * m
         x, y = next(batches)
-        loss = loss_fn(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if needs_closure:
+
+            def closure(x=x, y=y):
+                opt.zero_grad(set_to_none=True)
+                out = loss_fn(model(x), y)
+                out.backward()
+                return out
+
+            loss = opt.step(closure)
+        else:
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
         pending.append(loss.detach())
         last = step >= max_steps
         now = time.perf_counter()

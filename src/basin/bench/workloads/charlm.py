@@ -130,7 +130,7 @@ register(
         builder=_build,
         metric="bits_per_char",
         metric_mode="min",
-        target=3.0,
+        target=3.2,
         batch_size=32,
         steps=600,
         eval_every=100,

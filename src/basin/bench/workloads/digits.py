@@ -67,7 +67,7 @@ register(
         builder=_build,
         metric="accuracy",
         metric_mode="max",
-        target=0.95,
+        target=0.97,
         batch_size=64,
         steps=600,
         eval_every=50,
