@@ -352,6 +352,10 @@ class Runner:
     def median_ms(self) -> float:
         return statistics.median(self.times) * 1e3
 
+    @property
+    def min_ms(self) -> float:
+        return min(self.times) * 1e3
+
     def state_bytes_per_param(self) -> float:
         state_bytes = 0
         param_bytes = 0
@@ -536,6 +540,7 @@ def _row(
         impl=r.label,
         kind=r.kind,
         median_ms=ms,
+        min_ms=r.min_ms,
         vs_fastest_peer=vs_peer,
         vs_fused_adamw=vs_fused,
         state_bytes_per_param=r.state_bytes_per_param(),
@@ -547,7 +552,7 @@ def _row(
 def print_table(result: dict[str, Any]) -> None:
     env = result["env"]
     print(
-        f"optimizer step, median of {env['steps']} steps after {env['warmup']} warm-up; "
+        f"optimizer step, median (and min) of {env['steps']} steps after {env['warmup']} warm-up; "
         f"torch {env['torch']}, {env['threads']} threads, {env['machine']}"
     )
     print(
@@ -555,7 +560,7 @@ def print_table(result: dict[str, Any]) -> None:
         f"basin compiled <= {TARGET_COMPILED}x torch AdamW fused"
     )
     head = (
-        f"{'model':<11} {'algorithm':<10} {'implementation':<26} {'ms/step':>9} "
+        f"{'model':<11} {'algorithm':<10} {'implementation':<26} {'ms/step':>9} {'min ms':>8} "
         f"{'/fastest peer':>13} {'/AdamW fused':>13} {'state B/B':>9}  note"
     )
     print(head)
@@ -571,7 +576,7 @@ def print_table(result: dict[str, Any]) -> None:
         vs_fused = row["vs_fused_adamw"] if row["kind"] != "peer" else None
         print(
             f"{row['model']:<11} {row['algorithm']:<10} {row['impl']:<26} "
-            f"{row['median_ms']:>9.3f} "
+            f"{row['median_ms']:>9.3f} {row['min_ms']:>8.3f} "
             f"{fmt_ratio(row['vs_fastest_peer'], peer_target):>13} "
             f"{fmt_ratio(vs_fused, fused_target):>13} "
             f"{row['state_bytes_per_param']:>9.2f}  {row['note']}"
