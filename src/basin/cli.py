@@ -466,6 +466,53 @@ def tune(
     print(msg, file=sys.stderr)
 
 
+@app.command()
+def pbt(
+    workload: str = typer.Option("mnist1d_mlp", "--workload", "-w", help="Workload name."),
+    optimizer: str = typer.Option("adabelief", "--optimizer", "-o", help="Optimizer name."),
+    population: int = typer.Option(4, "--population", "-p", help="Members of the population."),
+    steps: int | None = typer.Option(
+        None, help="Training steps per member (default: the workload's)."
+    ),
+    interval: int | None = typer.Option(
+        None, help="Steps between evaluations, checkpoints and perturbations (default: eval_every)."
+    ),
+    search_space: str | None = typer.Option(
+        None, "--search-space", help="JSON/TOML/YAML file replacing the default search space."
+    ),
+    seed: int = typer.Option(0, help="Training seed and seed of the initial population."),
+    out: str = typer.Option("results/pbt", help="Directory for checkpoints and Ray's logs."),
+    num_cpus: int | None = typer.Option(
+        None, "--num-cpus", help="Logical CPUs for a local Ray (default: the population size)."
+    ),
+    synch: bool = typer.Option(False, help="Synchronous PBT (wait for every member)."),
+) -> None:
+    """Population Based Training with Ray Tune (pip install 'basin-optim[ray]')."""
+    import json
+
+    from basin.bench.pbt import pbt as run_pbt
+
+    res = run_pbt(
+        workload,
+        optimizer,
+        population=population,
+        steps=steps,
+        interval=interval,
+        search_space=search_space,
+        seed=seed,
+        out_dir=out,
+        num_cpus=num_cpus,
+        synch=synch,
+    )
+    best = "-" if res.best_metric is None else f"{res.best_metric:.6g}"
+    print(
+        f"PBT {res.workload} {res.optimizer}: {len(res.trials)} members, {res.n_exploits} "
+        f"exploit(s); best metric {best} with {json.dumps(res.best_hparams, sort_keys=True)}; "
+        f"results in {res.path}",
+        file=sys.stderr,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     try:

@@ -11,13 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 
-optuna = pytest.importorskip("optuna")
-
-from basin.bench import space as sp  # noqa: E402
-from basin.bench.tune import prepare, study_summaries, tune  # noqa: E402
-from basin.cli import main  # noqa: E402
+from basin.bench import space as sp
+from basin.bench.tune import prepare, study_summaries, tune
+from basin.cli import main
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 FAST = {"steps": 40, "eval_every": 10}
