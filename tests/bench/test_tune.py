@@ -161,17 +161,22 @@ def test_changed_configuration_is_refused(tmp_path: Path) -> None:
         tune(prepare("f1", "adabelief", 1, storage=_url(tmp_path), steps=30, eval_every=10))
 
 
-def test_resume_after_sigkill(tmp_path: Path) -> None:
+@pytest.mark.parametrize("host", ["same", "other"])
+def test_resume_after_sigkill(tmp_path: Path, host: str) -> None:
     """A study killed mid-trial keeps its finished trials; the interrupted trial is marked
-    failed, retried with the same parameters, and the rerun reaches N finished trials."""
+    failed, retried with the same parameters, and the rerun reaches N finished trials.
+    ``same``: the rerun sees the killed process is gone; ``other``: the killed worker seems to
+    run on another machine, so only its stale heartbeat (1 s interval, 2 s grace) tells."""
     db = tmp_path / "kill.db"
     url = f"sqlite:///{db}"
     kw = {"steps": 200, "eval_every": 10}
+    fake = "import socket; socket.gethostname = lambda: 'elsewhere'\n" if host == "other" else ""
     code = (
         "import torch; torch.set_num_threads(1)\n"
-        "from basin.bench.tune import prepare, tune\n"
+        + fake
+        + "from basin.bench.tune import prepare, tune\n"
         f"tune(prepare('f1', 'adabelief', 4, storage={url!r}, pruner='none', "
-        f"steps={kw['steps']}, eval_every={kw['eval_every']}))\n"
+        f"steps={kw['steps']}, eval_every={kw['eval_every']}), heartbeat_interval=1)\n"
     )
     env = {**os.environ, "PYTHONPATH": SRC}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)
@@ -205,7 +210,13 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     running = [t for t in before if t.state.name == "RUNNING"]
     assert kept and len(running) == 1
 
-    r = tune(prepare("f1", "adabelief", 4, storage=url, pruner="none", **kw))
+    if host == "other":
+        time.sleep(2.5)  # let the heartbeat go stale
+    r = tune(
+        prepare("f1", "adabelief", 4, storage=url, pruner="none", **kw),
+        heartbeat_interval=1,
+        grace_period=2,
+    )
     after = optuna.load_study(study_name="f1-adabelief", storage=url).trials
     by_n = {t.number: t for t in after}
     for n, (params, value) in kept.items():  # nothing finished was lost
