@@ -14,6 +14,14 @@ pytest.importorskip("ray.tune")
 from basin.bench.pbt import pbt  # noqa: E402
 
 
+def _flat(hp: dict) -> dict[str, float]:
+    out = {}
+    for k, v in hp.items():
+        for i, x in enumerate(v) if isinstance(v, list) else [(None, v)]:
+            out[k if i is None else f"{k}[{i}]"] = x
+    return out
+
+
 @pytest.mark.slow
 def test_pbt_exploits_and_mutates(tmp_path: Path) -> None:
     steps, interval = 30, 10
@@ -30,6 +38,9 @@ def test_pbt_exploits_and_mutates(tmp_path: Path) -> None:
     assert len(r.trials) == 4
     for t in r.trials:
         assert t["error"] is None
+        # the optimizer runs with the member's current (possibly mutated) hyperparameters,
+        # not the ones stored in the donor's optimizer state
+        assert _flat(t["hparams"]) == pytest.approx(_flat(t["config_hparams"]), rel=1e-12)
         assert t["step"] == steps and math.isfinite(t["metric"])
     # at every evaluation the bottom quarter (1 of 4) takes over a top member's checkpoint
     assert r.n_exploits >= 1

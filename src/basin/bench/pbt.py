@@ -53,7 +53,8 @@ def require_ray() -> Any:
 @dataclass
 class PBTResult:
     """Outcome of :func:`pbt`. ``trials``: one dict per member (``trial_id``, ``config``,
-    ``hparams`` at the end and ``first_hparams`` at the first evaluation, ``metric``,
+    ``hparams`` used by the optimizer at the end and ``first_hparams`` at the first
+    evaluation, ``config_hparams`` (those of its final configuration), ``metric``,
     ``eval_loss``, ``step``, ``exploits``: how many times it took over another member's
     checkpoint, ``lineage``: the members its weights descend from)."""
 
@@ -153,7 +154,12 @@ def _trainable(config: dict[str, Any]) -> None:
             "step": step,
             "exploits": exploits.get(me, 0),
             "lineage": ",".join(lineage),
-            "hparams": json.dumps(cfg.hparams, sort_keys=True, default=str),
+            # what the optimizer really uses (checks the override after an exploit)
+            "hparams": json.dumps(
+                {k: opt.param_groups[0][k] for k in cfg.hparams if k in opt.param_groups[0]},
+                sort_keys=True,
+                default=str,
+            ),
         }
         with tempfile.TemporaryDirectory() as d:
             torch.save(
@@ -295,6 +301,9 @@ def pbt(
                 name=name,
                 storage_path=str(out),
                 verbose=verbose,
+                # stopping at the last evaluation keeps PBT from exploiting there (the member
+                # would end with a configuration it never trained with)
+                stop={"training_iteration": -(-total // every)},
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
             ),
         )
@@ -322,6 +331,18 @@ def pbt(
                 "exploits": int(m.get("exploits", 0)),
                 "lineage": [x for x in str(m.get("lineage", "")).split(",") if x],
                 "first_hparams": first,
+                "config_hparams": json.loads(
+                    json.dumps(
+                        spec.hparams(
+                            {
+                                n: p.value_of(v)
+                                for n, v in (r.config or {}).items()
+                                if (p := spec.space.get(n)) is not None
+                            }
+                        ),
+                        default=str,
+                    )
+                ),
                 "error": None if r.error is None else str(r.error).splitlines()[0],
             }
         )
