@@ -425,6 +425,176 @@ def report(
             print(p)
 
 
+@app.command()
+def tune(
+    workload: str = typer.Option("mnist1d_mlp", "--workload", "-w", help="Workload name."),
+    optimizer: str = typer.Option("adabelief", "--optimizer", "-o", help="Optimizer name."),
+    trials: int = typer.Option(20, "--trials", "-n", help="Finished trials the study should hold."),
+    sampler: str = typer.Option("tpe", help="tpe (seeded) | random | qmc (scrambled Halton)."),
+    pruner: str = typer.Option("median", help="median | none."),
+    objective: str = typer.Option("metric", help="metric (the workload's) | eval_loss."),
+    search_space: str | None = typer.Option(
+        None, "--search-space", help="JSON/TOML/YAML file replacing the default search space."
+    ),
+    show_space: bool = typer.Option(
+        False, "--show-space", help="Print the search space as JSON and exit."
+    ),
+    storage: str = typer.Option(
+        "sqlite:///results/basin.db",
+        help="SQLAlchemy URL of the study (sqlite:///file.db, postgresql://... for several workers).",
+    ),
+    study_name: str | None = typer.Option(
+        None, "--study-name", help="Default: WORKLOAD-OPTIMIZER. Rerunning resumes it."
+    ),
+    seed: int = typer.Option(0, help="Training seed of every trial and sampler seed."),
+    steps: int | None = typer.Option(None, help="Step budget per trial (default: the workload's)."),
+    time_budget: float | None = typer.Option(
+        None, "--time-budget", help="Training seconds per trial (evaluation excluded)."
+    ),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Default: the workload's."),
+    schedule: str = typer.Option("constant", help="constant | cosine | warmup | wsd | wsd-s"),
+    warmup: float | None = typer.Option(None, help="Warmup fraction of the budget."),
+    decay: float | None = typer.Option(None, help="WSD decay fraction."),
+    eval_every: int | None = typer.Option(
+        None, "--eval-every", help="Evaluate (and report to the pruner) every N steps."
+    ),
+    threads: int = typer.Option(1, help="torch CPU threads."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Optuna search over an optimizer's hyperparameters on one workload; resumable."""
+    import json
+
+    import torch
+
+    from basin.bench.space import space_to_dict
+    from basin.bench.tune import prepare
+    from basin.bench.tune import tune as run_tune
+
+    if threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    sched: dict[str, object] = {"name": schedule}
+    for k, v in (("warmup", warmup), ("decay", decay)):
+        if v is not None:
+            sched[k] = v
+    spec = prepare(
+        workload,
+        optimizer,
+        trials,
+        sampler=sampler,
+        pruner=pruner,
+        search_space=search_space,
+        storage=storage,
+        study_name=study_name,
+        seed=seed,
+        objective=objective,
+        steps=steps,
+        time_budget=time_budget,
+        batch_size=batch_size,
+        schedule=sched,
+        eval_every=eval_every,
+    )
+    if show_space:
+        print(json.dumps(space_to_dict(spec.space), indent=2))
+        return
+    torch.set_num_threads(threads)
+    on_trial = progress = on_start = prog = None
+    if not quiet:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        prog = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+        )
+        on_start = prog.start  # only once the storage is open: errors stay one line
+        all_t = prog.add_task(spec.study_name, total=trials)
+        run_t = prog.add_task("  trial", total=spec.run_kwargs.get("steps") or 1)
+        best: dict[str, float] = {}
+
+        def on_trial(t, done, total):  # noqa: ANN001
+            if t.value is not None and t.state.name == "COMPLETE":
+                v = best.get("v")
+                better = v is None or (t.value > v if spec.direction == "maximize" else t.value < v)
+                if better:
+                    best["v"] = t.value
+            desc = spec.study_name + (f" (best {best['v']:.4g})" if "v" in best else "")
+            prog.update(all_t, completed=min(done, total), description=desc)
+
+        def progress(step, total):  # noqa: ANN001
+            prog.update(run_t, completed=step, total=total or step or 1)
+
+    try:
+        res = run_tune(spec, on_trial=on_trial, progress=progress, on_start=on_start)
+    finally:
+        if prog is not None:
+            prog.stop()
+    msg = (
+        f"study {res.study_name!r}: {res.n_complete} complete, {res.n_pruned} pruned, "
+        f"{res.n_failed} failed ({res.n_new} new); "
+    )
+    if res.best_value is None:
+        msg += "no complete trial"
+    else:
+        msg += f"best {spec.objective} {res.best_value:.6g} with {json.dumps(res.best_hparams, sort_keys=True)}"
+    msg += f"; stored in {res.storage}"
+    print(msg, file=sys.stderr)
+
+
+@app.command()
+def pbt(
+    workload: str = typer.Option("mnist1d_mlp", "--workload", "-w", help="Workload name."),
+    optimizer: str = typer.Option("adabelief", "--optimizer", "-o", help="Optimizer name."),
+    population: int = typer.Option(4, "--population", "-p", help="Members of the population."),
+    steps: int | None = typer.Option(
+        None, help="Training steps per member (default: the workload's)."
+    ),
+    interval: int | None = typer.Option(
+        None, help="Steps between evaluations, checkpoints and perturbations (default: eval_every)."
+    ),
+    search_space: str | None = typer.Option(
+        None, "--search-space", help="JSON/TOML/YAML file replacing the default search space."
+    ),
+    seed: int = typer.Option(0, help="Training seed and seed of the initial population."),
+    out: str = typer.Option("results/pbt", help="Directory for checkpoints and Ray's logs."),
+    num_cpus: int | None = typer.Option(
+        None, "--num-cpus", help="Logical CPUs for a local Ray (default: the population size)."
+    ),
+    synch: bool = typer.Option(False, help="Synchronous PBT (wait for every member)."),
+) -> None:
+    """Population Based Training with Ray Tune (pip install 'basin-optim[ray]')."""
+    import json
+
+    from basin.bench.pbt import pbt as run_pbt
+
+    res = run_pbt(
+        workload,
+        optimizer,
+        population=population,
+        steps=steps,
+        interval=interval,
+        search_space=search_space,
+        seed=seed,
+        out_dir=out,
+        num_cpus=num_cpus,
+        synch=synch,
+    )
+    best = "-" if res.best_metric is None else f"{res.best_metric:.6g}"
+    print(
+        f"PBT {res.workload} {res.optimizer}: {len(res.trials)} members, {res.n_exploits} "
+        f"exploit(s); best metric {best} with {json.dumps(res.best_hparams, sort_keys=True)}; "
+        f"results in {res.path}",
+        file=sys.stderr,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     try:

@@ -404,7 +404,10 @@ def write_report(
         raise ValueError(f"profile_measure must be 'seconds' or 'steps', got {profile_measure!r}")
     url = storage.url if isinstance(storage, Store) else str(storage)
     runs = load_runs(storage, groups)
-    if not runs:
+    tuning = (
+        tune_summaries(url) if not isinstance(storage, Store) or storage.path != ":memory:" else []
+    )
+    if not runs and not tuning:
         raise ValueError(f"storage {url!r} holds no runs")
     out = Path(out_dir)
     try:
@@ -412,9 +415,6 @@ def write_report(
     except OSError as exc:
         raise ValueError(f"cannot create report directory {str(out)!r}: {exc.strerror}") from None
     rows = summarize(runs)
-    tuning = (
-        tune_summaries(url) if not isinstance(storage, Store) or storage.path != ":memory:" else []
-    )
 
     # performance profiles over workloads (need >= 1 workload; meaningful with several)
     col = "ttt_seconds" if profile_measure == "seconds" else "ttt_steps"
@@ -527,7 +527,7 @@ def _html(
     e = html.escape
     revs = sorted({r.get("git_rev") or "-" for r in runs})
     versions = sorted({r.get("version") or "-" for r in runs})
-    env = runs[-1].get("env", {})
+    env = runs[-1].get("env", {}) if runs else {}
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
@@ -600,18 +600,21 @@ def _html(
                     f"<li>{e(r['config']['optimizer'])} seed {r['config']['seed']}: {e(why)}</li>"
                 )
             parts.append("</ul>")
-    parts.append("<h2>Performance profiles</h2>")
-    parts.append(
-        f"<p>Per workload, time-to-target ({e(measure)}, median over seeds) relative to the "
-        f"fastest optimizer; rho(tau) = fraction of the {len(by_w)} workload(s) an optimizer "
-        "reaches within tau times the fastest. Score = normalised area under rho for tau in "
-        "[1, 4] (AlgoPerf).</p>"
-    )
-    parts.append(f"<img alt='performance profiles' src='{_profile_plot(profiles, grid)}'>")
-    parts.append("<table><tr><th>optimizer</th><th>profile score</th></tr>")
-    for o, s in sorted(scores.items(), key=lambda kv: -kv[1]):
-        parts.append(f"<tr><td>{e(o)}</td><td>{s:.3f}</td></tr>")
-    parts.append("</table>")
+    if not runs:  # the storage holds tuning studies only
+        parts.append("<p>No benchmark runs in this storage.</p>")
+    else:
+        parts.append("<h2>Performance profiles</h2>")
+        parts.append(
+            f"<p>Per workload, time-to-target ({e(measure)}, median over seeds) relative to the "
+            f"fastest optimizer; rho(tau) = fraction of the {len(by_w)} workload(s) an optimizer "
+            "reaches within tau times the fastest. Score = normalised area under rho for tau in "
+            "[1, 4] (AlgoPerf).</p>"
+        )
+        parts.append(f"<img alt='performance profiles' src='{_profile_plot(profiles, grid)}'>")
+        parts.append("<table><tr><th>optimizer</th><th>profile score</th></tr>")
+        for o, s in sorted(scores.items(), key=lambda kv: -kv[1]):
+            parts.append(f"<tr><td>{e(o)}</td><td>{s:.3f}</td></tr>")
+        parts.append("</table>")
     parts.append("<h2>Tuning</h2>")
     if not tuning:
         parts.append("<p>No tuning studies in this storage.</p>")

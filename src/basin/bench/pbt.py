@@ -1,0 +1,364 @@
+"""Population Based Training over basin workloads with Ray Tune (optional: ``basin-optim[ray]``).
+
+A population of trials trains the same workload and optimizer with different hyperparameters.
+Every ``interval`` steps each trial evaluates, reports its metric and saves a checkpoint (model,
+optimizer state, step). Ray Tune's PBT scheduler then lets a trial in the bottom quantile
+*exploit* one in the top quantile (continue from its checkpoint, hyperparameters included) and
+*explore* (multiply each continuous hyperparameter by 0.8 or 1.2, or resample it with
+probability ``resample_probability``). After a restore the mutated hyperparameters are written
+into the optimizer's parameter groups, so the optimizer state (moments) carries over while the
+new values take effect at once.
+
+Hyperparameters and ranges come from the same search spaces as :mod:`basin.bench.tune`
+(:mod:`basin.bench.space`); values are kept inside ``[low, high]`` after perturbation.
+``one_minus`` parameters are perturbed on ``1 - x`` (beta2 = 0.999 -> 0.9988 or 0.9992).
+
+Differences from the paper: data order after an exploit is not the donor's (the batch iterator
+is re-seeded from the trial's seed and step), which PBT does not require.
+
+Reference: Jaderberg et al., "Population Based Training of Neural Networks", arXiv:1711.09846,
+2017; Liaw et al., "Tune: A Research Platform for Distributed Model Selection and Training",
+arXiv:1807.05118, 2018.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import workloads as _wl
+
+__all__ = ["PBTResult", "pbt", "require_ray"]
+
+
+def require_ray() -> Any:
+    """Import Ray Tune or raise ``ValueError`` with the install line."""
+    try:
+        import ray
+        from ray import tune  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "population based training needs Ray Tune: pip install 'basin-optim[ray]' "
+            "(or pip install 'ray[tune]')"
+        ) from None
+    return ray
+
+
+@dataclass
+class PBTResult:
+    """Outcome of :func:`pbt`. ``trials``: one dict per member (``trial_id``, ``config``,
+    ``hparams`` used by the optimizer at the end and ``first_hparams`` at the first
+    evaluation, ``config_hparams`` (those of its final configuration), ``metric``,
+    ``eval_loss``, ``step``, ``exploits``: how many times it took over another member's
+    checkpoint, ``lineage``: the members its weights descend from)."""
+
+    workload: str
+    optimizer: str
+    mode: str
+    best_metric: float | None
+    best_hparams: dict[str, Any]
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    path: str = ""
+
+    @property
+    def n_exploits(self) -> int:
+        return sum(t["exploits"] for t in self.trials)
+
+
+def _clip(space: Mapping[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """Keep perturbed values inside each parameter's range (PBT's custom_explore_fn)."""
+    for name, p in space.items():
+        if name not in cfg:
+            continue
+        s = p.spec
+        if p.type == "float":
+            cfg[name] = float(min(max(cfg[name], s["low"]), s["high"]))
+        elif p.type == "int":
+            cfg[name] = int(min(max(round(cfg[name]), s["low"]), s["high"]))
+    return cfg
+
+
+def _trainable(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable: train ``interval`` steps, evaluate, checkpoint, repeat."""
+    import torch
+    from ray import tune
+
+    from basin.optim import create
+
+    from .runner import make_config
+
+    torch.set_num_threads(1)
+    job = config["_job"]
+    from .space import parse_space
+
+    space = parse_space(job["space"], job["optimizer"])
+    values = {n: p.value_of(config[n]) for n, p in space.items() if n in config}
+    hp = dict(job["base_hparams"])
+    hp = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in hp.items()}
+    for name, v in values.items():
+        p = space[name]
+        if p.index is None:
+            hp[p.base] = v
+        else:
+            hp[p.base][p.index] = v
+    hp = {k: tuple(v) if isinstance(v, list) else v for k, v in hp.items()}
+    cfg = make_config(job["workload"], job["optimizer"], hp, seed=job["seed"], steps=job["steps"])
+    w = _wl.get(cfg.workload)
+    me = tune.get_context().get_trial_id()
+
+    # lineage: the members whose weights this member's weights descend from (via exploits);
+    # exploits: per member, how many times it took over another member's checkpoint
+    step, lineage, exploits = 0, [], {}
+    ckpt = tune.get_checkpoint()
+    state = None
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", weights_only=False)
+        step = state["step"]
+        lineage, exploits = list(state["lineage"]), dict(state["exploits"])
+        if state["trial_id"] != me:
+            lineage.append(state["trial_id"])
+            exploits[me] = exploits.get(me, 0) + 1
+    task = w.build(cfg.seed + step, cfg.batch_size)  # new data order after a restore
+    model = task.model
+    opt = create(cfg.optimizer, model.parameters(), **cfg.hparams)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        for g in opt.param_groups:  # the (possibly mutated) hyperparameters of this trial
+            for k, v in cfg.hparams.items():
+                if k in g:
+                    g[k] = v
+    model.train()
+    total, interval = job["steps"], job["interval"]
+    while step < total:
+        for _ in range(min(interval, total - step)):
+            x, y = next(task.batches)
+            loss = task.loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+        res = task.evaluate(model)
+        ok = math.isfinite(res["eval_loss"]) and math.isfinite(res["metric"])
+        bad = -math.inf if w.metric_mode == "max" else math.inf
+        metrics = {
+            "metric": float(res["metric"]) if ok else bad,
+            "eval_loss": float(res["eval_loss"]) if ok else math.inf,
+            "step": step,
+            "exploits": exploits.get(me, 0),
+            "lineage": ",".join(lineage),
+            # what the optimizer really uses (checks the override after an exploit)
+            "hparams": json.dumps(
+                {k: opt.param_groups[0][k] for k in cfg.hparams if k in opt.param_groups[0]},
+                sort_keys=True,
+                default=str,
+            ),
+        }
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                    "trial_id": me,
+                    "lineage": lineage,
+                    "exploits": exploits,
+                },
+                Path(d) / "state.pt",
+            )
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        if not ok:
+            return
+
+
+def pbt(
+    workload: str,
+    optimizer: str,
+    *,
+    population: int = 4,
+    steps: int | None = None,
+    interval: int | None = None,
+    search_space: Any = None,
+    seed: int = 0,
+    out_dir: str | Path = "results/pbt",
+    name: str | None = None,
+    num_cpus: int | None = None,
+    quantile_fraction: float = 0.25,
+    resample_probability: float = 0.25,
+    perturbation_factors: tuple[float, float] = (1.2, 0.8),
+    synch: bool = False,
+    verbose: int = 0,
+) -> PBTResult:
+    """Run PBT locally (``ray.init(num_cpus=...)``) or on the Ray cluster already connected.
+
+    ``num_cpus`` (logical, default ``population``) should let the whole population run at
+    once: PBT otherwise pauses members to let others catch up, restarting their workers.
+
+    ``steps``: training steps per member (default: the workload's); ``interval``: steps
+    between evaluations/perturbations (default: the workload's ``eval_every``). Checkpoints and
+    Ray's logs go under ``out_dir/name``. ``ValueError`` on bad input or missing Ray."""
+    from .tune import prepare
+
+    if isinstance(population, bool) or not isinstance(population, int) or population < 2:
+        raise ValueError(f"population must be an integer >= 2, got {population!r}")
+    if not (0 < quantile_fraction <= 0.5):
+        raise ValueError(f"quantile_fraction must be in (0, 0.5], got {quantile_fraction!r}")
+    if not (0 <= resample_probability <= 1):
+        raise ValueError(f"resample_probability must be in [0, 1], got {resample_probability!r}")
+    spec = prepare(
+        workload,
+        optimizer,
+        1,
+        search_space=search_space,
+        storage="sqlite:///unused.db",
+        seed=seed,
+        steps=steps,
+        eval_every=interval,
+    )
+    w = _wl.get(spec.workload)
+    total = spec.run_kwargs["steps"]
+    if total is None:
+        raise ValueError("PBT needs a step budget (steps)")
+    every = spec.run_kwargs["eval_every"]
+    ray = require_ray()
+    from ray import tune
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    def dist(p: Any) -> Any:
+        s = p.spec
+        if p.type == "float":
+            return (tune.loguniform if s.get("log") else tune.uniform)(s["low"], s["high"])
+        if p.type == "int":
+            return tune.randint(s["low"], s["high"] + 1)
+        if p.type == "categorical":
+            return tune.choice(s["choices"])
+        return s["value"]
+
+    mutations = {n: dist(p) for n, p in spec.space.items() if p.type != "fixed"}
+    if not mutations:
+        raise ValueError("search space has nothing to mutate (only fixed values)")
+    mode = "max" if w.metric_mode == "max" else "min"
+    scheduler = PopulationBasedTraining(
+        time_attr="training_iteration",
+        metric="metric",
+        mode=mode,
+        perturbation_interval=1,
+        hyperparam_mutations=mutations,
+        quantile_fraction=quantile_fraction,
+        resample_probability=resample_probability,
+        perturbation_factors=perturbation_factors,
+        custom_explore_fn=lambda c: _clip(spec.space, c),
+        synch=synch,
+    )
+    from .space import space_to_dict
+
+    job = {
+        "workload": spec.workload,
+        "optimizer": spec.optimizer,
+        "space": space_to_dict(spec.space),
+        "base_hparams": spec.base_hparams,
+        "seed": seed,
+        "steps": total,
+        "interval": every,
+    }
+    param_space = {"_job": job, **{n: dist(p) for n, p in spec.space.items()}}
+    out = Path(out_dir).resolve()
+    name = name or f"{spec.workload}-{spec.optimizer.replace(':', '_')}"
+    started = False
+    if not ray.is_initialized():
+        import basin
+
+        src = str(Path(basin.__file__).resolve().parents[1])
+        pp = os.environ.get("PYTHONPATH", "")
+        ray.init(
+            num_cpus=num_cpus or population,
+            include_dashboard=False,
+            log_to_driver=verbose > 0,
+            logging_level="ERROR",
+            runtime_env={"env_vars": {"PYTHONPATH": src + (os.pathsep + pp if pp else "")}},
+        )
+        started = True
+    try:
+        from ray.tune.search import BasicVariantGenerator
+
+        tuner = tune.Tuner(
+            tune.with_resources(_trainable, {"cpu": 1}),
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                scheduler=scheduler,
+                num_samples=population,
+                search_alg=BasicVariantGenerator(random_state=seed),
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=str(out),
+                verbose=verbose,
+                # stopping at the last evaluation keeps PBT from exploiting there (the member
+                # would end with a configuration it never trained with)
+                stop={"training_iteration": -(-total // every)},
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
+            ),
+        )
+        grid = tuner.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    trials = []
+    for r in grid:
+        m = r.metrics or {}
+        df = r.metrics_dataframe
+        first = (
+            json.loads(df["hparams"].iloc[0])
+            if df is not None and "hparams" in df and len(df)
+            else {}
+        )
+        trials.append(
+            {
+                "trial_id": m.get("trial_id"),
+                "config": {k: v for k, v in (r.config or {}).items() if k != "_job"},
+                "hparams": json.loads(m.get("hparams", "{}")),
+                "metric": m.get("metric"),
+                "eval_loss": m.get("eval_loss"),
+                "step": m.get("step"),
+                "exploits": int(m.get("exploits", 0)),
+                "lineage": [x for x in str(m.get("lineage", "")).split(",") if x],
+                "first_hparams": first,
+                "config_hparams": json.loads(
+                    json.dumps(
+                        spec.hparams(
+                            {
+                                n: p.value_of(v)
+                                for n, v in (r.config or {}).items()
+                                if (p := spec.space.get(n)) is not None
+                            }
+                        ),
+                        default=str,
+                    )
+                ),
+                "error": None if r.error is None else str(r.error).splitlines()[0],
+            }
+        )
+    done = [t for t in trials if t["metric"] is not None and math.isfinite(t["metric"])]
+    best = (max if mode == "max" else min)(done, key=lambda t: t["metric"]) if done else None
+    result = PBTResult(
+        workload=spec.workload,
+        optimizer=spec.optimizer,
+        mode=mode,
+        best_metric=None if best is None else best["metric"],
+        best_hparams={} if best is None else best["hparams"],
+        trials=trials,
+        path=str(out / name),
+    )
+    (out / name).mkdir(parents=True, exist_ok=True)
+    (out / name / "basin_pbt.json").write_text(
+        json.dumps(result.__dict__, indent=1, sort_keys=True, default=str)
+    )
+    return result
