@@ -9,11 +9,11 @@ from .cosmos import COSMOS
 from .diffgrad import DiffGrad
 from .exadam import EXAdam
 from .frugal import FRUGAL
-from .muon import Muon, muon_param_groups
-from .param_groups import weight_decay_groups
+from .muon import Muon
+from .param_groups import matrix_param_groups, weight_decay_groups
 from .registry import OptimInfo, Paper, available, create, get_class, info, infos, register
 from .sgd_sai import SGDSaI
-from .swan import SWAN, swan_param_groups
+from .swan import SWAN
 
 __all__ = [
     "COSMOS",
@@ -33,9 +33,8 @@ __all__ = [
     "get_class",
     "info",
     "infos",
-    "muon_param_groups",
+    "matrix_param_groups",
     "register",
-    "swan_param_groups",
     "weight_decay_groups",
 ]
 
