@@ -30,7 +30,6 @@ from ._base import (
     BasinOptimizer,
     check_betas,
     check_grad,
-    check_lr,
     check_nonnegative,
     get_value,
     group_by_device_and_dtype,
@@ -43,11 +42,16 @@ FALLBACK_KEYS = ("lr", "betas", "eps", "weight_decay")
 
 
 class MatrixOptimizer(BasinOptimizer):
-    """Base class. Subclasses validate their constructor arguments, set ``_algo`` (name for
-    messages), ``_fallback_kw`` (the constructor flag that makes ``matrix_rule=None`` the
-    default, or None where it already is), ``_companion`` (see the module docstring), may
-    override ``_takes`` (the automatic rule) and ``_check_group`` (per-group validation), and
-    implement ``_matrix_step(group, params)``."""
+    """Base class. Subclasses set ``_algo`` (name for messages), ``_fallback_kw`` (the
+    constructor flag that makes ``matrix_rule=None`` the default, or None where it already is)
+    and ``_companion`` (see the module docstring), implement ``_check_hparams(group)`` (the
+    matrix rule's hyperparameters: run on the defaults and on every group) and
+    ``_matrix_step(group, params)``, and may override ``_takes`` (the automatic rule) and
+    ``_check_params(group, gi)`` (per-parameter checks of the matrix rule).
+
+    ``fallback``: ``lr``, ``betas``, ``eps``, ``weight_decay`` defaults of ``matrix_rule=False``
+    groups, validated under the constructor names ``fallback_prefix + key``; None where the
+    optimizer's own hyperparameters of those names are AdamW's."""
 
     _algo = "MatrixOptimizer"
     _fallback_kw: str | None = None
@@ -57,10 +61,16 @@ class MatrixOptimizer(BasinOptimizer):
         self,
         params: Iterable[Any],
         defaults: dict[str, Any],
-        fallback_defaults: dict[str, Any],
-        matrix_rule: bool | None = None,
+        matrix_rule: bool | None,
+        fallback: dict[str, Any] | None = None,
+        fallback_prefix: str = "",
     ) -> None:
-        self._fallback_defaults = dict(fallback_defaults)
+        self._check_hparams(defaults)
+        if fallback is None:
+            fallback = {k: defaults[k] for k in FALLBACK_KEYS}
+        else:
+            check_fallback(fallback, fallback_prefix)
+        self._fallback_defaults = {**fallback, "betas": tuple(fallback["betas"])}
         super().__init__(params, {**defaults, "matrix_rule": matrix_rule})
 
     # ------------------------------------------------------------ routing
@@ -130,19 +140,18 @@ class MatrixOptimizer(BasinOptimizer):
                     f"route every parameter the matrix rule cannot take to the built-in AdamW."
                 )
         try:
-            self._check_group(group, gi)
+            self._check_hparams(group)
+            if self._split(group)[1]:
+                check_fallback(group)
         except ValueError as err:
-            if "param group" in str(err):
-                raise
             raise ValueError(f"param group {gi}: {err}") from None
-        if self._split(group)[1]:
-            check_lr(group["lr"])
-            check_betas(group["betas"])
-            check_nonnegative("eps", group["eps"])
-            check_nonnegative("weight_decay", group["weight_decay"])
+        self._check_params(group, gi)
 
-    def _check_group(self, group: dict[str, Any], gi: int) -> None:  # pragma: no cover
-        """Validate a group's own hyperparameters (overridden)."""
+    def _check_hparams(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _check_params(self, group: dict[str, Any], gi: int) -> None:
+        """Per-parameter checks of the matrix rule (none by default)."""
 
     # ------------------------------------------------------------ step
 
@@ -156,12 +165,16 @@ class MatrixOptimizer(BasinOptimizer):
     def _matrix_step(self, group: dict[str, Any], params: list[Tensor]) -> None:  # pragma: no cover
         raise NotImplementedError
 
+    def _with_grad(self, params: list[Tensor]) -> list[Tensor]:
+        """The parameters that have a gradient (checked: dense, real)."""
+        out = [p for p in params if p.grad is not None]
+        for p in out:
+            check_grad(p, self._algo)
+        return out
+
     def _fallback_step(self, group: dict[str, Any], group_params: list[Tensor]) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-        for p in group_params:
-            if p.grad is None:
-                continue
-            check_grad(p, self._algo)
+        for p in self._with_grad(group_params):
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = self._new_step()
@@ -189,6 +202,24 @@ class MatrixOptimizer(BasinOptimizer):
             maximize=group["maximize"],
             foreach=group["foreach"],
         )
+
+
+def check_fallback(group: dict[str, Any], prefix: str = "") -> None:
+    """The AdamW fallback's hyperparameters, named ``prefix + key`` in messages."""
+    check_nonnegative(f"{prefix}lr", group["lr"])
+    check_betas(group["betas"], f"{prefix}betas")
+    check_nonnegative(f"{prefix}eps", group["eps"])
+    check_nonnegative(f"{prefix}weight_decay", group["weight_decay"])
+
+
+def check_int(name: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for bfloat16/float16 parameters (torch.linalg needs it), else ``dtype``."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def adamw_fallback(

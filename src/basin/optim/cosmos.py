@@ -12,17 +12,14 @@ from torch import Tensor
 from ._base import (
     check_betas,
     check_bool,
-    check_grad,
     check_lr,
     check_nonnegative,
     get_value,
 )
 from ._kernels import newton_schulz5
-from ._matrix import MatrixOptimizer
+from ._matrix import MatrixOptimizer, check_int, compute_dtype
 
 __all__ = ["COSMOS", "cosmos"]
-
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class COSMOS(MatrixOptimizer):
@@ -139,15 +136,15 @@ class COSMOS(MatrixOptimizer):
             maximize=maximize,
             foreach=foreach,
         )
-        _check_hparams(defaults)
-        fallback = {k: defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
-        super().__init__(params, defaults, fallback, None)
+        super().__init__(params, defaults, None)
 
     def _takes(self, p: Tensor, group: dict[str, Any]) -> bool:
         return p.ndim == 2 and p.size(0) <= group["max_rows"]
 
-    def _check_group(self, group: dict[str, Any], gi: int) -> None:
+    def _check_hparams(self, group: dict[str, Any]) -> None:
         _check_hparams(group)
+
+    def _check_params(self, group: dict[str, Any], gi: int) -> None:
         matrix = {id(p) for p in self._split(group)[0]}
         for pi, p in enumerate(group["params"]):
             if id(p) not in matrix:
@@ -162,10 +159,7 @@ class COSMOS(MatrixOptimizer):
                 )
 
     def _matrix_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        for p in params:
-            if p.grad is None:
-                continue
-            check_grad(p, "COSMOS")
+        for p in self._with_grad(params):
             state = self.state[p]
             first = len(state) == 0
             if first:
@@ -203,9 +197,7 @@ def _check_hparams(group: dict[str, Any]) -> None:
     check_nonnegative("gamma", group["gamma"])
     check_bool("nesterov", group["nesterov"])
     for name, low in (("rank", 1), ("ns_steps", 0), ("max_rows", 1)):
-        value = group[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_int(name, group[name], low)
     dt = group["ns_dtype"]
     if dt is not None and not (isinstance(dt, torch.dtype) and dt.is_floating_point):
         raise ValueError(f"ns_dtype must be None or a floating torch.dtype, got {dt!r}")
@@ -234,7 +226,7 @@ def cosmos(
     state["step"] += 1
     step = get_value(state["step"])
     M, V, P, S = state["exp_avg"], state["exp_avg_sq"], state["subspace"], state["subspace_cov"]
-    cd = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+    cd = compute_dtype(p.dtype)
     shape2d = (p.size(0), -1)
     G = g.reshape(shape2d).to(cd)
     M.mul_(beta1).add_(g)

@@ -11,13 +11,12 @@ from torch import Tensor
 from ._base import (
     check_betas,
     check_bool,
-    check_grad,
     check_lr,
     check_nonnegative,
     check_range,
     get_value,
 )
-from ._matrix import MatrixOptimizer
+from ._matrix import MatrixOptimizer, check_int, compute_dtype
 
 __all__ = ["FRUGAL", "frugal"]
 
@@ -157,14 +156,12 @@ class FRUGAL(MatrixOptimizer):
             maximize=maximize,
             foreach=foreach,
         )
-        _check_hparams(defaults)
-        fallback = {k: defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
-        super().__init__(params, defaults, fallback, None)
+        super().__init__(params, defaults, None)
 
     def _takes(self, p: Tensor, group: dict[str, Any]) -> bool:
         return p.ndim == 2
 
-    def _check_group(self, group: dict[str, Any], gi: int) -> None:
+    def _check_hparams(self, group: dict[str, Any]) -> None:
         _check_hparams(group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -193,10 +190,7 @@ class FRUGAL(MatrixOptimizer):
         raise KeyError("parameter not in this optimizer")  # pragma: no cover
 
     def _matrix_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        for p in params:
-            if p.grad is None:
-                continue
-            check_grad(p, "FRUGAL")
+        for p in self._with_grad(params):
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = self._new_step()
@@ -235,9 +229,7 @@ def _check_hparams(group: dict[str, Any]) -> None:
     check_nonnegative("proj_params_lr_scale", group["proj_params_lr_scale"])
     check_bool("reset_statistics", group["reset_statistics"])
     for name, low in (("update_gap", 1), ("seed", 0)):
-        value = group[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_int(name, group[name], low)
     for name, allowed in (
         ("proj_type", _PROJ_TYPES),
         ("proj_side", _PROJ_SIDES),
@@ -319,7 +311,7 @@ def frugal(
     """Functional FRUGAL step of one projected matrix; see :class:`FRUGAL`."""
     beta1, beta2 = betas
     g = -grad if maximize else grad
-    cd = torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+    cd = compute_dtype(p.dtype)
     shape = (p.size(0), p[0].numel())
     G = g.reshape(shape).to(cd)
     side = _side(shape, proj_side)

@@ -9,9 +9,7 @@ import torch
 from torch import Tensor
 
 from ._base import (
-    check_betas,
     check_bool,
-    check_grad,
     check_lr,
     check_nonnegative,
     check_range,
@@ -19,14 +17,9 @@ from ._base import (
     use_foreach,
 )
 from ._kernels import newton_schulz5
-from ._matrix import MatrixOptimizer, _decay_and_add, _foreach_decay_and_add
+from ._matrix import MatrixOptimizer, _decay_and_add, _foreach_decay_and_add, check_int
 
 __all__ = ["Muon", "muon"]
-
-
-def check_ns_steps(ns_steps: Any) -> None:
-    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
-        raise ValueError(f"ns_steps must be an integer >= 1, got {ns_steps!r}")
 
 
 def check_ns_dtype(ns_dtype: Any) -> None:
@@ -123,16 +116,6 @@ class Muon(MatrixOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
     ) -> None:
-        check_lr(lr)
-        check_range("momentum", momentum, 0.0, 1.0, high_inclusive=False)
-        check_nonnegative("weight_decay", weight_decay)
-        check_bool("nesterov", nesterov)
-        check_ns_steps(ns_steps)
-        check_ns_dtype(ns_dtype)
-        check_range("adamw_lr", adamw_lr, 0.0, float("inf"), high_inclusive=False)
-        check_betas(adamw_betas, "adamw_betas")
-        check_nonnegative("adamw_eps", adamw_eps)
-        check_nonnegative("adamw_weight_decay", adamw_weight_decay)
         check_bool("adamw_fallback", adamw_fallback)
         defaults = dict(
             lr=lr,
@@ -145,24 +128,21 @@ class Muon(MatrixOptimizer):
             foreach=foreach,
         )
         fallback = dict(
-            lr=adamw_lr, betas=tuple(adamw_betas), eps=adamw_eps, weight_decay=adamw_weight_decay
+            lr=adamw_lr, betas=adamw_betas, eps=adamw_eps, weight_decay=adamw_weight_decay
         )
-        super().__init__(params, defaults, fallback, None if adamw_fallback else True)
+        super().__init__(params, defaults, None if adamw_fallback else True, fallback, "adamw_")
 
-    def _check_group(self, group: dict[str, Any], gi: int) -> None:
+    def _check_hparams(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
         check_range("momentum", group["momentum"], 0.0, 1.0, high_inclusive=False)
         check_nonnegative("weight_decay", group["weight_decay"])
         check_bool("nesterov", group["nesterov"])
-        check_ns_steps(group["ns_steps"])
+        check_int("ns_steps", group["ns_steps"], 1)
         check_ns_dtype(group["ns_dtype"])
 
     def _matrix_step(self, group: dict[str, Any], group_params: list[Tensor]) -> None:
         params, grads, bufs = [], [], []
-        for p in group_params:
-            if p.grad is None:
-                continue
-            check_grad(p, "Muon")
+        for p in self._with_grad(group_params):
             state = self.state[p]
             if len(state) == 0:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)

@@ -9,18 +9,14 @@ import torch
 from torch import Tensor
 
 from ._base import (
-    check_betas,
     check_bool,
-    check_grad,
     check_lr,
     check_nonnegative,
-    check_range,
     group_by_device_and_dtype,
     use_foreach,
 )
 from ._kernels import whiten_newton_schulz
-from ._matrix import MatrixOptimizer, _decay_and_add, _foreach_decay_and_add
-from .muon import check_ns_steps
+from ._matrix import MatrixOptimizer, _decay_and_add, _foreach_decay_and_add, check_int
 
 __all__ = ["SWAN", "swan"]
 
@@ -99,15 +95,6 @@ class SWAN(MatrixOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
     ) -> None:
-        check_lr(lr)
-        check_nonnegative("weight_decay", weight_decay)
-        check_ns_steps(ns_steps)
-        check_nonnegative("eps", eps)
-        check_bool("rescale", rescale)
-        check_range("adam_lr", adam_lr, 0.0, float("inf"), high_inclusive=False)
-        check_betas(adam_betas, "adam_betas")
-        check_nonnegative("adam_eps", adam_eps)
-        check_nonnegative("adam_weight_decay", adam_weight_decay)
         check_bool("adam_fallback", adam_fallback)
         defaults = dict(
             lr=lr,
@@ -118,28 +105,21 @@ class SWAN(MatrixOptimizer):
             maximize=maximize,
             foreach=foreach,
         )
-        fallback = dict(
-            lr=adam_lr, betas=tuple(adam_betas), eps=adam_eps, weight_decay=adam_weight_decay
-        )
-        super().__init__(params, defaults, fallback, None if adam_fallback else True)
+        fallback = dict(lr=adam_lr, betas=adam_betas, eps=adam_eps, weight_decay=adam_weight_decay)
+        super().__init__(params, defaults, None if adam_fallback else True, fallback, "adam_")
 
-    def _check_group(self, group: dict[str, Any], gi: int) -> None:
+    def _check_hparams(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
         check_nonnegative("weight_decay", group["weight_decay"])
-        check_ns_steps(group["ns_steps"])
+        check_int("ns_steps", group["ns_steps"], 1)
         check_nonnegative("eps", group["eps"])
         check_bool("rescale", group["rescale"])
 
     def _matrix_step(self, group: dict[str, Any], group_params: list[Tensor]) -> None:
-        params, grads = [], []
-        for p in group_params:
-            if p.grad is None:
-                continue
-            check_grad(p, "SWAN")
-            params.append(p)
-            grads.append(p.grad)
+        params = self._with_grad(group_params)
         if not params:
             return
+        grads = [p.grad for p in params]
         swan(
             params,
             grads,
