@@ -143,7 +143,9 @@ for _info in (
             2025,
         ),
         state_memory=1.13,
-        capabilities=frozenset({"compile", "maximize", "param_groups", "closure", "matrix"}),
+        capabilities=frozenset(
+            {"compile", "maximize", "param_groups", "closure", "matrix", "fallback"}
+        ),
         state_note="matrices: 1 + r/n + r/m + r^2/(mn) (1.13 for 1024x1024, r=64); "
         "AdamW fallback params: 2",
     ),
@@ -158,7 +160,7 @@ for _info in (
             2024,
         ),
         state_memory=0.5,
-        capabilities=frozenset({"maximize", "param_groups", "closure", "matrix"}),
+        capabilities=frozenset({"maximize", "param_groups", "closure", "matrix", "fallback"}),
         state_note="projected matrices: 2*density (0.5) + the projector; other params: AdamW, 2",
     ),
 ):
