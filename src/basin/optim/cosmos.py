@@ -10,14 +10,12 @@ import torch
 from torch import Tensor
 
 from ._base import (
-    check_betas,
     check_bool,
-    check_lr,
     check_nonnegative,
     get_value,
 )
 from ._kernels import newton_schulz5
-from ._matrix import MatrixOptimizer, check_int, compute_dtype
+from ._matrix import MatrixOptimizer, check_fallback, check_int, compute_dtype
 
 __all__ = ["COSMOS", "cosmos"]
 
@@ -189,11 +187,8 @@ class COSMOS(MatrixOptimizer):
 
 
 def _check_hparams(group: dict[str, Any]) -> None:
-    check_lr(group["lr"])
-    check_betas(group["betas"])
-    check_nonnegative("eps", group["eps"])
+    check_fallback(group)  # lr, betas, eps, weight_decay: shared with the AdamW fallback
     check_nonnegative("lr_ratio", group["lr_ratio"])
-    check_nonnegative("weight_decay", group["weight_decay"])
     check_nonnegative("gamma", group["gamma"])
     check_bool("nesterov", group["nesterov"])
     for name, low in (("rank", 1), ("ns_steps", 0), ("max_rows", 1)):

@@ -9,14 +9,12 @@ import torch
 from torch import Tensor
 
 from ._base import (
-    check_betas,
     check_bool,
-    check_lr,
     check_nonnegative,
     check_range,
     get_value,
 )
-from ._matrix import MatrixOptimizer, check_int, compute_dtype
+from ._matrix import MatrixOptimizer, check_fallback, check_int, compute_dtype
 
 __all__ = ["FRUGAL", "frugal"]
 
@@ -220,10 +218,7 @@ class FRUGAL(MatrixOptimizer):
 
 
 def _check_hparams(group: dict[str, Any]) -> None:
-    check_lr(group["lr"])
-    check_betas(group["betas"])
-    check_nonnegative("eps", group["eps"])
-    check_nonnegative("weight_decay", group["weight_decay"])
+    check_fallback(group)  # lr, betas, eps, weight_decay: shared with the AdamW fallback
     check_range("density", group["density"], 0.0, 1.0, low_inclusive=False)
     check_nonnegative("inactive_lr_scale", group["inactive_lr_scale"])
     check_nonnegative("proj_params_lr_scale", group["proj_params_lr_scale"])
