@@ -427,7 +427,7 @@ MUON = OptimCase(
         ({"adamw_lr": -1.0}, "adamw_lr"),
         ({"adamw_fallback": 1}, "adamw_fallback"),
         ({}, "adamw_fallback=True"),
-        ({}, "muon_param_groups"),
+        ({}, "matrix_param_groups"),
     ],
     # float32 Newton-Schulz: bfloat16 matmuls are slow on CPU (the bf16 path is tested above)
     train_hp={"adamw_fallback": True, "lr": 0.02, "adamw_lr": 1e-2, "ns_dtype": torch.float32},
@@ -483,7 +483,7 @@ SWAN_CASE = OptimCase(
         ({"adam_betas": (1.0, 0.9)}, "adam_betas[0]"),
         ({"adam_lr": float("nan")}, "adam_lr"),
         ({}, "adam_fallback=True"),
-        ({}, "swan_param_groups"),
+        ({}, "matrix_param_groups"),
     ],
     train_hp={"adam_fallback": True, "lr": 1e-2, "adam_lr": 1e-2},
     compile_variants=[0],

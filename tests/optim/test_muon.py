@@ -49,13 +49,15 @@ def test_bit_identical_to_the_package_in_float32(wd: float, momentum: float) -> 
     torch.manual_seed(0)
     model = _mlp()
     ref_model = copy.deepcopy(model)
-    groups = bo.muon_param_groups(
-        model, muon={"weight_decay": wd, "momentum": momentum}, adamw={"weight_decay": wd}
+    groups = bo.matrix_param_groups(
+        model, matrix={"weight_decay": wd, "momentum": momentum}, fallback={"weight_decay": wd}
     )
     opt = bo.Muon(groups)
-    rg = bo.muon_param_groups(
-        ref_model, muon={"weight_decay": wd, "momentum": momentum}, adamw={"weight_decay": wd}
+    rg = bo.matrix_param_groups(
+        ref_model, matrix={"weight_decay": wd, "momentum": momentum}, fallback={"weight_decay": wd}
     )
+    for g in rg:  # the package's flag
+        g["use_muon"] = g.pop("matrix_rule")
     ref = quiet(muon_pkg.SingleDeviceMuonWithAuxAdam)(rg)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(64, 6, generator=gen)
@@ -117,13 +119,13 @@ def test_orthogonalisation_spectrum(shape, dtype) -> None:
 
 
 def test_adamw_fallback_equals_torch_adamw() -> None:
-    """A use_muon=False group is AdamW (decoupled decay): float64, 50 steps, against
+    """A matrix_rule=False group is AdamW (decoupled decay): float64, 50 steps, against
     torch.optim.AdamW to 1e-12 (different arithmetic order, same formula)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(10, 6), nn.Flatten(), nn.Linear(18, 3)).double()
     ref_model = copy.deepcopy(model)
     hp = dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.1)
-    opt = bo.Muon([{"params": model.parameters(), "use_muon": False, **hp}])
+    opt = bo.Muon([{"params": model.parameters(), "matrix_rule": False, **hp}])
     ref = torch.optim.AdamW(ref_model.parameters(), **hp)
     gen = torch.Generator().manual_seed(2)
     for _ in range(50):
@@ -140,14 +142,14 @@ def test_adamw_fallback_equals_torch_adamw() -> None:
 def test_fallback_defaults_come_from_adamw_arguments() -> None:
     model = nn.Linear(4, 3)
     opt = bo.Muon(
-        [{"params": [model.weight]}, {"params": [model.bias], "use_muon": False}],
+        [{"params": [model.weight]}, {"params": [model.bias], "matrix_rule": False}],
         lr=0.05,
         adamw_lr=1e-3,
         adamw_betas=(0.8, 0.9),
     )
     mg, ag = opt.param_groups
-    assert mg["use_muon"] and mg["lr"] == 0.05
-    assert not ag["use_muon"] and ag["lr"] == 1e-3 and ag["betas"] == (0.8, 0.9)
+    assert mg["matrix_rule"] and mg["lr"] == 0.05
+    assert not ag["matrix_rule"] and ag["lr"] == 1e-3 and ag["betas"] == (0.8, 0.9)
     assert ag["eps"] == 1e-10 and ag["weight_decay"] == 0.0
 
 
@@ -156,8 +158,8 @@ def test_non_matrix_parameter_without_fallback_raises_naming_it() -> None:
     with pytest.raises(ValueError) as info:
         bo.Muon(model.named_parameters())
     msg = str(info.value)
-    assert "'0.bias'" in msg and "(4,)" in msg and "use_muon=False" in msg
-    assert "muon_param_groups" in msg and "adamw_fallback=True" in msg
+    assert "'0.bias'" in msg and "(4,)" in msg and "matrix_rule=False" in msg
+    assert "matrix_param_groups" in msg and "adamw_fallback=True" in msg
     with pytest.raises(ValueError, match=r"#1 .*shape \(4,\)"):
         bo.Muon(model.parameters())
 
@@ -168,10 +170,10 @@ def test_adamw_fallback_routes_vectors_to_a_companion_group() -> None:
     (mg, ag) = opt.param_groups
     assert [p.ndim for p in mg["params"]] == [2, 2] and mg["lr"] == 0.03
     assert [p.ndim for p in ag["params"]] == [1, 1]
-    assert ag["lr"] == 3e-4 and ag["weight_decay"] == 0.0 and not ag["use_muon"]
+    assert ag["lr"] == 3e-4 and ag["weight_decay"] == 0.0 and not ag["matrix_rule"]
 
 
-def test_muon_param_groups_split() -> None:
+def test_matrix_param_groups_split() -> None:
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -182,23 +184,23 @@ def test_muon_param_groups_split() -> None:
             self.lm_head = nn.Linear(8, 11, bias=False)
 
     net = Net()
-    muon_g, adam_g = bo.muon_param_groups(net, muon={"lr": 0.05}, adamw={"lr": 1e-3})
+    muon_g, adam_g = bo.matrix_param_groups(net, matrix={"lr": 0.05}, fallback={"lr": 1e-3})
     ids = lambda ps: {id(p) for p in ps}  # noqa: E731
     assert ids(muon_g["params"]) == {id(net.conv.weight), id(net.hidden.weight)}
-    assert muon_g["use_muon"] and muon_g["lr"] == 0.05
-    assert not adam_g["use_muon"] and adam_g["lr"] == 1e-3
+    assert muon_g["matrix_rule"] and muon_g["lr"] == 0.05
+    assert not adam_g["matrix_rule"] and adam_g["lr"] == 1e-3
     assert id(net.embed.weight) in ids(adam_g["params"])
     assert id(net.lm_head.weight) in ids(adam_g["params"])
     total = sum(p.numel() for g in (muon_g, adam_g) for p in g["params"])
     assert total == sum(p.numel() for p in net.parameters())
     # explicit head names (module or parameter), or none
-    (mg, _) = bo.muon_param_groups(net, head=["hidden.weight"])
+    (mg, _) = bo.matrix_param_groups(net, head=["hidden.weight"])
     assert ids(mg["params"]) == {id(net.conv.weight), id(net.lm_head.weight)}
-    (mg, _) = bo.muon_param_groups(net, head=None)
+    (mg, _) = bo.matrix_param_groups(net, head=None)
     assert id(net.lm_head.weight) in ids(mg["params"])
     with pytest.raises(ValueError, match="lm_hed"):
-        bo.muon_param_groups(net, head=["lm_hed"])
-    bo.Muon(bo.muon_param_groups(net))  # a valid configuration
+        bo.matrix_param_groups(net, head=["lm_hed"])
+    bo.Muon(bo.matrix_param_groups(net))  # a valid configuration
 
 
 def test_conv_kernels_are_flattened() -> None:

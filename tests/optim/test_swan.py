@@ -68,7 +68,7 @@ def test_grad_norm_invariances() -> None:
 
 def test_stateless_for_matrices() -> None:
     model = mlp()
-    opt = bo.SWAN(bo.swan_param_groups(model, head=None))
+    opt = bo.SWAN(bo.matrix_param_groups(model, head=None))
     x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
     for _ in range(3):
         opt.zero_grad()
@@ -101,10 +101,10 @@ def test_trains_the_default_mlp_with_rank_deficient_layers() -> None:
 
 
 def test_non_matrix_parameter_without_fallback_raises() -> None:
-    with pytest.raises(ValueError, match=r"'bias'.*use_swan=False.*swan_param_groups"):
+    with pytest.raises(ValueError, match=r"'bias'.*matrix_rule=False.*matrix_param_groups"):
         bo.SWAN(nn.Linear(3, 3).named_parameters())
-    groups = bo.swan_param_groups(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)))
-    assert [g["use_swan"] for g in groups] == [True, False]
+    groups = bo.matrix_param_groups(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)))
+    assert [g["matrix_rule"] for g in groups] == [True, False]
     opt = bo.SWAN(groups, adam_lr=2e-3)
     assert opt.param_groups[1]["lr"] == 2e-3 and opt.param_groups[1]["betas"] == (0.9, 0.999)
 

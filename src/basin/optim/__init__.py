@@ -9,11 +9,11 @@ from .cosmos import COSMOS
 from .diffgrad import DiffGrad
 from .exadam import EXAdam
 from .frugal import FRUGAL
-from .muon import Muon, muon_param_groups
-from .param_groups import weight_decay_groups
+from .muon import Muon
+from .param_groups import matrix_param_groups, weight_decay_groups
 from .registry import OptimInfo, Paper, available, create, get_class, info, infos, register
 from .sgd_sai import SGDSaI
-from .swan import SWAN, swan_param_groups
+from .swan import SWAN
 
 __all__ = [
     "COSMOS",
@@ -33,9 +33,8 @@ __all__ = [
     "get_class",
     "info",
     "infos",
-    "muon_param_groups",
+    "matrix_param_groups",
     "register",
-    "swan_param_groups",
     "weight_decay_groups",
 ]
 
@@ -144,7 +143,9 @@ for _info in (
             2025,
         ),
         state_memory=1.13,
-        capabilities=frozenset({"compile", "maximize", "param_groups", "closure", "matrix"}),
+        capabilities=frozenset(
+            {"compile", "maximize", "param_groups", "closure", "matrix", "fallback"}
+        ),
         state_note="matrices: 1 + r/n + r/m + r^2/(mn) (1.13 for 1024x1024, r=64); "
         "AdamW fallback params: 2",
     ),
@@ -159,7 +160,7 @@ for _info in (
             2024,
         ),
         state_memory=0.5,
-        capabilities=frozenset({"maximize", "param_groups", "closure", "matrix"}),
+        capabilities=frozenset({"maximize", "param_groups", "closure", "matrix", "fallback"}),
         state_note="projected matrices: 2*density (0.5) + the projector; other params: AdamW, 2",
     ),
 ):

@@ -13,7 +13,6 @@ __all__ = [
     "newton_schulz5",
     "scale_invariant_projection",
     "whiten_newton_schulz",
-    "adamw_step_",
 ]
 
 # Quintic Newton-Schulz coefficients (a, b, c) of Muon (Jordan et al., 2024): chosen to maximise
@@ -132,32 +131,3 @@ def whiten_newton_schulz(G: Tensor, steps: int = 10, *, eps: float = 1e-12) -> T
         Z = 0.5 * (T @ Z)
     out = Z @ X
     return out.mT if tall else out
-
-
-def adamw_step_(
-    p: Tensor,
-    g: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    step: Tensor | float,
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """One in-place AdamW step (Loshchilov & Hutter, arXiv:1711.05101) of ``p`` with gradient
-    ``g``; ``step`` is the already-incremented count (Python number or tensor under compile).
-    The element-wise fallback that the matrix optimizers use for non-matrix parameters."""
-    bc1 = 1 - beta1**step
-    bc2 = 1 - beta2**step
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    if weight_decay != 0:
-        p.mul_(1 - lr * weight_decay)
-    denom = (exp_avg_sq.sqrt() / bc2**0.5).add_(eps)
-    if isinstance(bc1, Tensor) or isinstance(lr, Tensor):  # compiled: tensor step size
-        p.sub_(exp_avg / denom * (lr / bc1))
-    else:
-        p.addcdiv_(exp_avg, denom, value=-lr / bc1)

@@ -1,13 +1,21 @@
-"""Shared machinery of matrix-only optimizers (Muon, SWAN): per-group routing between the matrix
-rule and a built-in Adam(W) fallback for embeddings, output heads, biases and gains.
+"""Shared machinery of the matrix-aware optimizers (Muon, SWAN, COSMOS, FRUGAL): per-parameter
+routing between the optimizer's matrix rule and one built-in AdamW fallback for embeddings,
+output heads, biases, gains and anything else the matrix rule does not take.
 
-A parameter group carries a boolean flag (``use_muon``, ``use_swan``, ...): True groups get the
-matrix rule, False groups the fallback, with that group's ``lr``, ``betas``, ``eps`` and
-``weight_decay`` (missing ones are filled from the optimizer's fallback defaults, not from the
-matrix rule's). A flagged group holding a parameter with ``ndim < 2`` raises ``ValueError``
-naming it, unless the optimizer was built with ``auto_fallback``, in which case such parameters
-are moved into a companion fallback group right after their group (so ``Muon(model.parameters(),
-adamw_fallback=True)`` works on any model; group 0 stays the matrix group).
+Every parameter group carries ``matrix_rule``:
+
+* ``True``: every parameter gets the matrix rule (``ndim > 2`` viewed as ``(size(0), -1)``); a
+  parameter with ``ndim < 2`` raises ``ValueError`` naming it and saying how to route it.
+* ``False``: every parameter gets AdamW with the group's ``lr``, ``betas``, ``eps`` and
+  ``weight_decay`` (missing ones are filled from the optimizer's fallback defaults).
+* ``None`` (automatic): the optimizer's ``_takes(p, group)`` decides per parameter (Muon and
+  SWAN: ``ndim >= 2``; COSMOS: 2-D with at most ``max_rows`` rows; FRUGAL: 2-D). Optimizers
+  whose own hyperparameters are AdamW's (COSMOS, FRUGAL: ``_companion = False``) keep the
+  other parameters in the group; the others (Muon, SWAN) move them to a companion
+  ``matrix_rule=False`` group right after it, which takes the fallback defaults (group 0 stays
+  the matrix group).
+
+:func:`basin.optim.matrix_param_groups` builds a ``True`` and a ``False`` group from a model.
 """
 
 from __future__ import annotations
@@ -22,113 +30,151 @@ from ._base import (
     BasinOptimizer,
     check_betas,
     check_grad,
-    check_lr,
     check_nonnegative,
     get_value,
     group_by_device_and_dtype,
     use_foreach,
 )
 
-__all__ = ["MatrixOptimizer", "adam_fallback"]
+__all__ = ["MatrixOptimizer", "adamw_fallback"]
 
 FALLBACK_KEYS = ("lr", "betas", "eps", "weight_decay")
 
 
 class MatrixOptimizer(BasinOptimizer):
-    """Base class: subclasses validate their constructor arguments (the fallback's included, under
-    their own names), set ``_flag`` (the group key), ``_algo`` (name for messages),
-    ``_helper`` (the param-group helper to point users to), ``_auto_kw`` (the constructor flag
-    that enables automatic routing) and implement ``_matrix_step(group)``."""
+    """Base class. Subclasses set ``_algo`` (name for messages), ``_fallback_kw`` (the
+    constructor flag that makes ``matrix_rule=None`` the default, or None where it already is)
+    and ``_companion`` (see the module docstring), implement ``_check_hparams(group)`` (the
+    matrix rule's hyperparameters: run on the defaults and on every group) and
+    ``_matrix_step(group, params)``, and may override ``_takes`` (the automatic rule) and
+    ``_check_params(group, gi)`` (per-parameter checks of the matrix rule).
 
-    _flag = "use_matrix"
+    ``fallback``: ``lr``, ``betas``, ``eps``, ``weight_decay`` defaults of ``matrix_rule=False``
+    groups, validated under the constructor names ``fallback_prefix + key``; None where the
+    optimizer's own hyperparameters of those names are AdamW's."""
+
     _algo = "MatrixOptimizer"
-    _helper = "matrix_param_groups"
-    _auto_kw = "auto_fallback"
-    _fallback_name = "Adam"
+    _fallback_kw: str | None = None
+    _companion = True
 
     def __init__(
         self,
         params: Iterable[Any],
         defaults: dict[str, Any],
-        fallback_defaults: dict[str, Any],
-        auto_fallback: bool,
+        matrix_rule: bool | None,
+        fallback: dict[str, Any] | None = None,
+        fallback_prefix: str = "",
     ) -> None:
-        self._fallback_defaults = dict(fallback_defaults)
-        self._auto_fallback = auto_fallback
-        super().__init__(params, {**defaults, self._flag: True})
+        self._check_hparams(defaults)
+        if fallback is None:
+            fallback = {k: defaults[k] for k in FALLBACK_KEYS}
+        else:
+            check_fallback(fallback, fallback_prefix)
+        self._fallback_defaults = {**fallback, "betas": tuple(fallback["betas"])}
+        super().__init__(params, {**defaults, "matrix_rule": matrix_rule})
+
+    # ------------------------------------------------------------ routing
+
+    def _takes(self, p: Tensor, group: dict[str, Any]) -> bool:
+        """Automatic rule (``matrix_rule=None``): does the matrix rule update ``p``?"""
+        return p.ndim >= 2
+
+    def _split(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        """The group's parameters as (matrix rule, AdamW fallback)."""
+        rule = group["matrix_rule"]
+        if rule is None:
+            matrix, fallback = [], []
+            for p in group["params"]:
+                (matrix if self._takes(p, group) else fallback).append(p)
+            return matrix, fallback
+        return (list(group["params"]), []) if rule else ([], list(group["params"]))
 
     # ------------------------------------------------------------ groups
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = dict(param_group)
         params = group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        flag = group.get(self._flag, True)
-        if not isinstance(flag, bool):
-            raise ValueError(f"{self._flag} must be True or False, got {flag!r}")
-        if not flag:
-            self._add_fallback_group({**group, "params": params})
+        group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        rule = group.setdefault("matrix_rule", self.defaults["matrix_rule"])
+        if rule is not None and not isinstance(rule, bool):
+            raise ValueError(f"matrix_rule must be None, True or False, got {rule!r}")
+        if rule is None and self._companion:
+            merged = {**self.defaults, **group}
+            matrix, other = [], []
+            for item in group["params"]:
+                p = item[1] if isinstance(item, tuple) else item
+                (matrix if self._takes(p, merged) else other).append(item)
+            if matrix or not other:
+                self.add_param_group({**group, "params": matrix, "matrix_rule": True})
+            if other:
+                keep = ("maximize", "foreach", "differentiable")
+                companion = {k: v for k, v in group.items() if k in keep}
+                self.add_param_group({**companion, "params": other, "matrix_rule": False})
             return
-        matrix, other = [], []
-        for i, item in enumerate(params):
-            p = item[1] if isinstance(item, tuple) else item
-            if isinstance(p, Tensor) and p.ndim < 2:
-                other.append((i, item))
-            else:
-                matrix.append(item)
-        if other and not self._auto_fallback:
-            i, item = other[0]
-            what = repr(item[0]) if isinstance(item, tuple) else f"#{i}"
-            p = item[1] if isinstance(item, tuple) else item
-            raise ValueError(
-                f"{self._algo} updates only matrices (ndim >= 2), but parameter {what} of a "
-                f"{self._flag}=True group has shape {tuple(p.shape)} ({len(other)} such "
-                f"parameter(s)). Put embeddings, the output head, biases and gains in a group "
-                f"with {self._flag}=False (basin.optim.{self._helper}(model) builds these "
-                f"groups), or pass {self._auto_kw}=True to route every ndim < 2 parameter to "
-                f"the built-in {self._fallback_name}."
-            )
-        if matrix or not other:
-            group["params"] = matrix
-            group[self._flag] = True
-            super().add_param_group(group)
-            self._check_matrix_group(self.param_groups[-1])
-        if other:
-            companion = {
-                k: v for k, v in group.items() if k in ("maximize", "foreach", "differentiable")
-            }
-            self._add_fallback_group({**companion, "params": [item for _, item in other]})
-
-    def _add_fallback_group(self, group: dict[str, Any]) -> None:
-        group[self._flag] = False
-        for key in FALLBACK_KEYS:
-            group.setdefault(key, self._fallback_defaults[key])
-        check_lr(group["lr"])
-        check_betas(group["betas"])
-        check_nonnegative("eps", group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
+        if rule is False:
+            for key in FALLBACK_KEYS:
+                group.setdefault(key, self._fallback_defaults[key])
         super().add_param_group(group)
+        gi = len(self.param_groups) - 1
+        self._validate(self.param_groups[gi], gi)
 
-    def _check_matrix_group(self, group: dict[str, Any]) -> None:  # pragma: no cover
-        """Validate a matrix group's hyperparameters (overridden)."""
+    def _validate(self, group: dict[str, Any], gi: int) -> None:
+        """The one validation path of every group: matrix-only groups hold only matrices, the
+        fallback's hyperparameters are valid where it is used, then the subclass's checks."""
+        if group["matrix_rule"] is True:
+            names = group.get("param_names")
+            bad = [i for i, p in enumerate(group["params"]) if p.ndim < 2]
+            if bad:
+                i, p = bad[0], group["params"][bad[0]]
+                what = repr(names[i]) if names else f"#{i}"
+                if self._fallback_kw:
+                    auto = f"pass {self._fallback_kw}=True (or set matrix_rule=None on the group)"
+                else:
+                    auto = "leave matrix_rule=None (the default)"
+                raise ValueError(
+                    f"{self._algo} updates only matrices (ndim >= 2) with its matrix rule, but "
+                    f"parameter {what} of param group {gi} (matrix_rule=True) has shape "
+                    f"{tuple(p.shape)} ({len(bad)} such parameter(s)). Put embeddings, the output "
+                    f"head, biases and gains in a group with matrix_rule=False "
+                    f"(basin.optim.matrix_param_groups(model) builds these groups), or {auto} to "
+                    f"route every parameter the matrix rule cannot take to the built-in AdamW."
+                )
+        try:
+            self._check_hparams(group)
+            if self._split(group)[1]:
+                check_fallback(group)
+        except ValueError as err:
+            raise ValueError(f"param group {gi}: {err}") from None
+        self._check_params(group, gi)
+
+    def _check_hparams(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _check_params(self, group: dict[str, Any], gi: int) -> None:
+        """Per-parameter checks of the matrix rule (none by default)."""
 
     # ------------------------------------------------------------ step
 
     def _step_group(self, group: dict[str, Any]) -> None:
-        if group[self._flag]:
-            self._matrix_step(group)
-        else:
-            self._fallback_step(group)
+        matrix, fallback = self._split(group)
+        if fallback:
+            self._fallback_step(group, fallback)
+        if matrix:
+            self._matrix_step(group, matrix)
 
-    def _matrix_step(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
+    def _matrix_step(self, group: dict[str, Any], params: list[Tensor]) -> None:  # pragma: no cover
         raise NotImplementedError
 
-    def _fallback_step(self, group: dict[str, Any]) -> None:
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+    def _with_grad(self, params: list[Tensor]) -> list[Tensor]:
+        """The parameters that have a gradient (checked: dense, real)."""
+        out = [p for p in params if p.grad is not None]
+        for p in out:
             check_grad(p, self._algo)
+        return out
+
+    def _fallback_step(self, group: dict[str, Any], group_params: list[Tensor]) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in self._with_grad(group_params):
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = self._new_step()
@@ -142,7 +188,7 @@ class MatrixOptimizer(BasinOptimizer):
         if not params:
             return
         beta1, beta2 = group["betas"]
-        adam_fallback(
+        adamw_fallback(
             params,
             grads,
             exp_avgs,
@@ -158,7 +204,25 @@ class MatrixOptimizer(BasinOptimizer):
         )
 
 
-def adam_fallback(
+def check_fallback(group: dict[str, Any], prefix: str = "") -> None:
+    """The AdamW fallback's hyperparameters, named ``prefix + key`` in messages."""
+    check_nonnegative(f"{prefix}lr", group["lr"])
+    check_betas(group["betas"], f"{prefix}betas")
+    check_nonnegative(f"{prefix}eps", group["eps"])
+    check_nonnegative(f"{prefix}weight_decay", group["weight_decay"])
+
+
+def check_int(name: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for bfloat16/float16 parameters (torch.linalg needs it), else ``dtype``."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def adamw_fallback(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -173,17 +237,18 @@ def adam_fallback(
     maximize: bool,
     foreach: bool | None = None,
 ) -> None:
-    """AdamW with decoupled decay ``p *= 1 - lr*wd``, in the arithmetic order of the Muon
-    reference code's auxiliary Adam (moments by ``lerp``, bias-corrected moments, then
+    """AdamW (Loshchilov & Hutter, arXiv:1711.05101) with decoupled decay ``p *= 1 - lr*wd``,
+    the fallback of every matrix optimizer. Arithmetic order of the Muon reference code's
+    auxiliary Adam (moments by ``lerp``, bias-corrected moments, then
     ``m_hat / (sqrt(v_hat) + eps)``), so that Muon's fallback is bit-identical to it."""
-    fn = _multi_tensor_adam if use_foreach(foreach, params) else _single_tensor_adam
+    fn = _multi_tensor_adamw if use_foreach(foreach, params) else _single_tensor_adamw
     fn(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2,
         eps=eps, weight_decay=weight_decay, maximize=maximize,
     )  # fmt: skip
 
 
-def _single_tensor_adam(
+def _single_tensor_adamw(
     params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
     maximize,
 ):  # fmt: skip
@@ -195,12 +260,10 @@ def _single_tensor_adam(
         m.lerp_(g, 1 - beta1)
         v.lerp_(g.square(), 1 - beta2)
         update = (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt() + eps)
-        if weight_decay != 0:
-            p.mul_(1 - lr * weight_decay)
-        _add_scaled(p, update, lr)
+        _decay_and_add(p, update, lr, weight_decay)
 
 
-def _multi_tensor_adam(
+def _multi_tensor_adamw(
     params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
     maximize,
 ):  # fmt: skip
@@ -216,17 +279,27 @@ def _multi_tensor_adam(
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, eps)
         torch._foreach_div_(m_hat, denom)
-        if weight_decay != 0:
-            torch._foreach_mul_(ps, 1 - lr * weight_decay)
-        if isinstance(lr, Tensor):
-            torch._foreach_add_(ps, torch._foreach_mul(m_hat, -lr))
-        else:
-            torch._foreach_add_(ps, m_hat, alpha=-lr)
+        _foreach_decay_and_add(ps, m_hat, lr, weight_decay)
 
 
-def _add_scaled(p: Tensor, update: Tensor, lr: float | Tensor) -> None:
-    """``p -= lr * update`` (``alpha=`` needs a Python number; a tensor lr multiplies first)."""
+def _decay_and_add(p: Tensor, update: Tensor, lr: float | Tensor, weight_decay: float) -> None:
+    """``p <- p (1 - lr wd) - lr update`` (``alpha=`` needs a Python number; a tensor lr
+    multiplies first): the last lines of every single-tensor step of the matrix optimizers."""
+    if weight_decay != 0:
+        p.mul_(1 - lr * weight_decay)
     if isinstance(lr, Tensor):
         p.sub_(update * lr)
     else:
         p.add_(update, alpha=-lr)
+
+
+def _foreach_decay_and_add(
+    params: list[Tensor], updates: list[Tensor], lr: float | Tensor, weight_decay: float
+) -> None:
+    """:func:`_decay_and_add` for lists (multi-tensor steps)."""
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    if isinstance(lr, Tensor):
+        torch._foreach_add_(params, torch._foreach_mul(updates, -lr))
+    else:
+        torch._foreach_add_(params, updates, alpha=-lr)

@@ -10,22 +10,17 @@ import torch
 from torch import Tensor
 
 from ._base import (
-    BasinOptimizer,
-    check_betas,
     check_bool,
-    check_grad,
-    check_lr,
     check_nonnegative,
     get_value,
 )
-from ._kernels import adamw_step_, newton_schulz5
+from ._kernels import newton_schulz5
+from ._matrix import MatrixOptimizer, check_fallback, check_int, compute_dtype
 
 __all__ = ["COSMOS", "cosmos"]
 
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
-
-class COSMOS(BasinOptimizer):
+class COSMOS(MatrixOptimizer):
     r"""COSMOS (Liu et al., 2025): for a weight matrix :math:`W \in R^{m \times n}` with
     gradient :math:`G`, an Adam-like (SOAP-style) update inside a rank-``r`` subspace
     :math:`P \in R^{n \times r}` that tracks the top eigenvectors of the EMA of
@@ -44,11 +39,15 @@ class COSMOS(BasinOptimizer):
         W <- W (1 - lr wd) - lr lr_ratio sqrt(mn) (A + gamma B) / (||A + gamma B||_F + eps)
 
     ``NS5`` is Muon's quintic Newton-Schulz iteration (:func:`basin.optim._kernels.newton_schulz5`).
-    The matrix rule applies to 2-D parameters with at most ``max_rows`` rows (the authors'
-    10000); every other parameter (biases, gains, very tall embeddings) gets AdamW with the
-    group's ``lr``, ``betas``, ``eps`` and ``weight_decay``. A parameter group may set
-    ``matrix_rule``: ``None`` (default, the automatic choice above), ``True`` (matrix rule; a
-    tensor with ndim > 2 is viewed as ``(size(0), -1)``) or ``False`` (AdamW).
+
+    Routing (shared by the matrix optimizers, :mod:`basin.optim._matrix`): a group's
+    ``matrix_rule`` is ``None`` (default: the matrix rule for 2-D parameters with at most
+    ``max_rows`` rows, the authors' 10000; AdamW for every other parameter, e.g. biases, gains,
+    very tall embeddings), ``True`` (matrix rule; ndim > 2 viewed as ``(size(0), -1)``; an
+    ``ndim < 2`` parameter raises ``ValueError`` naming it) or ``False`` (AdamW). The AdamW
+    fallback (:func:`basin.optim._matrix.adamw_fallback`) uses the group's ``lr``, ``betas``,
+    ``eps`` and ``weight_decay``; :func:`basin.optim.matrix_param_groups` builds a matrix and a
+    fallback group from a model (embeddings and the output head to AdamW).
 
     Keep ``rank`` below the rank of the gradients (for a classifier head trained with
     cross-entropy that is ``classes - 1``): otherwise the residual ``G~ - G~ P P^T`` is rounding
@@ -74,7 +73,7 @@ class COSMOS(BasinOptimizer):
             the gradient's dtype, for exact float64 checks).
         max_rows: matrices with more rows use AdamW (default 10000, as the authors).
         maximize: maximize the objective (default False).
-        foreach: accepted for API compatibility; the work is per matrix, so the step is always a
+        foreach: multi-tensor AdamW fallback (None picks per device); the matrix rule is always a
             per-tensor loop.
 
     References:
@@ -98,6 +97,9 @@ class COSMOS(BasinOptimizer):
         * bfloat16/float16 parameters: the matrix math runs in float32 (torch's QR/SVD need it),
           state is stored in the parameter's dtype.
     """
+
+    _algo = "COSMOS"
+    _companion = False
 
     def __init__(
         self,
@@ -129,20 +131,21 @@ class COSMOS(BasinOptimizer):
             ns_steps=ns_steps,
             ns_dtype=ns_dtype,
             max_rows=max_rows,
-            matrix_rule=None,
             maximize=maximize,
             foreach=foreach,
         )
-        _check_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, None)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _check_group(group)
-        gi = len(self.param_groups) - 1
+    def _takes(self, p: Tensor, group: dict[str, Any]) -> bool:
+        return p.ndim == 2 and p.size(0) <= group["max_rows"]
+
+    def _check_hparams(self, group: dict[str, Any]) -> None:
+        _check_hparams(group)
+
+    def _check_params(self, group: dict[str, Any], gi: int) -> None:
+        matrix = {id(p) for p in self._split(group)[0]}
         for pi, p in enumerate(group["params"]):
-            if not _uses_matrix_rule(p, group):
+            if id(p) not in matrix:
                 continue
             m, n = p.size(0), p[0].numel()
             if group["rank"] > min(m, n):
@@ -153,30 +156,22 @@ class COSMOS(BasinOptimizer):
                     f"parameter in a group with matrix_rule=False to train it with AdamW."
                 )
 
-    def _step_group(self, group: dict[str, Any]) -> None:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            check_grad(p, "COSMOS")
+    def _matrix_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        for p in self._with_grad(params):
             state = self.state[p]
-            matrix = _uses_matrix_rule(p, group)
             first = len(state) == 0
             if first:
+                m, n, r = p.size(0), p[0].numel(), group["rank"]
+                kw = dict(dtype=p.dtype, device=p.device)
                 state["step"] = self._new_step()
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if matrix:
-                    m, n, r = p.size(0), p[0].numel(), group["rank"]
-                    kw = dict(dtype=p.dtype, device=p.device)
-                    state["exp_avg_sq"] = torch.zeros(m, r, **kw)
-                    state["subspace"] = torch.zeros(n, r, **kw)
-                    state["subspace_cov"] = torch.zeros(r, r, **kw)
-                else:
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros(m, r, **kw)
+                state["subspace"] = torch.zeros(n, r, **kw)
+                state["subspace_cov"] = torch.zeros(r, r, **kw)
             cosmos(
                 p,
                 p.grad,
                 state,
-                matrix=matrix,
                 first=first,
                 lr=group["lr"],
                 betas=group["betas"],
@@ -191,34 +186,16 @@ class COSMOS(BasinOptimizer):
             )
 
 
-def _check_group(group: dict[str, Any]) -> None:
-    check_lr(group["lr"])
-    check_betas(group["betas"])
-    check_nonnegative("eps", group["eps"])
+def _check_hparams(group: dict[str, Any]) -> None:
+    check_fallback(group)  # lr, betas, eps, weight_decay: shared with the AdamW fallback
     check_nonnegative("lr_ratio", group["lr_ratio"])
-    check_nonnegative("weight_decay", group["weight_decay"])
     check_nonnegative("gamma", group["gamma"])
     check_bool("nesterov", group["nesterov"])
     for name, low in (("rank", 1), ("ns_steps", 0), ("max_rows", 1)):
-        value = group[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_int(name, group[name], low)
     dt = group["ns_dtype"]
     if dt is not None and not (isinstance(dt, torch.dtype) and dt.is_floating_point):
         raise ValueError(f"ns_dtype must be None or a floating torch.dtype, got {dt!r}")
-    if group.get("matrix_rule") not in (None, True, False):
-        raise ValueError(f"matrix_rule must be None, True or False, got {group['matrix_rule']!r}")
-
-
-def _uses_matrix_rule(p: Tensor, group: dict[str, Any]) -> bool:
-    flag = group.get("matrix_rule")
-    if flag is None:
-        return p.ndim == 2 and p.size(0) <= group["max_rows"]
-    if flag and p.ndim < 2:
-        raise ValueError(
-            f"matrix_rule=True needs parameters with ndim >= 2, got shape {tuple(p.shape)}"
-        )
-    return bool(flag)
 
 
 def cosmos(
@@ -226,7 +203,6 @@ def cosmos(
     grad: Tensor,
     state: dict[str, Tensor],
     *,
-    matrix: bool,
     first: bool,
     lr: float | Tensor,
     betas: tuple[float, float],
@@ -239,19 +215,13 @@ def cosmos(
     ns_dtype: torch.dtype | None,
     maximize: bool,
 ) -> None:
-    """Functional COSMOS step of one parameter; see :class:`COSMOS`."""
+    """Functional COSMOS step of one matrix parameter; see :class:`COSMOS`."""
     beta1, beta2 = betas
     g = -grad if maximize else grad
     state["step"] += 1
     step = get_value(state["step"])
-    if not matrix:
-        adamw_step_(
-            p, g, state["exp_avg"], state["exp_avg_sq"], step,
-            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-        )  # fmt: skip
-        return
     M, V, P, S = state["exp_avg"], state["exp_avg_sq"], state["subspace"], state["subspace_cov"]
-    cd = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+    cd = compute_dtype(p.dtype)
     shape2d = (p.size(0), -1)
     G = g.reshape(shape2d).to(cd)
     M.mul_(beta1).add_(g)

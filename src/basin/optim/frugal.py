@@ -9,16 +9,12 @@ import torch
 from torch import Tensor
 
 from ._base import (
-    BasinOptimizer,
-    check_betas,
     check_bool,
-    check_grad,
-    check_lr,
     check_nonnegative,
     check_range,
     get_value,
 )
-from ._kernels import adamw_step_
+from ._matrix import MatrixOptimizer, check_fallback, check_int, compute_dtype
 
 __all__ = ["FRUGAL", "frugal"]
 
@@ -27,7 +23,7 @@ _INACTIVE_RULES = ("sign_sgd", "sgd", "no")
 _PROJ_SIDES = ("std", "left", "right")
 
 
-class FRUGAL(BasinOptimizer):
+class FRUGAL(MatrixOptimizer):
     r"""FRUGAL (Zmushko et al., 2024): gradient splitting. For each weight matrix the gradient
     ``G`` is split by an orthogonal projector ``Q Q^T`` into a state-full part, updated by AdamW in
     the ``r``-dimensional coordinates ``Q^T G`` (``r = round(density * dim)``), and the residual
@@ -53,10 +49,14 @@ class FRUGAL(BasinOptimizer):
     param-group order), whose state is kept in the optimizer state, so runs are deterministic
     and a ``state_dict`` round trip continues identically.
 
-    Routing: a parameter group's ``matrix_rule`` decides who is projected: ``None`` (default)
-    projects every 2-D parameter; ``True`` projects (ndim > 2 viewed as ``(size(0), -1)``);
-    ``False`` gives full AdamW. The paper projects the attention/MLP linear layers and trains
-    embeddings, norms and the output head with AdamW: put those in a ``matrix_rule=False`` group.
+    Routing (shared by the matrix optimizers, :mod:`basin.optim._matrix`): a parameter group's
+    ``matrix_rule`` decides who is projected: ``None`` (default) projects every 2-D parameter;
+    ``True`` projects (ndim > 2 viewed as ``(size(0), -1)``; an ``ndim < 2`` parameter raises
+    ``ValueError`` naming it); ``False`` gives full AdamW
+    (:func:`basin.optim._matrix.adamw_fallback`, with the group's ``lr``, ``betas``, ``eps``,
+    ``weight_decay``). The paper projects the attention/MLP linear layers and trains
+    embeddings, norms and the output head with AdamW: :func:`basin.optim.matrix_param_groups`
+    builds those two groups.
 
     Memory of a projected ``m x n`` matrix: ``2 r x (other side)`` floats of AdamW state, i.e.
     ``2 * density`` times the parameter (0.5 at the default), plus the projector (``r * dim``
@@ -84,7 +84,8 @@ class FRUGAL(BasinOptimizer):
         reset_statistics: zero the AdamW state at every rebuild (default True).
         seed: base seed of the random projectors (default 0).
         maximize: maximize the objective (default False).
-        foreach: accepted for API compatibility; the step is a per-tensor loop.
+        foreach: multi-tensor AdamW for non-projected parameters (None picks per device);
+            projected matrices are a per-tensor loop.
 
     References:
         Philip Zmushko, Aleksandr Beznosikov, Martin Takáč, Samuel Horváth. "FRUGAL:
@@ -112,6 +113,9 @@ class FRUGAL(BasinOptimizer):
         * ``r = max(1, round(density * dim))`` (the reference allows ``r = 0``); for ``"svd"`` at
           most ``min(m, n)`` (the reference truncates silently the same way).
     """
+
+    _algo = "FRUGAL"
+    _companion = False
 
     def __init__(
         self,
@@ -147,23 +151,16 @@ class FRUGAL(BasinOptimizer):
             proj_params_lr_scale=proj_params_lr_scale,
             reset_statistics=reset_statistics,
             seed=seed,
-            matrix_rule=None,
             maximize=maximize,
             foreach=foreach,
         )
-        _check_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, None)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            _check_group(group)
-        except ValueError as err:
-            gi = len(self.param_groups) - 1
-            raise ValueError(f"param group {gi}: {err}") from None
-        for p in group["params"]:
-            _is_projected(p, group)  # raises for matrix_rule=True on vectors
+    def _takes(self, p: Tensor, group: dict[str, Any]) -> bool:
+        return p.ndim == 2
+
+    def _check_hparams(self, group: dict[str, Any]) -> None:
+        _check_hparams(group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts every state tensor to the parameter's dtype on load; restore the integral
@@ -190,29 +187,20 @@ class FRUGAL(BasinOptimizer):
                 i += 1
         raise KeyError("parameter not in this optimizer")  # pragma: no cover
 
-    def _step_group(self, group: dict[str, Any]) -> None:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            check_grad(p, "FRUGAL")
+    def _matrix_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        for p in self._with_grad(params):
             state = self.state[p]
-            projected = _is_projected(p, group)
             if len(state) == 0:
                 state["step"] = self._new_step()
-                if projected:
-                    # int64: load_state_dict casts floating state to the parameter's dtype
-                    state["global_step"] = torch.tensor(0, dtype=torch.int64)
-                    if group["proj_type"] != "svd":
-                        gen = torch.Generator().manual_seed(group["seed"] + self._param_index(p))
-                        state["rng_state"] = gen.get_state()
-                else:
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                # int64: load_state_dict casts floating state to the parameter's dtype
+                state["global_step"] = torch.tensor(0, dtype=torch.int64)
+                if group["proj_type"] != "svd":
+                    gen = torch.Generator().manual_seed(group["seed"] + self._param_index(p))
+                    state["rng_state"] = gen.get_state()
             frugal(
                 p,
                 p.grad,
                 state,
-                projected=projected,
                 lr=group["lr"],
                 betas=group["betas"],
                 eps=group["eps"],
@@ -229,19 +217,14 @@ class FRUGAL(BasinOptimizer):
             )
 
 
-def _check_group(group: dict[str, Any]) -> None:
-    check_lr(group["lr"])
-    check_betas(group["betas"])
-    check_nonnegative("eps", group["eps"])
-    check_nonnegative("weight_decay", group["weight_decay"])
+def _check_hparams(group: dict[str, Any]) -> None:
+    check_fallback(group)  # lr, betas, eps, weight_decay: shared with the AdamW fallback
     check_range("density", group["density"], 0.0, 1.0, low_inclusive=False)
     check_nonnegative("inactive_lr_scale", group["inactive_lr_scale"])
     check_nonnegative("proj_params_lr_scale", group["proj_params_lr_scale"])
     check_bool("reset_statistics", group["reset_statistics"])
     for name, low in (("update_gap", 1), ("seed", 0)):
-        value = group[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_int(name, group[name], low)
     for name, allowed in (
         ("proj_type", _PROJ_TYPES),
         ("proj_side", _PROJ_SIDES),
@@ -249,19 +232,6 @@ def _check_group(group: dict[str, Any]) -> None:
     ):
         if group[name] not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {group[name]!r}")
-    if group.get("matrix_rule") not in (None, True, False):
-        raise ValueError(f"matrix_rule must be None, True or False, got {group['matrix_rule']!r}")
-
-
-def _is_projected(p: Tensor, group: dict[str, Any]) -> bool:
-    flag = group.get("matrix_rule")
-    if flag is None:
-        return p.ndim == 2
-    if flag and p.ndim < 2:
-        raise ValueError(
-            f"matrix_rule=True needs parameters with ndim >= 2, got shape {tuple(p.shape)}"
-        )
-    return bool(flag)
 
 
 def _side(shape: tuple[int, int], proj_side: str) -> str:
@@ -319,7 +289,6 @@ def frugal(
     grad: Tensor,
     state: dict[str, Any],
     *,
-    projected: bool,
     lr: float | Tensor,
     betas: tuple[float, float],
     eps: float,
@@ -334,18 +303,10 @@ def frugal(
     reset_statistics: bool,
     maximize: bool,
 ) -> None:
-    """Functional FRUGAL step of one parameter; see :class:`FRUGAL`."""
+    """Functional FRUGAL step of one projected matrix; see :class:`FRUGAL`."""
     beta1, beta2 = betas
     g = -grad if maximize else grad
-    if not projected:
-        state["step"] += 1
-        adamw_step_(
-            p, g, state["exp_avg"], state["exp_avg_sq"], get_value(state["step"]),
-            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-        )  # fmt: skip
-        return
-
-    cd = torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+    cd = compute_dtype(p.dtype)
     shape = (p.size(0), p[0].numel())
     G = g.reshape(shape).to(cd)
     side = _side(shape, proj_side)

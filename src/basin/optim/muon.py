@@ -6,12 +6,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._base import (
-    check_betas,
     check_bool,
-    check_grad,
     check_lr,
     check_nonnegative,
     check_range,
@@ -19,15 +17,9 @@ from ._base import (
     use_foreach,
 )
 from ._kernels import newton_schulz5
-from ._matrix import MatrixOptimizer, _add_scaled
-from .param_groups import matrix_param_groups
+from ._matrix import MatrixOptimizer, _decay_and_add, _foreach_decay_and_add, check_int
 
-__all__ = ["Muon", "muon", "muon_param_groups"]
-
-
-def check_ns_steps(ns_steps: Any) -> None:
-    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
-        raise ValueError(f"ns_steps must be an integer >= 1, got {ns_steps!r}")
+__all__ = ["Muon", "muon"]
 
 
 def check_ns_dtype(ns_dtype: Any) -> None:
@@ -52,16 +44,18 @@ class Muon(MatrixOptimizer):
         O = NS5(u) * sqrt(max(1, rows/cols))         (NS5: basin.optim._kernels.newton_schulz5)
         p <- p (1 - lr wd) - lr O
 
-    Fallback groups (``use_muon=False``): AdamW, ``p <- p(1 - lr wd) - lr m_hat/(sqrt(v_hat)+eps)``.
+    Fallback (``matrix_rule=False`` groups): AdamW,
+    ``p <- p(1 - lr wd) - lr m_hat/(sqrt(v_hat)+eps)`` (:func:`basin.optim._matrix.adamw_fallback`).
 
-    Parameter groups: a group's ``use_muon`` flag (default True) picks the rule. Build the groups
-    with :func:`muon_param_groups` (hidden matrices to Muon; embeddings, the last ``nn.Linear``
-    and ``ndim < 2`` parameters to AdamW), or pass ``adamw_fallback=True`` to route just the
-    ``ndim < 2`` parameters of every Muon group to AdamW (each such group is followed by an AdamW
-    companion group). Without either, a Muon group holding an ``ndim < 2`` parameter raises
-    ``ValueError`` naming it. Groups with ``use_muon=False`` take missing ``lr``, ``betas``,
-    ``eps``, ``weight_decay`` from ``adamw_lr``, ``adamw_betas``, ``adamw_eps``,
-    ``adamw_weight_decay``.
+    Routing (shared by the matrix optimizers, :mod:`basin.optim._matrix`): a group's
+    ``matrix_rule`` picks the rule: ``True`` (the default) Muon, ``False`` AdamW, ``None``
+    Muon for ``ndim >= 2`` and AdamW for the rest, which move to a companion ``matrix_rule=False``
+    group right after it. Build the groups with :func:`basin.optim.matrix_param_groups` (hidden
+    matrices to Muon; embeddings, the last ``nn.Linear`` and ``ndim < 2`` parameters to AdamW),
+    or pass ``adamw_fallback=True`` to make ``None`` the default. Without either, a Muon group
+    holding an ``ndim < 2`` parameter raises ``ValueError`` naming it. ``matrix_rule=False``
+    groups take missing ``lr``, ``betas``, ``eps``, ``weight_decay`` from ``adamw_lr``,
+    ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay``.
 
     Args:
         params: parameters or parameter groups (see above).
@@ -74,7 +68,8 @@ class Muon(MatrixOptimizer):
             ``torch.float32``/``torch.float64``, or None for the parameter's dtype.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: fallback AdamW defaults (3e-4,
             (0.9, 0.95), 1e-10, 0), as in the reference's ``SingleDeviceMuonWithAuxAdam``.
-        adamw_fallback: route ``ndim < 2`` parameters of Muon groups to AdamW (default False).
+        adamw_fallback: default ``matrix_rule=None`` (automatic routing) instead of True
+            (default False).
         maximize: maximize the objective (default False).
         foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
 
@@ -100,11 +95,8 @@ class Muon(MatrixOptimizer):
         Newton-Schulz (tests/optim/test_muon.py).
     """
 
-    _flag = "use_muon"
     _algo = "Muon"
-    _helper = "muon_param_groups"
-    _auto_kw = "adamw_fallback"
-    _fallback_name = "AdamW"
+    _fallback_kw = "adamw_fallback"
 
     def __init__(
         self,
@@ -124,16 +116,6 @@ class Muon(MatrixOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
     ) -> None:
-        check_lr(lr)
-        check_range("momentum", momentum, 0.0, 1.0, high_inclusive=False)
-        check_nonnegative("weight_decay", weight_decay)
-        check_bool("nesterov", nesterov)
-        check_ns_steps(ns_steps)
-        check_ns_dtype(ns_dtype)
-        check_range("adamw_lr", adamw_lr, 0.0, float("inf"), high_inclusive=False)
-        check_betas(adamw_betas, "adamw_betas")
-        check_nonnegative("adamw_eps", adamw_eps)
-        check_nonnegative("adamw_weight_decay", adamw_weight_decay)
         check_bool("adamw_fallback", adamw_fallback)
         defaults = dict(
             lr=lr,
@@ -146,24 +128,21 @@ class Muon(MatrixOptimizer):
             foreach=foreach,
         )
         fallback = dict(
-            lr=adamw_lr, betas=tuple(adamw_betas), eps=adamw_eps, weight_decay=adamw_weight_decay
+            lr=adamw_lr, betas=adamw_betas, eps=adamw_eps, weight_decay=adamw_weight_decay
         )
-        super().__init__(params, defaults, fallback, adamw_fallback)
+        super().__init__(params, defaults, None if adamw_fallback else True, fallback, "adamw_")
 
-    def _check_matrix_group(self, group: dict[str, Any]) -> None:
+    def _check_hparams(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
         check_range("momentum", group["momentum"], 0.0, 1.0, high_inclusive=False)
         check_nonnegative("weight_decay", group["weight_decay"])
         check_bool("nesterov", group["nesterov"])
-        check_ns_steps(group["ns_steps"])
+        check_int("ns_steps", group["ns_steps"], 1)
         check_ns_dtype(group["ns_dtype"])
 
-    def _matrix_step(self, group: dict[str, Any]) -> None:
+    def _matrix_step(self, group: dict[str, Any], group_params: list[Tensor]) -> None:
         params, grads, bufs = [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            check_grad(p, "Muon")
+        for p in self._with_grad(group_params):
             state = self.state[p]
             if len(state) == 0:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -185,25 +164,6 @@ class Muon(MatrixOptimizer):
             maximize=group["maximize"],
             foreach=group["foreach"],
         )
-
-
-def muon_param_groups(
-    model: nn.Module,
-    *,
-    head: str | Iterable[str] | None = "auto",
-    muon: dict[str, Any] | None = None,
-    adamw: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    """Parameter groups for :class:`Muon`: hidden matrices and kernels with ``use_muon=True``;
-    embeddings, the output head (``head="auto"``: the last ``nn.Linear``; or a list of module /
-    parameter names; or None) and ``ndim < 2`` parameters with ``use_muon=False`` (AdamW).
-    ``muon`` / ``adamw``: extra options of the two groups, e.g. ``adamw={"lr": 1e-3}``::
-
-        opt = Muon(muon_param_groups(model, head=["lm_head"]), lr=0.02, adamw_lr=3e-4)
-    """
-    return matrix_param_groups(
-        model, "use_muon", head=head, matrix_options=muon, fallback_options=adamw
-    )
 
 
 def _orthogonalized(u: Tensor, ns_steps: int, ns_dtype: torch.dtype | None) -> Tensor:
@@ -248,9 +208,7 @@ def _single_tensor_muon(
         buf.lerp_(g, 1 - momentum)
         u = g.lerp(buf, momentum) if nesterov else buf
         update = _orthogonalized(u, ns_steps, ns_dtype).to(p.dtype)
-        if weight_decay != 0:
-            p.mul_(1 - lr * weight_decay)
-        _add_scaled(p, update, lr)
+        _decay_and_add(p, update, lr, weight_decay)
 
 
 def _multi_tensor_muon(
@@ -263,9 +221,4 @@ def _multi_tensor_muon(
         us = torch._foreach_lerp(gs, bufs, momentum) if nesterov else bufs
         # Newton-Schulz is a chain of matmuls per matrix: no foreach form
         updates = [_orthogonalized(u, ns_steps, ns_dtype).to(p.dtype) for u, p in zip(us, ps)]
-        if weight_decay != 0:
-            torch._foreach_mul_(ps, 1 - lr * weight_decay)
-        if isinstance(lr, Tensor):
-            torch._foreach_add_(ps, torch._foreach_mul(updates, -lr))
-        else:
-            torch._foreach_add_(ps, updates, alpha=-lr)
+        _foreach_decay_and_add(ps, updates, lr, weight_decay)

@@ -45,21 +45,24 @@ def weight_decay_groups(
 
 def matrix_param_groups(
     model: nn.Module,
-    flag: str,
     *,
     head: str | Iterable[str] | None = "auto",
-    matrix_options: dict[str, Any] | None = None,
-    fallback_options: dict[str, Any] | None = None,
+    matrix: dict[str, Any] | None = None,
+    fallback: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Split ``model``'s parameters for a matrix-only optimizer (Muon, SWAN): hidden weight
-    matrices and convolution kernels in a group with ``flag=True``; embeddings (``nn.Embedding``,
-    ``nn.EmbeddingBag``), the output head and every parameter with ``ndim < 2`` (biases, gains)
-    in a group with ``flag=False``, which the optimizer updates with its Adam(W) fallback.
+    """Split ``model``'s parameters for a matrix optimizer (Muon, SWAN, COSMOS, FRUGAL): hidden
+    weight matrices and convolution kernels in a group with ``matrix_rule=True``; embeddings
+    (``nn.Embedding``, ``nn.EmbeddingBag``), the output head and every parameter with
+    ``ndim < 2`` (biases, gains) in a group with ``matrix_rule=False``, which the optimizer
+    updates with its AdamW fallback::
+
+        opt = Muon(matrix_param_groups(model, head=["lm_head"]), lr=0.02, adamw_lr=3e-4)
+        opt = COSMOS(matrix_param_groups(model, fallback={"lr": 3e-4}), lr=1e-3)
 
     ``head``: ``"auto"`` takes the last ``nn.Linear`` in ``model.modules()`` order as the output
     head; ``None`` means no head; otherwise an iterable of module or parameter names (as in
     ``model.named_modules()`` / ``model.named_parameters()``) whose parameters go to the fallback.
-    ``matrix_options`` / ``fallback_options`` are added to the two groups (e.g. ``{"lr": 0.02}``).
+    ``matrix`` / ``fallback`` are extra options of the two groups (e.g. ``{"lr": 0.02}``).
     Parameters that do not require gradients are left out; shared parameters appear once; empty
     groups are dropped."""
     if isinstance(head, str) and head != "auto":
@@ -83,7 +86,7 @@ def matrix_param_groups(
                 head_ids.add(id(named[n]))
             else:
                 head_ids.update(id(p) for p in modules[n].parameters())
-    matrix, fallback, seen = [], [], set()
+    matrix_params, fallback_params, seen = [], [], set()
     for module in model.modules():
         for p in module.parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
@@ -94,11 +97,11 @@ def matrix_param_groups(
                 or id(p) in head_ids
                 or isinstance(module, (nn.Embedding, nn.EmbeddingBag))
             ):
-                fallback.append(p)
+                fallback_params.append(p)
             else:
-                matrix.append(p)
+                matrix_params.append(p)
     groups = [
-        {"params": matrix, flag: True, **(matrix_options or {})},
-        {"params": fallback, flag: False, **(fallback_options or {})},
+        {"params": matrix_params, "matrix_rule": True, **(matrix or {})},
+        {"params": fallback_params, "matrix_rule": False, **(fallback or {})},
     ]
     return [g for g in groups if g["params"]]

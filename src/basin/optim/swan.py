@@ -6,30 +6,25 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._base import (
-    check_betas,
     check_bool,
-    check_grad,
     check_lr,
     check_nonnegative,
-    check_range,
     group_by_device_and_dtype,
     use_foreach,
 )
 from ._kernels import whiten_newton_schulz
-from ._matrix import MatrixOptimizer, _add_scaled
-from .muon import check_ns_steps
-from .param_groups import matrix_param_groups
+from ._matrix import MatrixOptimizer, _decay_and_add, _foreach_decay_and_add, check_int
 
-__all__ = ["SWAN", "swan", "swan_param_groups"]
+__all__ = ["SWAN", "swan"]
 
 
 class SWAN(MatrixOptimizer):
     r"""SWAN (Ma et al., 2024): SGD on the current gradient of each weight matrix after row
     standardisation (GradNorm) and whitening (GradWhitening). Keeps no state for matrices;
-    embeddings, the output head, biases and gains use the built-in Adam fallback.
+    embeddings, the output head, biases and gains use the built-in AdamW fallback.
 
     Update of a matrix group (``G`` is ``m x n``; kernels of ``ndim > 2`` viewed as
     ``(size(0), -1)``; computed in float32, or float64 for float64 parameters)::
@@ -39,10 +34,13 @@ class SWAN(MatrixOptimizer):
         W <- W * ||G~||_F / (||W||_F + eps)               if rescale
         p <- p (1 - lr wd) - lr W
 
-    Parameter groups work as in :class:`Muon`, with the flag ``use_swan``, the helper
-    :func:`swan_param_groups`, ``adam_fallback=True`` for automatic routing of ``ndim < 2``
-    parameters, and ``adam_*`` fallback defaults (plain Adam: lr 1e-3, betas (0.9, 0.999),
-    eps 1e-8, decoupled weight decay 0).
+    Routing works as in :class:`Muon` (shared, :mod:`basin.optim._matrix`): a group's
+    ``matrix_rule`` is ``True`` (default: SWAN; an ``ndim < 2`` parameter raises ``ValueError``
+    naming it), ``False`` (AdamW) or ``None`` (``ndim >= 2`` to SWAN, the rest to a companion
+    AdamW group); :func:`basin.optim.matrix_param_groups` builds the groups, and
+    ``adam_fallback=True`` makes ``None`` the default. ``matrix_rule=False`` groups take missing
+    hyperparameters from the ``adam_*`` fallback defaults (lr 1e-3, betas (0.9, 0.999), eps
+    1e-8, decoupled weight decay 0).
 
     Args:
         params: parameters or parameter groups.
@@ -52,7 +50,8 @@ class SWAN(MatrixOptimizer):
         eps: added to the row std and to the norm in the rescaling (default 1e-8).
         rescale: rescale the whitened matrix to the Frobenius norm of ``G~`` (default True).
         adam_lr, adam_betas, adam_eps, adam_weight_decay: fallback defaults.
-        adam_fallback: route ``ndim < 2`` parameters of SWAN groups to Adam (default False).
+        adam_fallback: default ``matrix_rule=None`` (automatic routing) instead of True
+            (default False).
         maximize: maximize the objective (default False).
         foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
 
@@ -76,11 +75,8 @@ class SWAN(MatrixOptimizer):
           parameters (the paper whitens in FP32).
     """
 
-    _flag = "use_swan"
     _algo = "SWAN"
-    _helper = "swan_param_groups"
-    _auto_kw = "adam_fallback"
-    _fallback_name = "Adam"
+    _fallback_kw = "adam_fallback"
 
     def __init__(
         self,
@@ -99,15 +95,6 @@ class SWAN(MatrixOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
     ) -> None:
-        check_lr(lr)
-        check_nonnegative("weight_decay", weight_decay)
-        check_ns_steps(ns_steps)
-        check_nonnegative("eps", eps)
-        check_bool("rescale", rescale)
-        check_range("adam_lr", adam_lr, 0.0, float("inf"), high_inclusive=False)
-        check_betas(adam_betas, "adam_betas")
-        check_nonnegative("adam_eps", adam_eps)
-        check_nonnegative("adam_weight_decay", adam_weight_decay)
         check_bool("adam_fallback", adam_fallback)
         defaults = dict(
             lr=lr,
@@ -118,28 +105,21 @@ class SWAN(MatrixOptimizer):
             maximize=maximize,
             foreach=foreach,
         )
-        fallback = dict(
-            lr=adam_lr, betas=tuple(adam_betas), eps=adam_eps, weight_decay=adam_weight_decay
-        )
-        super().__init__(params, defaults, fallback, adam_fallback)
+        fallback = dict(lr=adam_lr, betas=adam_betas, eps=adam_eps, weight_decay=adam_weight_decay)
+        super().__init__(params, defaults, None if adam_fallback else True, fallback, "adam_")
 
-    def _check_matrix_group(self, group: dict[str, Any]) -> None:
+    def _check_hparams(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
         check_nonnegative("weight_decay", group["weight_decay"])
-        check_ns_steps(group["ns_steps"])
+        check_int("ns_steps", group["ns_steps"], 1)
         check_nonnegative("eps", group["eps"])
         check_bool("rescale", group["rescale"])
 
-    def _matrix_step(self, group: dict[str, Any]) -> None:
-        params, grads = [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            check_grad(p, "SWAN")
-            params.append(p)
-            grads.append(p.grad)
+    def _matrix_step(self, group: dict[str, Any], group_params: list[Tensor]) -> None:
+        params = self._with_grad(group_params)
         if not params:
             return
+        grads = [p.grad for p in params]
         swan(
             params,
             grads,
@@ -151,20 +131,6 @@ class SWAN(MatrixOptimizer):
             maximize=group["maximize"],
             foreach=group["foreach"],
         )
-
-
-def swan_param_groups(
-    model: nn.Module,
-    *,
-    head: str | Iterable[str] | None = "auto",
-    swan: dict[str, Any] | None = None,
-    adam: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    """Parameter groups for :class:`SWAN` (``use_swan`` True for hidden matrices, False for
-    embeddings, the output head and ``ndim < 2`` parameters); see :func:`muon_param_groups`."""
-    return matrix_param_groups(
-        model, "use_swan", head=head, matrix_options=swan, fallback_options=adam
-    )
 
 
 def _swan_direction(g: Tensor, ns_steps: int, eps: float, rescale: bool) -> Tensor:
@@ -204,9 +170,7 @@ def _single_tensor_swan(params, grads, *, lr, weight_decay, ns_steps, eps, resca
     for p, g in zip(params, grads):
         g = -g if maximize else g
         update = _swan_direction(g, ns_steps, eps, rescale).to(p.dtype)
-        if weight_decay != 0:
-            p.mul_(1 - lr * weight_decay)
-        _add_scaled(p, update, lr)
+        _decay_and_add(p, update, lr, weight_decay)
 
 
 def _multi_tensor_swan(params, grads, *, lr, weight_decay, ns_steps, eps, rescale, maximize):
@@ -214,9 +178,4 @@ def _multi_tensor_swan(params, grads, *, lr, weight_decay, ns_steps, eps, rescal
         gs = torch._foreach_neg(gs) if maximize else gs
         # the whitening is a chain of matmuls per matrix: no foreach form
         updates = [_swan_direction(g, ns_steps, eps, rescale).to(p.dtype) for g, p in zip(gs, ps)]
-        if weight_decay != 0:
-            torch._foreach_mul_(ps, 1 - lr * weight_decay)
-        if isinstance(lr, Tensor):
-            torch._foreach_add_(ps, torch._foreach_mul(updates, -lr))
-        else:
-            torch._foreach_add_(ps, updates, alpha=-lr)
+        _foreach_decay_and_add(ps, updates, lr, weight_decay)
