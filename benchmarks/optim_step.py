@@ -413,6 +413,11 @@ def build_runners(
     basin_hp.update(entry.basin_hp)
 
     def make_basin(m: nn.Module, **extra: Any) -> Optimizer:
+        if entry.matrix:  # the same split the peers get; the rest goes to basin's AdamW fallback
+            matrices, rest = matrix_split(m)
+            groups = [{"params": matrices, "matrix_rule": True}]
+            groups += [{"params": rest, "matrix_rule": False}] if rest else []
+            return bo.create(entry.name, groups, **basin_hp, **extra)
         return bo.create(entry.name, m.parameters(), **basin_hp, **extra)
 
     add("basin", "basin", make_basin, False)
