@@ -166,6 +166,33 @@ class BasinOptimizer(Optimizer):
             self._step_group(group)
         return loss
 
+    def _gather(
+        self, group: dict[str, Any], zeros: Sequence[str] = (), *, step: bool = True
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[list[Tensor]]]:
+        """The parameters of ``group`` that have a gradient, their gradients, their step
+        counters (if ``step``) and, for each name in ``zeros``, that state buffer, created as
+        zeros on first use (lazy state, as in torch.optim)."""
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        steps: list[Tensor] = []
+        buffers: list[list[Tensor]] = [[] for _ in zeros]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            check_grad(p, type(self).__name__)
+            state = self.state[p]
+            if step and "step" not in state:
+                state["step"] = self._new_step()
+            for key, found in zip(zeros, buffers):
+                if key not in state:
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                found.append(state[key])
+            params.append(p)
+            grads.append(p.grad)
+            if step:
+                steps.append(state["step"])
+        return params, grads, steps, buffers
+
     @staticmethod
     def _new_step() -> Tensor:
         # A CPU scalar as in torch.optim (non-capturable): eager reads it with .item(); float64

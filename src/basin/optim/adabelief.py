@@ -12,7 +12,6 @@ from ._base import (
     BasinOptimizer,
     check_betas,
     check_bool,
-    check_grad,
     check_lr,
     check_nonnegative,
     get_value,
@@ -113,28 +112,13 @@ class AdaBelief(BasinOptimizer):
         super().__init__(params, defaults)
 
     def _step_group(self, group: dict[str, Any]) -> None:
-        params, grads, exp_avgs, exp_avg_vars, max_vars, steps = [], [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            check_grad(p, "AdaBelief")
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = self._new_step()
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_var"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["amsgrad"]:
-                    state["max_exp_avg_var"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_vars.append(state["exp_avg_var"])
-            max_vars.append(state.get("max_exp_avg_var"))
-            steps.append(state["step"])
+        amsgrad = group["amsgrad"]
+        names = ("exp_avg", "exp_avg_var") + (("max_exp_avg_var",) if amsgrad else ())
+        params, grads, steps, buffers = self._gather(group, names)
         if not params:
             return
+        exp_avgs, exp_avg_vars = buffers[0], buffers[1]
+        max_vars = buffers[2] if amsgrad else [None] * len(params)
         beta1, beta2 = group["betas"]
         adabelief(
             params,

@@ -12,7 +12,6 @@ from ._base import (
     BasinOptimizer,
     check_betas,
     check_bool,
-    check_grad,
     check_lr,
     check_nonnegative,
     check_range,
@@ -116,21 +115,9 @@ class AdamP(BasinOptimizer):
         super().__init__(params, defaults)
 
     def _step_group(self, group: dict[str, Any]) -> None:
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            check_grad(p, "AdamP")
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = self._new_step()
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
+        params, grads, steps, (exp_avgs, exp_avg_sqs) = self._gather(
+            group, ("exp_avg", "exp_avg_sq")
+        )
         if not params:
             return
         beta1, beta2 = group["betas"]
@@ -339,20 +326,12 @@ class SGDP(BasinOptimizer):
         super().__init__(params, defaults)
 
     def _step_group(self, group: dict[str, Any]) -> None:
-        params, grads, bufs = [], [], []
         momentum = group["momentum"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            check_grad(p, "SGDP")
-            state = self.state[p]
-            if momentum != 0 and "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            bufs.append(state.get("momentum_buffer"))
+        names = ("momentum_buffer",) if momentum != 0 else ()
+        params, grads, _, buffers = self._gather(group, names, step=False)
         if not params:
             return
+        bufs = buffers[0] if momentum != 0 else [None] * len(params)
         sgdp(
             params,
             grads,

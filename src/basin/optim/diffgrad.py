@@ -11,7 +11,6 @@ from torch import Tensor
 from ._base import (
     BasinOptimizer,
     check_betas,
-    check_grad,
     check_lr,
     check_nonnegative,
     get_value,
@@ -91,23 +90,9 @@ class DiffGrad(BasinOptimizer):
         super().__init__(params, defaults)
 
     def _step_group(self, group: dict[str, Any]) -> None:
-        params, grads, exp_avgs, exp_avg_sqs, prev_grads, steps = [], [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            check_grad(p, "DiffGrad")
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = self._new_step()
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["previous_grad"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            prev_grads.append(state["previous_grad"])
-            steps.append(state["step"])
+        params, grads, steps, (exp_avgs, exp_avg_sqs, prev_grads) = self._gather(
+            group, ("exp_avg", "exp_avg_sq", "previous_grad")
+        )
         if not params:
             return
         beta1, beta2 = group["betas"]

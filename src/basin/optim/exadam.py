@@ -13,7 +13,6 @@ from ._base import (
     BasinOptimizer,
     check_betas,
     check_bool,
-    check_grad,
     check_lr,
     check_nonnegative,
     get_value,
@@ -93,21 +92,9 @@ class EXAdam(BasinOptimizer):
         super().__init__(params, defaults)
 
     def _step_group(self, group: dict[str, Any]) -> None:
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            check_grad(p, "EXAdam")
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = self._new_step()
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
+        params, grads, steps, (exp_avgs, exp_avg_sqs) = self._gather(
+            group, ("exp_avg", "exp_avg_sq")
+        )
         if not params:
             return
         beta1, beta2 = group["betas"]
