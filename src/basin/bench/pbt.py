@@ -54,7 +54,7 @@ def require_ray() -> Any:
 class PBTResult:
     """Outcome of :func:`pbt`. ``trials``: one dict per member (``trial_id``, ``config``,
     ``hparams`` used by the optimizer at the end and ``first_hparams`` at the first
-    evaluation, ``config_hparams`` (those of its final configuration), ``metric``,
+    evaluation (``first_step``), ``config_hparams`` (those of its final configuration), ``metric``,
     ``eval_loss``, ``step``, ``exploits``: how many times it took over another member's
     checkpoint, ``lineage``: the members its weights descend from)."""
 
@@ -82,6 +82,30 @@ def _clip(space: Mapping[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
         elif p.type == "int":
             cfg[name] = int(min(max(round(cfg[name]), s["low"]), s["high"]))
     return cfg
+
+
+def _history(r: Any) -> Any:
+    """A trial's reported rows (``step``, ``hparams``), from its first evaluation on.
+
+    ``Result.metrics_dataframe`` prefers ``result.json``, which Ray's JSON logger re-downloads
+    from storage each time a trial (re)starts (a PBT exploit, or a pause under ``synch``); a
+    copy not yet synced there loses the rows reported before the restart. ``progress.csv`` is
+    opened once per trial and appended to, so the longer of the two is the full history."""
+    import pandas as pd
+
+    frames = []
+    csv = Path(r.path) / "progress.csv" if r.path else None
+    if csv is not None and csv.is_file():
+        try:
+            frames.append(pd.read_csv(csv, dtype={"trial_id": str}))
+        except (OSError, ValueError, pd.errors.ParserError):
+            pass
+    if r.metrics_dataframe is not None:
+        frames.append(r.metrics_dataframe)
+    frames = [f for f in frames if {"hparams", "step"} <= set(f.columns) and len(f)]
+    if not frames:
+        return pd.DataFrame({"hparams": [], "step": []})
+    return max(frames, key=len)
 
 
 def _trainable(config: dict[str, Any]) -> None:
@@ -314,12 +338,9 @@ def pbt(
     trials = []
     for r in grid:
         m = r.metrics or {}
-        df = r.metrics_dataframe
-        first = (
-            json.loads(df["hparams"].iloc[0])
-            if df is not None and "hparams" in df and len(df)
-            else {}
-        )
+        df = _history(r)
+        first = json.loads(df["hparams"].iloc[0]) if len(df) else {}
+        first_step = int(df["step"].iloc[0]) if len(df) else None
         trials.append(
             {
                 "trial_id": m.get("trial_id"),
@@ -331,6 +352,7 @@ def pbt(
                 "exploits": int(m.get("exploits", 0)),
                 "lineage": [x for x in str(m.get("lineage", "")).split(",") if x],
                 "first_hparams": first,
+                "first_step": first_step,
                 "config_hparams": json.loads(
                     json.dumps(
                         spec.hparams(
