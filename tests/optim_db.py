@@ -519,6 +519,9 @@ COSMOS_CASE = OptimCase(
         {"rank": 2, "ns_dtype": None, "betas": (0.95, 0.95), "lr_ratio": 0.2, "gamma": 0.5},
         {"rank": 2, "ns_dtype": None, "ns_steps": 3, "eps": 1e-6, "max_rows": 10},
         {"rank": 2},
+        {"rank": 2, "ns_dtype": None, "variant": "paper"},
+        {"rank": 1, "ns_dtype": None, "variant": "paper", "nesterov": False, "weight_decay": 0.1},
+        {"rank": 2, "ns_dtype": None, "variant": "paper", "betas": (0.95, 0.95), "eps": 1e-6},
     ],
     reference=_cosmos_reference,
     # P and S are defined up to column signs (see tests/references/cosmos_paper.py); M and V
@@ -536,6 +539,7 @@ COSMOS_CASE = OptimCase(
         ({"ns_steps": -1}, "ns_steps"),
         ({"ns_dtype": torch.int32}, "ns_dtype"),
         ({"max_rows": 0}, "max_rows"),
+        ({"variant": "Paper"}, "variant"),
     ],
     train_hp={"rank": 2, "lr": 1e-2},
     compile_variants=[0],  # bfloat16 Newton-Schulz: Inductor's fusion changes bf16 rounding

@@ -145,3 +145,49 @@ def test_tall_matrix_beyond_max_rows_uses_adamw() -> None:
     w.grad = torch.randn_like(w)
     opt.step()
     assert "subspace" not in opt.state[w] and opt.state[w]["exp_avg_sq"].shape == (12, 4)
+
+
+def _final_params(seed_model: nn.Module, steps: int = 15, **hp):
+    model = copy.deepcopy(seed_model)
+    opt = bo.COSMOS(model.parameters(), rank=2, ns_dtype=None, **hp)
+    _run(model, opt, _batches(steps))
+    return model, opt
+
+
+def test_paper_variant_differs_from_code_variant() -> None:
+    """variant="paper" (eps inside the square root, Muon part from the momentum residual) and
+    "code" give different trajectories; each one is matched to its own float64 transcription by
+    the generic reference check (tests/optim_db.py)."""
+    torch.manual_seed(0)
+    seed_model = _cosmos_mlp().double()
+    code, _ = _final_params(seed_model)
+    paper, _ = _final_params(seed_model, variant="paper")
+    for p, q in zip(code.parameters(), paper.parameters()):
+        if p.ndim == 2:
+            assert (p - q).abs().max() > 2e-5
+    # the paper variant is not the code variant at another eps either (the Nesterov part)
+    code0, _ = _final_params(seed_model, eps=0.0)
+    paper0, _ = _final_params(seed_model, eps=0.0, variant="paper")
+    w, v = code0[0].weight, paper0[0].weight
+    assert (w - v).abs().max() > 2e-5
+
+
+def test_paper_momentum_is_a_reparametrisation_of_the_code_momentum() -> None:
+    """Without Nesterov and with eps = 0 the two variants take identical steps: the paper's EMA
+    momentum is the code's running sum times (1 - beta1), and everything else is invariant to
+    that scale. What remains is the eps placement (and, with Nesterov, the Muon input)."""
+    torch.manual_seed(0)
+    seed_model = _cosmos_mlp().double()
+    b1 = 0.9
+    code, opt_c = _final_params(seed_model, eps=0.0, nesterov=False)
+    paper, opt_p = _final_params(seed_model, eps=0.0, nesterov=False, variant="paper")
+    for p, q in zip(code.parameters(), paper.parameters()):
+        # not bit-level: NS5 normalises X / (||X||_F + 1e-7), and ||X|| scales with (1 - beta1)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-8)
+        if p.ndim == 2:
+            Mc, Mp = opt_c.state[p]["exp_avg"], opt_p.state[q]["exp_avg"]
+            torch.testing.assert_close(Mp, (1 - b1) * Mc, rtol=1e-5, atol=1e-9)
+    # with the default eps the placement alone already changes the trajectory
+    paper_eps, _ = _final_params(seed_model, nesterov=False, variant="paper")
+    code_eps, _ = _final_params(seed_model, nesterov=False)
+    assert (paper_eps[0].weight - code_eps[0].weight).abs().max() > 2e-5

@@ -13,7 +13,12 @@ implementation:
 The update depends on the subspace only through sign-invariant quantities (``P P^T``, the
 element-wise squares in ``V``, and QR of ``X D`` spanning the same columns as QR of ``X`` up to
 column signs), so parameters must agree even though the stored ``P`` and ``S`` differ by
-column signs. Non-matrix parameters: AdamW."""
+column signs. Non-matrix parameters: AdamW.
+
+``variant="paper"`` transcribes the paper's algorithm box instead (basin: a branch of the same
+functional): EMA momentum ``M_t = b1 M + (1-b1) G`` with the Nesterov look-ahead written as one
+more EMA step ``b1 M_t + (1-b1) G`` bias-corrected by ``1 - b1^(t+1)``, the SOAP denominator
+``sqrt((V + eps) / (1 - b2^t))``, and the Muon part from ``M_t (I - P P^T)``."""
 
 from __future__ import annotations
 
@@ -47,10 +52,12 @@ def quintic_polar_via_svd(X: torch.Tensor, steps: int, eps: float = 1e-7) -> tor
 
 class COSMOSPaper(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, lr_ratio=0.1, rank=64,
-                 weight_decay=0.0, gamma=0.2, nesterov=True, ns_steps=5, max_rows=10000):  # fmt: skip
+                 weight_decay=0.0, gamma=0.2, nesterov=True, ns_steps=5, max_rows=10000,
+                 variant="code"):  # fmt: skip
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, wd=weight_decay))
         self.ratio, self.rank, self.gamma = lr_ratio, rank, gamma
         self.nesterov, self.ns_steps, self.max_rows = nesterov, ns_steps, max_rows
+        self.paper = variant == "paper"
 
     @torch.no_grad()
     def step(self):
@@ -70,7 +77,10 @@ class COSMOSPaper(Optimizer):
                     p.copy_(p * (1 - lr * wd) - lr * mhat / (vhat.sqrt() + eps))
                     continue
                 rows, cols = G.shape
-                M = b1 * st.get("exp_avg", 0) + G
+                if self.paper:
+                    M = b1 * st.get("exp_avg", 0) + (1 - b1) * G
+                else:
+                    M = b1 * st.get("exp_avg", 0) + G
                 GtG = G.T @ G
                 if t == 1:
                     evals, evecs = torch.linalg.eigh(GtG)
@@ -85,15 +95,24 @@ class COSMOSPaper(Optimizer):
                 V = b2 * st.get("exp_avg_sq", 0) + (1 - b2) * (G @ P) ** 2
                 st["exp_avg"], st["exp_avg_sq"], st["subspace"], st["subspace_cov"] = M, V, P, S
 
-                c1 = sum(b1**k for k in range(t))  # (1 - b1^t) / (1 - b1)
                 c2 = 1 - b2**t
-                if self.nesterov:
-                    Gt = (G + b1 * M) / (1 + b1 * c1)
-                else:
-                    Gt = M / c1
                 proj = P @ P.T
-                A = ((Gt @ P) / (torch.sqrt(V / c2) + eps)) @ P.T
-                B = quintic_polar_via_svd(Gt - Gt @ proj, self.ns_steps)
+                if self.paper:
+                    if self.nesterov:
+                        Gt = (b1 * M + (1 - b1) * G) / (1 - b1 ** (t + 1))
+                    else:
+                        Gt = M / (1 - b1**t)
+                    A = ((Gt @ P) / torch.sqrt((V + eps) / c2)) @ P.T
+                    eye = torch.eye(cols, dtype=G.dtype)
+                    B = quintic_polar_via_svd(M @ (eye - proj), self.ns_steps)
+                else:
+                    c1 = sum(b1**k for k in range(t))  # (1 - b1^t) / (1 - b1)
+                    if self.nesterov:
+                        Gt = (G + b1 * M) / (1 + b1 * c1)
+                    else:
+                        Gt = M / c1
+                    A = ((Gt @ P) / (torch.sqrt(V / c2) + eps)) @ P.T
+                    B = quintic_polar_via_svd(Gt - Gt @ proj, self.ns_steps)
                 size = math.sqrt(rows * cols)
                 B = size * B / (B.norm() + eps)
                 U = A + self.gamma * B

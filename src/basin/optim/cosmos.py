@@ -19,6 +19,8 @@ from ._matrix import MatrixOptimizer, check_fallback, check_int, compute_dtype
 
 __all__ = ["COSMOS", "cosmos"]
 
+VARIANTS = ("code", "paper")
+
 
 class COSMOS(MatrixOptimizer):
     r"""COSMOS (Liu et al., 2025): for a weight matrix :math:`W \in R^{m \times n}` with
@@ -39,6 +41,17 @@ class COSMOS(MatrixOptimizer):
         W <- W (1 - lr wd) - lr lr_ratio sqrt(mn) (A + gamma B) / (||A + gamma B||_F + eps)
 
     ``NS5`` is Muon's quintic Newton-Schulz iteration (:func:`basin.optim._kernels.newton_schulz5`).
+    This is ``variant="code"`` (default), the authors' ``COSMOS_optim.py``. ``variant="paper"``
+    follows the algorithm as the paper writes it (see "Differences" below)::
+
+        M <- b1 M + (1-b1) G                                  (normalised momentum)
+        G~ = ((1-b1) G + b1 M) / (1 - b1^(t+1))   if nesterov   else   M / (1 - b1^t)
+        A  = [(G~ P) / sqrt((V + eps) / bc2)] P^T             (eps inside the square root)
+        B  = NS5(M - M P P^T);  B <- sqrt(mn) B / (||B||_F + eps)   (residual of the momentum)
+
+    with ``P``, ``S``, ``V`` and the final step as above. ``G~`` is the same matrix in both
+    variants (``M`` is only rescaled by ``1 - b1``); the update differs through ``eps`` and,
+    with ``nesterov=True``, through the Muon part (momentum residual, not the Nesterov one).
 
     Routing (shared by the matrix optimizers, :mod:`basin.optim._matrix`): a group's
     ``matrix_rule`` is ``None`` (default: the matrix rule for 2-D parameters with at most
@@ -71,6 +84,8 @@ class COSMOS(MatrixOptimizer):
         ns_steps: Newton-Schulz iterations (default 5).
         ns_dtype: compute dtype of Newton-Schulz (default bfloat16 as the authors; None keeps
             the gradient's dtype, for exact float64 checks).
+        variant: ``"code"`` (default: the authors' code, which the paper's experiments ran) or
+            ``"paper"`` (the paper's algorithm box as described above; see the caveat below).
         max_rows: matrices with more rows use AdamW (default 10000, as the authors).
         maximize: maximize the objective (default False).
         foreach: multi-tensor AdamW fallback (None picks per device); the matrix rule is always a
@@ -81,16 +96,23 @@ class COSMOS(MatrixOptimizer):
         Tuo Zhao. "COSMOS: A Hybrid Adaptive Optimizer for Memory-Efficient Training of LLMs."
         arXiv:2502.17410, 2025. Reference code: github.com/lliu606/COSMOS (COSMOS_optim.py).
 
-    Differences from the reference code:
+    Differences from the paper / reference code:
         * The AdamW fallback uses ``beta1``; the reference hard-codes 0.9 in its bias correction
           and momentum weight (identical at the default ``beta1 = 0.9``).
         * At ``t = 1`` the subspace comes from the SVD of ``G`` (right singular vectors) rather
           than of ``G^T G``: the same eigenvectors without squaring the condition number.
         * ``nesterov=False`` uses the bias-corrected momentum ``M / bc1`` (the paper's ``M_t``);
           the reference code uses ``G / bc1`` there, i.e. no momentum at all.
-        * The paper's algorithm box writes a normalised EMA momentum, ``eps`` inside the square
-          root and NS5 applied to the momentum residual; basin follows the authors' code (the
-          code the paper's experiments ran), as transcribed in the formula above.
+        * Paper vs code (``variant``): the paper's algorithm box, as basin read it, writes a
+          normalised EMA momentum, ``eps`` inside the square root of the SOAP denominator, NS5
+          of the residual of the momentum ``M - M P P^T``, and no Nesterov step; the code keeps
+          an unnormalised sum, adds ``eps`` after the square root and, with Nesterov, feeds the
+          Nesterov mix ``G~`` to both parts. The momentum scaling is a pure reparametrisation
+          (same ``G~``). Caveat: the box was checked only through a third-party rendering of
+          the paper's equations (the arXiv text was not reachable), so the default stays
+          ``"code"``; ``"paper"`` keeps the code's Nesterov option (applied to the SOAP part
+          only, since the box has none), its step scale ``lr * lr_ratio * sqrt(mn)``, its
+          ``t = 1`` initialisation and its ``+ eps`` in the Frobenius normalisations.
         * ``p.grad`` is not modified in place (the reference overwrites it with ``G~``).
         * ``rank > min(m, n)`` raises ``ValueError`` (the reference fails with a shape error
           for ``rank > n`` and silently picks arbitrary null-space directions for ``rank > m``).
@@ -115,6 +137,7 @@ class COSMOS(MatrixOptimizer):
         *,
         ns_steps: int = 5,
         ns_dtype: torch.dtype | None = torch.bfloat16,
+        variant: str = "code",
         max_rows: int = 10000,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -130,6 +153,7 @@ class COSMOS(MatrixOptimizer):
             nesterov=nesterov,
             ns_steps=ns_steps,
             ns_dtype=ns_dtype,
+            variant=variant,
             max_rows=max_rows,
             maximize=maximize,
             foreach=foreach,
@@ -182,6 +206,7 @@ class COSMOS(MatrixOptimizer):
                 nesterov=group["nesterov"],
                 ns_steps=group["ns_steps"],
                 ns_dtype=group["ns_dtype"],
+                variant=group["variant"],
                 maximize=group["maximize"],
             )
 
@@ -193,6 +218,10 @@ def _check_hparams(group: dict[str, Any]) -> None:
     check_bool("nesterov", group["nesterov"])
     for name, low in (("rank", 1), ("ns_steps", 0), ("max_rows", 1)):
         check_int(name, group[name], low)
+    if group["variant"] not in VARIANTS:
+        raise ValueError(
+            f"variant must be one of {', '.join(map(repr, VARIANTS))}, got {group['variant']!r}"
+        )
     dt = group["ns_dtype"]
     if dt is not None and not (isinstance(dt, torch.dtype) and dt.is_floating_point):
         raise ValueError(f"ns_dtype must be None or a floating torch.dtype, got {dt!r}")
@@ -214,6 +243,7 @@ def cosmos(
     ns_steps: int,
     ns_dtype: torch.dtype | None,
     maximize: bool,
+    variant: str = "code",
 ) -> None:
     """Functional COSMOS step of one matrix parameter; see :class:`COSMOS`."""
     beta1, beta2 = betas
@@ -224,7 +254,11 @@ def cosmos(
     cd = compute_dtype(p.dtype)
     shape2d = (p.size(0), -1)
     G = g.reshape(shape2d).to(cd)
-    M.mul_(beta1).add_(g)
+    paper = variant == "paper"
+    if paper:
+        M.lerp_(g, 1 - beta1)  # M <- b1 M + (1 - b1) G
+    else:
+        M.mul_(beta1).add_(g)  # M <- b1 M + G
 
     if first:
         # right singular vectors of G = eigenvectors of G^T G, in descending order
@@ -242,13 +276,23 @@ def cosmos(
     S.copy_(S_new)
     V.mul_(beta2).addcmul_(GP.to(V.dtype), GP.to(V.dtype), value=1 - beta2)
 
-    bc1 = (1 - beta1**step) / (1 - beta1)
     bc2 = 1 - beta2**step
     Mc = M.reshape(shape2d).to(cd)
-    G_t = (G + beta1 * Mc) / (1 + beta1 * bc1) if nesterov else Mc / bc1
+    if paper:
+        # normalised momentum: the same G~ as below, i.e. a reparametrisation of M
+        bc1 = 1 - beta1**step
+        G_t = ((1 - beta1) * G + beta1 * Mc) / (1 - beta1 * beta1**step) if nesterov else Mc / bc1
+    else:
+        bc1 = (1 - beta1**step) / (1 - beta1)
+        G_t = (G + beta1 * Mc) / (1 + beta1 * bc1) if nesterov else Mc / bc1
     coef = G_t @ P_new
-    A = (coef / (V.to(cd).sqrt() / bc2**0.5 + eps)) @ P_new.mT
-    B = newton_schulz5(G_t - coef @ P_new.mT, ns_steps, dtype=ns_dtype).to(cd)
+    if paper:
+        A = (coef / ((V.to(cd) + eps) / bc2).sqrt()) @ P_new.mT  # eps inside the square root
+        # Muon part from the momentum residual; NS5 and NORM are scale-invariant, so M = M^
+        B = newton_schulz5(Mc - (Mc @ P_new) @ P_new.mT, ns_steps, dtype=ns_dtype).to(cd)
+    else:
+        A = (coef / (V.to(cd).sqrt() / bc2**0.5 + eps)) @ P_new.mT
+        B = newton_schulz5(G_t - coef @ P_new.mT, ns_steps, dtype=ns_dtype).to(cd)
     scale = math.sqrt(G.size(0) * G.size(1))
     update = A + (gamma * scale) * B / (B.norm() + eps)
     update = update / (update.norm() + eps)
