@@ -122,12 +122,15 @@ class FRUGAL(MatrixOptimizer):
           is zero by definition and is skipped; the reference steps ``sign`` of its rounding noise
           (full ``±lr`` steps). With ``"svd"`` and ``r >= rank(G)`` the residual is rounding noise
           in both, and sign_sgd amplifies it to ``±lr``: prefer ``inactive_update_rule="sgd"``.
-        * Block variant: the active blocks are a seeded uniform random draw of the group's
-          projected tensors (a ``state_dict`` round trip continues the draw), chosen per
-          parameter group; the reference's BlockAdamW block order (and its grouping of tensors
-          into layers) was not checked against this and may differ. Inactive blocks with
-          ``reset_statistics`` hold no state at all. The coordinate variant's column/row choice
-          equals ``proj_type="randperm"``.
+        * Block variant (reference: ``BlockOptimizer``/``BlockAdamW`` with its default
+          ``block_order="random"``, the same ``randperm(n)[:k]`` draw per group every
+          ``update_gap`` steps): the draw comes from a seeded generator kept in the state (the
+          reference uses the global RNG); ``k >= 1`` (the reference allows ``k = 0``); the
+          reference always clears a block's moments at re-selection, whatever
+          ``reset_statistics``, while here ``reset_statistics=False`` keeps them (frozen while
+          inactive). Its deterministic ``"ascending"``/``"descending"``/``"mirror"`` orders are
+          not implemented. The coordinate variant's column/row choice equals
+          ``proj_type="randperm"``.
         * ``r = max(1, round(density * dim))`` (the reference allows ``r = 0``); for ``"svd"`` at
           most ``min(m, n)`` (the reference truncates silently the same way).
     """
