@@ -584,6 +584,17 @@ FRUGAL_CASE = OptimCase(
             "betas": (0.8, 0.99),
             "eps": 1e-6,
         },
+        # block variant: 2 of the 3 weight matrices active, re-drawn every 3 steps
+        {"update_gap": 3, "proj_type": "block", "density": 0.5, "seed": 2},
+        {
+            "update_gap": 3,
+            "proj_type": "block",
+            "density": 0.3,
+            "reset_statistics": False,
+            "inactive_update_rule": "sgd",
+            "inactive_lr_scale": 0.5,
+            "proj_params_lr_scale": 0.7,
+        },
     ],
     reference=_frugal_reference,
     state_map={"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"},

@@ -130,3 +130,73 @@ def test_matrix_rule_true_on_a_vector_raises() -> None:
         bo.FRUGAL([{"params": [nn.Parameter(torch.zeros(3))], "matrix_rule": True}])
     with pytest.raises(ValueError, match="density"):
         bo.FRUGAL([{"params": [nn.Parameter(torch.zeros(3, 3))], "density": 0.0}])
+
+
+def _state_floats(opt) -> int:
+    return sum(
+        t.numel()
+        for st in opt.state.values()
+        for k, t in st.items()
+        if k in ("exp_avg", "exp_avg_sq")
+    )
+
+
+@pytest.mark.parametrize("density", [0.25, 0.5, 0.75])
+def test_block_state_is_two_density_of_the_blocks(density) -> None:
+    """8 equal 16 x 16 blocks: after every re-selection exactly round(8 density) carry moments."""
+    gen = torch.Generator().manual_seed(0)
+    ws = [nn.Parameter(torch.randn(16, 16, generator=gen, dtype=torch.float64)) for _ in range(8)]
+    opt = bo.FRUGAL(ws, density=density, proj_type="block", update_gap=2)
+    total = sum(w.numel() for w in ws)
+    active_sets = set()
+    for _ in range(10):
+        for w in ws:
+            w.grad = torch.randn(w.shape, generator=gen, dtype=torch.float64)
+        opt.step()
+        assert _state_floats(opt) == 2 * density * total
+        active_sets.add(tuple(int(opt.state[w]["active"]) for w in ws))
+    assert len(active_sets) > 1, "the active set was never re-drawn"
+    # without reset_statistics the moments of left blocks stay
+    opt = bo.FRUGAL(ws, density=0.25, proj_type="block", update_gap=1, reset_statistics=False)
+    for _ in range(10):
+        for w in ws:
+            w.grad = torch.randn(w.shape, generator=gen, dtype=torch.float64)
+        opt.step()
+    assert _state_floats(opt) > 2 * 0.25 * total
+
+
+def test_block_state_dict_round_trip_continues_the_draw() -> None:
+    torch.manual_seed(0)
+    model = mlp().double()
+    opt = bo.FRUGAL(model.parameters(), proj_type="block", density=0.5, update_gap=3, seed=4)
+    batches = _batches(20)
+    _run(model, opt, batches[:7])
+    model2 = copy.deepcopy(model)
+    opt2 = bo.FRUGAL(model2.parameters(), proj_type="block", density=0.5, update_gap=3, seed=9)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    seen = set()
+    for batch in batches[7:]:
+        _run(model, opt, [batch])
+        _run(model2, opt2, [batch])
+        flags = [int(opt.state[p]["active"]) for p in model.parameters() if p.ndim == 2]
+        flags2 = [int(opt2.state[p]["active"]) for p in model2.parameters() if p.ndim == 2]
+        assert flags == flags2
+        seen.add(tuple(flags))
+    assert len(seen) > 1, "no re-selection after the round trip"
+    for a, b in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_block_foreach_equals_single_tensor() -> None:
+    """The active blocks' AdamW runs through the shared fallback: both of its paths agree."""
+    torch.manual_seed(0)
+    models = [mlp().double() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    batches = _batches(30)
+    for model, foreach in zip(models, (False, True)):
+        opt = bo.FRUGAL(
+            model.parameters(), proj_type="block", density=0.5, update_gap=3, foreach=foreach
+        )
+        _run(model, opt, batches)
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

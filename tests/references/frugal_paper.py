@@ -6,7 +6,13 @@ fzmushko/FRUGAL) transcribed in float64 with explicit dense matrices, independen
 * random projector: Gram-Schmidt of the same Gaussian draws (per-parameter generator seeded
   ``seed + parameter index``, float64 ``randn(dim, r)``), i.e. the QR factor with positive R;
 * randperm projector: a dense 0/1 selection matrix of the first r entries of ``randperm(dim)``;
-* residual as ``(I - Q Q^T)`` applied densely; AdamW written out of place."""
+* residual as ``(I - Q Q^T)`` applied densely; AdamW written out of place;
+* block variant (``proj_type="block"``): per group, a 0/1 mask over its 2-D tensors whose ones
+  are the first ``k = max(1, round(density * n))`` entries of ``randperm(n)`` drawn from the
+  generator of the group's first 2-D tensor, redrawn every ``update_gap`` group steps; masked-in
+  tensors take AdamW on the whole gradient (moments restarted when they enter, deleted when
+  they leave, with ``reset_statistics``), the others the residual rule on the whole
+  gradient."""
 
 from __future__ import annotations
 
@@ -38,6 +44,8 @@ class FRUGALPaper(Optimizer):
             proj_params_lr_scale,
         )
         self.reset = reset_statistics
+        self.block_t = [0] * len(self.param_groups)
+        self.mask = {}
         self.gens = {}
         idx = 0
         for group in self.param_groups:
@@ -63,16 +71,49 @@ class FRUGALPaper(Optimizer):
             E[i, j] = 1.0
         return E
 
+    def _redraw_blocks(self, gi, group):
+        mats = [p for p in group["params"] if p.ndim == 2]
+        if not mats:
+            return
+        if self.block_t[gi] % self.gap == 0:
+            n = len(mats)
+            k = max(1, round(self.density * n))
+            mask = torch.zeros(n)
+            mask[torch.randperm(n, generator=self.gens[mats[0]])[:k]] = 1.0
+            for j, p in enumerate(mats):
+                st = self.state[p]
+                self.mask[p] = bool(mask[j] == 1.0)
+                if self.mask[p] and (self.reset or "exp_avg" not in st):
+                    st["step"], st["exp_avg"], st["exp_avg_sq"] = 0, 0.0, 0.0
+                elif not self.mask[p] and self.reset:
+                    st.clear()
+        self.block_t[gi] += 1
+
     @torch.no_grad()
     def step(self):
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["wd"]
+            if self.kind == "block":
+                self._redraw_blocks(gi, group)
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 st = self.state[p]
                 G = p.grad.clone()
                 p.copy_(p * (1 - lr * wd))
+                if p.ndim == 2 and self.kind == "block":
+                    s = lr * self.p_scale
+                    if self.mask[p]:
+                        t = st["step"] = st["step"] + 1
+                        m = b1 * st["exp_avg"] + (1 - b1) * G
+                        v = b2 * st["exp_avg_sq"] + (1 - b2) * G * G
+                        st["exp_avg"], st["exp_avg_sq"] = m, v
+                        p.copy_(p - s * (m / (1 - b1**t)) / (torch.sqrt(v / (1 - b2**t)) + eps))
+                    elif self.rule == "sign_sgd":
+                        p.copy_(p - s * self.in_scale * torch.sign(G))
+                    elif self.rule == "sgd":
+                        p.copy_(p - s * self.in_scale * G)
+                    continue
                 if p.ndim != 2:
                     t = st["step"] = st.get("step", 0) + 1
                     m = b1 * st.get("exp_avg", 0) + (1 - b1) * G

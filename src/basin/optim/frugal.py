@@ -14,11 +14,11 @@ from ._base import (
     check_range,
     get_value,
 )
-from ._matrix import MatrixOptimizer, check_fallback, check_int, compute_dtype
+from ._matrix import MatrixOptimizer, adamw_fallback, check_fallback, check_int, compute_dtype
 
 __all__ = ["FRUGAL", "frugal"]
 
-_PROJ_TYPES = ("svd", "random", "randperm")
+_PROJ_TYPES = ("svd", "random", "randperm", "block")
 _INACTIVE_RULES = ("sign_sgd", "sgd", "no")
 _PROJ_SIDES = ("std", "left", "right")
 
@@ -49,6 +49,19 @@ class FRUGAL(MatrixOptimizer):
     param-group order), whose state is kept in the optimizer state, so runs are deterministic
     and a ``state_dict`` round trip continues identically.
 
+    Block variant (``proj_type="block"``, the paper's BlockAdamW state-full part): whole
+    projected tensors are the blocks. Every ``update_gap`` steps of a parameter group (first step
+    included), ``k = max(1, round(density * n))`` of its ``n`` projected tensors are drawn
+    uniformly at random (the first ``k`` of ``randperm(n)`` from a generator seeded with
+    ``seed + index of the group's first projected parameter``, kept in that parameter's state
+    as ``"rng_state"``; each block's ``"active"`` flag is in its state). Active blocks take the
+    AdamW step (:func:`basin.optim._matrix.adamw_fallback`, scaled by ``proj_params_lr_scale``);
+    inactive ones take the residual rule on their whole gradient. With ``reset_statistics``
+    the moments of a block are allocated (zeroed, step count restarted) when it becomes active
+    and dropped when it becomes inactive, so the state is ``2 * density`` of the projected
+    parameters for equal-sized blocks; without it, a block keeps (frozen) moments while
+    inactive and continues them when chosen again. ``proj_side`` is ignored.
+
     Routing (shared by the matrix optimizers, :mod:`basin.optim._matrix`): a parameter group's
     ``matrix_rule`` decides who is projected: ``None`` (default) projects every 2-D parameter;
     ``True`` projects (ndim > 2 viewed as ``(size(0), -1)``; an ``ndim < 2`` parameter raises
@@ -73,10 +86,11 @@ class FRUGAL(MatrixOptimizer):
         betas, eps: AdamW coefficients (default (0.9, 0.999), 1e-8).
         weight_decay: decoupled weight decay, on every parameter (default 0.01, as the authors'
             AdamW).
-        density: fraction of the projected side kept in the state-full subspace, in (0, 1]
-            (default 0.25).
-        update_gap: steps between projector rebuilds (default 200).
-        proj_type: ``"svd"`` | ``"random"`` | ``"randperm"`` (default ``"svd"``).
+        density: fraction of the projected side kept in the state-full subspace (for
+            ``"block"``: fraction of the group's projected tensors), in (0, 1] (default 0.25).
+        update_gap: steps between projector rebuilds / block re-selections (default 200).
+        proj_type: ``"svd"`` | ``"random"`` | ``"randperm"`` | ``"block"`` (whole tensors,
+            see above) (default ``"svd"``).
         proj_side: ``"std"`` (smaller side, default) | ``"left"`` | ``"right"``.
         inactive_update_rule: ``"sign_sgd"`` | ``"sgd"`` | ``"no"`` (default ``"sign_sgd"``).
         inactive_lr_scale: scale of the residual step (default 1.0).
@@ -108,8 +122,15 @@ class FRUGAL(MatrixOptimizer):
           is zero by definition and is skipped; the reference steps ``sign`` of its rounding noise
           (full ``±lr`` steps). With ``"svd"`` and ``r >= rank(G)`` the residual is rounding noise
           in both, and sign_sgd amplifies it to ``±lr``: prefer ``inactive_update_rule="sgd"``.
-        * The block variant (BlockAdamW: whole tensors active/inactive) is not implemented; the
-          coordinate variant's column/row choice equals ``proj_type="randperm"``.
+        * Block variant (reference: ``BlockOptimizer``/``BlockAdamW`` with its default
+          ``block_order="random"``, the same ``randperm(n)[:k]`` draw per group every
+          ``update_gap`` steps): the draw comes from a seeded generator kept in the state (the
+          reference uses the global RNG); ``k >= 1`` (the reference allows ``k = 0``); the
+          reference always clears a block's moments at re-selection, whatever
+          ``reset_statistics``, while here ``reset_statistics=False`` keeps them (frozen while
+          inactive). Its deterministic ``"ascending"``/``"descending"``/``"mirror"`` orders are
+          not implemented. The coordinate variant's column/row choice equals
+          ``proj_type="randperm"``.
         * ``r = max(1, round(density * dim))`` (the reference allows ``r = 0``); for ``"svd"`` at
           most ``min(m, n)`` (the reference truncates silently the same way).
     """
@@ -188,6 +209,9 @@ class FRUGAL(MatrixOptimizer):
         raise KeyError("parameter not in this optimizer")  # pragma: no cover
 
     def _matrix_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        if group["proj_type"] == "block":
+            self._block_step(group, params)
+            return
         for p in self._with_grad(params):
             state = self.state[p]
             if len(state) == 0:
@@ -215,6 +239,70 @@ class FRUGAL(MatrixOptimizer):
                 reset_statistics=group["reset_statistics"],
                 maximize=group["maximize"],
             )
+
+    def _block_step(self, group: dict[str, Any], blocks: list[Tensor]) -> None:
+        """Block variant: re-select the active tensors every ``update_gap`` group steps, AdamW on
+        the active ones, the residual rule on the others."""
+        head = self.state[blocks[0]]  # group-level counter and generator
+        if "block_step" not in head:
+            head["block_step"] = torch.tensor(0, dtype=torch.int64)
+            gen = torch.Generator().manual_seed(group["seed"] + self._param_index(blocks[0]))
+            head["rng_state"] = gen.get_state()
+        if int(head["block_step"]) % group["update_gap"] == 0:
+            gen = torch.Generator()
+            gen.set_state(head["rng_state"].cpu())
+            k = max(1, round(group["density"] * len(blocks)))
+            chosen = set(torch.randperm(len(blocks), generator=gen)[:k].tolist())
+            head["rng_state"] = gen.get_state()
+            for i, p in enumerate(blocks):
+                state = self.state[p]
+                state["active"] = torch.tensor(int(i in chosen), dtype=torch.int64)
+                if i in chosen and (group["reset_statistics"] or "exp_avg" not in state):
+                    state["step"] = self._new_step()
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                elif i not in chosen and group["reset_statistics"]:
+                    for key in ("step", "exp_avg", "exp_avg_sq"):
+                        state.pop(key, None)
+        head["block_step"] += 1
+
+        lr, wd = group["lr"], group["weight_decay"]
+        scale = lr * group["proj_params_lr_scale"]
+        stepped = self._with_grad(blocks)
+        if wd != 0:  # decay with the plain lr, as the projected variants
+            for p in stepped:
+                p.mul_(1 - lr * wd)
+        active = [p for p in stepped if int(self.state[p]["active"])]
+        if active:
+            beta1, beta2 = group["betas"]
+            adamw_fallback(
+                active,
+                [p.grad for p in active],
+                [self.state[p]["exp_avg"] for p in active],
+                [self.state[p]["exp_avg_sq"] for p in active],
+                [self.state[p]["step"] for p in active],
+                lr=scale,
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=0.0,
+                maximize=group["maximize"],
+                foreach=group["foreach"],
+            )
+        for p in stepped:
+            if int(self.state[p]["active"]):
+                continue
+            g = -p.grad if group["maximize"] else p.grad
+            step = _inactive_direction(g, group["inactive_update_rule"])
+            if step is not None:
+                p.sub_(step * (scale * group["inactive_lr_scale"]))
+
+
+def _inactive_direction(residual: Tensor, rule: str) -> Tensor | None:
+    """The state-free step direction of the residual: its sign, itself, or none."""
+    if rule == "no":
+        return None
+    return residual.sign() if rule == "sign_sgd" else residual
 
 
 def _check_hparams(group: dict[str, Any]) -> None:
@@ -344,8 +432,6 @@ def frugal(
     rank, dim = (low.size(1), shape[1]) if side == "right" else (low.size(0), shape[0])
     full_rank = rank == dim
     if inactive_update_rule != "no" and not full_rank:
-        residual = G - _up(low, proj, side, shape)
-        if inactive_update_rule == "sign_sgd":
-            residual = residual.sign()
+        residual = _inactive_direction(G - _up(low, proj, side, shape), inactive_update_rule)
         update = update + residual * (scale * inactive_lr_scale)
     p.sub_(update.reshape(p.shape).to(p.dtype))
