@@ -191,3 +191,23 @@ def test_paper_momentum_is_a_reparametrisation_of_the_code_momentum() -> None:
     paper_eps, _ = _final_params(seed_model, nesterov=False, variant="paper")
     code_eps, _ = _final_params(seed_model, nesterov=False)
     assert (paper_eps[0].weight - code_eps[0].weight).abs().max() > 2e-5
+
+
+@pytest.mark.parametrize("variant", ["code", "paper"])
+@pytest.mark.parametrize("shape", [(12, 5), (5, 12)])
+def test_matrix_step_has_frobenius_norm_lr_lr_ratio_sqrt_mn(variant, shape) -> None:
+    """Both variants step by ``lr * lr_ratio * sqrt(mn)`` in Frobenius norm (the code's scale and
+    the ICLR-version rendering's ``eta sqrt(m) NORM(G~)``; the other rendering of the box reads
+    ``eta NORM(G~)``, i.e. ``sqrt(n)``: see the class docstring)."""
+    gen = torch.Generator().manual_seed(5)
+    m, n = shape
+    w = nn.Parameter(torch.randn(m, n, generator=gen, dtype=torch.float64))
+    lr, ratio = 3e-3, 0.3
+    opt = bo.COSMOS([w], lr=lr, lr_ratio=ratio, rank=2, ns_dtype=None, variant=variant)
+    for _ in range(3):
+        w0 = w.detach().clone()
+        w.grad = torch.randn(m, n, generator=gen, dtype=torch.float64)
+        opt.step()
+        step = (w.detach() - w0).norm().item()
+        assert step == pytest.approx(lr * ratio * (m * n) ** 0.5, rel=1e-8)
+        assert step != pytest.approx(lr * ratio * n**0.5, rel=1e-2)

@@ -15,8 +15,8 @@ element-wise squares in ``V``, and QR of ``X D`` spanning the same columns as QR
 column signs), so parameters must agree even though the stored ``P`` and ``S`` differ by
 column signs. Non-matrix parameters: AdamW.
 
-``variant="paper"`` transcribes the paper's algorithm box instead (basin: a branch of the same
-functional): EMA momentum ``M_t = b1 M + (1-b1) G`` with the Nesterov look-ahead written as one
+``variant="paper"`` transcribes the paper's algorithm box instead, as read through the
+third-party renderings named in ``basin.optim.cosmos`` (basin: a branch of the same functional): EMA momentum ``M_t = b1 M + (1-b1) G`` with the Nesterov look-ahead written as one
 more EMA step ``b1 M_t + (1-b1) G`` bias-corrected by ``1 - b1^(t+1)``, the SOAP denominator
 ``sqrt((V + eps) / (1 - b2^t))``, and the Muon part from ``M_t (I - P P^T)``."""
 

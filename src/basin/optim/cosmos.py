@@ -68,7 +68,7 @@ class COSMOS(MatrixOptimizer):
     code.
 
     Memory: ``M`` (mn) + ``V`` (mr) + ``P`` (nr) + ``S`` (r^2), i.e. ``1 + r/n + r/m + r^2/mn``
-    times the parameter (about 1.2 for a 1024 x 1024 matrix with r = 64), versus 2 for Adam.
+    times the parameter (1.13 for a 1024 x 1024 matrix with r = 64), versus 2 for Adam.
 
     Args:
         params: iterable of parameters or parameter groups.
@@ -85,7 +85,7 @@ class COSMOS(MatrixOptimizer):
         ns_dtype: compute dtype of Newton-Schulz (default bfloat16 as the authors; None keeps
             the gradient's dtype, for exact float64 checks).
         variant: ``"code"`` (default: the authors' code, which the paper's experiments ran) or
-            ``"paper"`` (the paper's algorithm box as described above; see the caveat below).
+            ``"paper"`` (the paper's algorithm box as described above; see "Sources" below).
         max_rows: matrices with more rows use AdamW (default 10000, as the authors).
         maximize: maximize the objective (default False).
         foreach: multi-tensor AdamW fallback (None picks per device); the matrix rule is always a
@@ -108,11 +108,26 @@ class COSMOS(MatrixOptimizer):
           of the residual of the momentum ``M - M P P^T``, and no Nesterov step; the code keeps
           an unnormalised sum, adds ``eps`` after the square root and, with Nesterov, feeds the
           Nesterov mix ``G~`` to both parts. The momentum scaling is a pure reparametrisation
-          (same ``G~``). Caveat: the box was checked only through a third-party rendering of
-          the paper's equations (the arXiv text was not reachable), so the default stays
-          ``"code"``; ``"paper"`` keeps the code's Nesterov option (applied to the SOAP part
-          only, since the box has none), its step scale ``lr * lr_ratio * sqrt(mn)``, its
-          ``t = 1`` initialisation and its ``+ eps`` in the Frobenius normalisations.
+          (same ``G~``). ``"paper"`` keeps the code's Nesterov option (applied to the SOAP part
+          only, since the box has none), its ``t = 1`` initialisation and its ``+ eps`` in the
+          Frobenius normalisations.
+        * Sources and why the default stays ``"code"``: the paper's own text (arXiv abs/html
+          v1-v3, ar5iv) could not be read from basin's build machines: only its title page and
+          abstract are in the stored copies searched. The box was read through two third-party
+          renderings: junaidaliop.github.io/zij/math/cosmos/ (repository junaidaliop/zij) and a
+          paper note on the ICLR 2026 version (OpenReview j2QTOOtM8R). Both give
+          ``M <- b1 M + (1-b1) G``, ``A = [(M P / (1-b1^t)) / sqrt((V + eps) / (1-b2^t))] P^T``,
+          ``B = NORM(NS5(R / ||R||_F))`` with ``R = M - M P P^T`` and ``NORM(X) = sqrt(n) X /
+          ||X||_F``, and ``G~ = A + gamma sqrt(m) B`` (a Muon part of norm ``gamma sqrt(mn)``,
+          as implemented). They disagree on the final step: ``W <- W - eta NORM(G~)`` (norm
+          ``eta sqrt(n)``) in the first, ``W <- W - eta sqrt(m) NORM(G~)`` (norm ``eta
+          sqrt(mn)``, the code's scale, with ``eta = lr * lr_ratio``) in the second; both
+          variants use ``sqrt(mn)``. The authors' first release (``COSMOS.py``, Feb 2025,
+          replaced by ``COSMOS_optim.py`` in Feb 2026; git history of lliu606/COSMOS) agrees
+          with the box on the EMA momentum, the momentum residual and the absent Nesterov step,
+          but adds ``eps`` after the square root and uses ``gamma = lr_ratio``. Until the
+          primary text confirms the box (and settles ``sqrt(n)`` vs ``sqrt(mn)``), the default
+          is the released code.
         * ``p.grad`` is not modified in place (the reference overwrites it with ``G~``).
         * ``rank > min(m, n)`` raises ``ValueError`` (the reference fails with a shape error
           for ``rank > n`` and silently picks arbitrary null-space directions for ``rank > m``).
