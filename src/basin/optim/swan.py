@@ -106,7 +106,7 @@ class SWAN(MatrixOptimizer):
           eigenvalues of the normalised Gram matrix above about ``2.25**-ns_steps``, smaller
           directions are damped. Row centering makes square and tall gradients
           rank-deficient; there rounding noise in the null space grows ~1.5x per iteration,
-          so do not raise ``ns_steps`` far beyond ~20 in float32 (at 40 it overflows to NaN
+          so do not raise ``ns_steps`` far beyond ~20 in float32 (at 40 it can overflow to NaN
           on such layers).
         * ``rescale=True`` (so that ``lr`` is on Adam's scale), the default ``lr`` 1e-3, the
           Adam fallback for embeddings, head and ``ndim < 2`` parameters, and its defaults.
