@@ -21,7 +21,10 @@ Targets: basin eager <= 0.8 x the fastest peer implementation of the same algori
 basin compiled <= 1.5 x torch.optim.AdamW(fused=True).
 
 State memory: bytes of all (non-scalar) state tensors / (numel * element size) of the
-parameters, measured after the warm-up steps (Adam = 2.0).
+parameters, measured after the warm-up steps (Adam = 2.0); for the matrix optimizers also
+"matrix B/B", the same ratio over only the parameters routed to the matrix rule (the hidden
+weight matrices: SWAN 0, Muon 1, COSMOS ``1 + r/n + r/m + r^2/(mn)``, FRUGAL ``2 * density``
+plus its projector). ``--state-only`` measures just these (one step each, no timing).
 
     python benchmarks/optim_step.py                     # everything
     python benchmarks/optim_step.py --only adabelief --no-compile --quick
@@ -356,16 +359,29 @@ class Runner:
     def min_ms(self) -> float:
         return min(self.times) * 1e3
 
+    matrix_ids: frozenset[int] | None = None  # parameters routed to the matrix rule
+
     def state_bytes_per_param(self) -> float:
-        state_bytes = 0
-        param_bytes = 0
-        for group in self.opt.param_groups:
-            for p in group["params"]:
-                param_bytes += p.numel() * p.element_size()
-                for v in self.opt.state.get(p, {}).values():
-                    if isinstance(v, torch.Tensor) and v.ndim > 0:
-                        state_bytes += v.numel() * v.element_size()
-        return state_bytes / param_bytes
+        return state_bytes_ratio(self.opt)
+
+    def matrix_state_bytes_per_param(self) -> float | None:
+        return None if self.matrix_ids is None else state_bytes_ratio(self.opt, self.matrix_ids)
+
+
+def state_bytes_ratio(opt: Optimizer, only: frozenset[int] | None = None) -> float:
+    """Bytes of the (non-scalar) state tensors of ``opt``'s parameters / those parameters'
+    bytes; ``only``: restrict both to the parameters with these ``id``s."""
+    state_bytes = 0
+    param_bytes = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if only is not None and id(p) not in only:
+                continue
+            param_bytes += p.numel() * p.element_size()
+            for v in opt.state.get(p, {}).values():
+                if isinstance(v, torch.Tensor) and v.ndim > 0:
+                    state_bytes += v.numel() * v.element_size()
+    return state_bytes / param_bytes
 
 
 def unique_graphs() -> int:
@@ -383,6 +399,7 @@ def build_runners(
     entry: Entry | None, kind: str, seed: int, do_compile: bool, notes: list[str]
 ) -> list[Runner]:
     runners: list[Runner] = []
+    matrix = entry is not None and entry.matrix  # report the matrix-rule-only state too
 
     def add(label: str, rkind: str, make: Callable[[nn.Module], Optimizer], comp: bool) -> None:
         model = model_copy(kind, seed)
@@ -395,7 +412,8 @@ def build_runners(
             notes.append(f"{kind}: {label} skipped ({type(e).__name__}: {e})")
             return
         step = compiled(opt, fullgraph=rkind == "basin-compiled") if comp else opt.step
-        runners.append(Runner(label, rkind, opt, step))
+        ids = frozenset(id(p) for p in matrix_split(model)[0]) if matrix else None
+        runners.append(Runner(label, rkind, opt, step, matrix_ids=ids))
 
     if entry is None:  # AdamW context rows
         for label, extra in ADAMW_CONTEXT:
@@ -491,6 +509,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(2)
 
     warmup, steps = (3, 5) if args.quick else (args.warmup, args.steps)
+    if args.state_only:  # state sizes only: one step each, no compile, no timing
+        warmup, steps, args.no_compile = 1, 1, True
     models = [m for m in ("4m", "mlp", "transformer") if m in set(args.models.split(","))]
     rows: list[dict[str, Any]] = []
     do_compile = not args.no_compile
@@ -549,6 +569,7 @@ def _row(
         vs_fastest_peer=vs_peer,
         vs_fused_adamw=vs_fused,
         state_bytes_per_param=r.state_bytes_per_param(),
+        matrix_state_bytes_per_param=r.matrix_state_bytes_per_param(),
         recompiles_during_timing=r.graphs_during_timing,
         note=r.note,
     )
@@ -566,7 +587,7 @@ def print_table(result: dict[str, Any]) -> None:
     )
     head = (
         f"{'model':<11} {'algorithm':<10} {'implementation':<26} {'ms/step':>9} {'min ms':>8} "
-        f"{'/fastest peer':>13} {'/AdamW fused':>13} {'state B/B':>9}  note"
+        f"{'/fastest peer':>13} {'/AdamW fused':>13} {'state B/B':>9} {'matrix B/B':>10}  note"
     )
     print(head)
     print("-" * len(head))
@@ -584,7 +605,7 @@ def print_table(result: dict[str, Any]) -> None:
             f"{row['median_ms']:>9.3f} {row['min_ms']:>8.3f} "
             f"{fmt_ratio(row['vs_fastest_peer'], peer_target):>13} "
             f"{fmt_ratio(vs_fused, fused_target):>13} "
-            f"{row['state_bytes_per_param']:>9.2f}  {row['note']}"
+            f"{row['state_bytes_per_param']:>9.2f} {_fmt_state(row):>10}  {row['note']}"
         )
     if result["notes"]:
         print("\nnotes:")
@@ -592,11 +613,21 @@ def print_table(result: dict[str, Any]) -> None:
             print(f"  - {n}")
 
 
+def _fmt_state(row: dict[str, Any]) -> str:
+    v = row.get("matrix_state_bytes_per_param")
+    return "" if v is None else f"{v:.2f}"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="3 warm-up + 5 timed steps (smoke test)")
     ap.add_argument("--only", default="", help="comma-separated basin names, e.g. adabelief,muon")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument(
+        "--state-only",
+        action="store_true",
+        help="state bytes only: one step per implementation, no compile (timings meaningless)",
+    )
     ap.add_argument("--json", default="", metavar="PATH", help="write the results as JSON")
     ap.add_argument("--models", default="4m,mlp,transformer", help="subset of 4m,mlp,transformer")
     ap.add_argument("--warmup", type=int, default=10)

@@ -104,30 +104,45 @@ def scale_invariant_projection(
     return projected, 1 + fired * (wd_ratio - 1)
 
 
-def whiten_newton_schulz(G: Tensor, steps: int = 10, *, eps: float = 1e-12) -> Tensor:
+def whiten_newton_schulz(
+    G: Tensor, steps: int = 10, *, beta: float = 0.5, eps: float = 1e-12
+) -> Tensor:
     """Whitening ``(G G^T)^(-1/2) G`` (= ``G (G^T G)^(-1/2)``, the polar factor ``U V^T`` of a
     full-rank ``G``) by the coupled Newton-Schulz iteration for the inverse square root, on the
     smaller Gram matrix (last two dims), in ``G``'s dtype.
 
-    With ``X = G / ||G||_F`` and ``A = X X^T`` (``X^T X`` when rows > cols), whose eigenvalues
-    lie in (0, 1]: ``Y_0 = A``, ``Z_0 = I``; ``T = 3I - Z Y``; ``Y <- Y T / 2``, ``Z <- T Z / 2``;
-    ``Y -> A^(1/2)``, ``Z -> A^(-1/2)``; the result is ``Z X`` (``X Z`` when rows > cols).
+    With ``A = X X^T / ||X X^T||_F`` (``X = G``, or ``G^T`` when rows > cols; the Frobenius
+    normalisation of Gong, Scetbon, Ma & Meeds, arXiv:2502.07752, App. B.8, the NS form the
+    SWAN authors describe), whose eigenvalues lie in (0, 1]: ``Y_0 = A``, ``Z_0 = I``;
+    ``T = 3I - Z Y``; ``Y <- Y T / 2``, ``Z <- T Z / 2``; ``Y -> A^(1/2)``, ``Z -> A^(-1/2)``; the
+    result is ``Z X / ||X X^T||_F^(1/2)`` (transposed back when rows > cols).
     Convergence is quadratic once an eigenvalue is near 1; an eigenvalue ``l`` far below 1 first
-    grows by about 2.25x per step, so ``steps`` must exceed ``log(1/l)/log(2.25)`` for it."""
+    grows by about 2.25x per step, so ``steps`` must exceed ``log(1/l)/log(2.25)`` for it.
+
+    ``beta`` generalises the two halvings (``Y <- beta Y T``, ``Z <- beta T Z``; the step size of
+    Ma et al.'s GradWhitening box). ``Y Z^-1 = A`` stays invariant, so with ``p = l z^2`` per
+    eigenvalue ``p <- beta^2 p (3 - p)^2``: for ``1/3 < beta < 2/3`` it converges (linearly
+    unless ``beta = 1/2``) to ``p* = 3 - 1/beta``, i.e. the result tends to
+    ``sqrt(3 - 1/beta)`` times the whitening; small eigenvalues grow ``9 beta^2`` per step. For
+    ``2/3 <= beta < sqrt(3)/2`` ``p`` stays bounded in (0, 3) but does not settle: an
+    approximate whitening, as with Muon's quintic."""
     if G.ndim < 2:
         raise ValueError(
             f"whiten_newton_schulz needs a matrix (ndim >= 2), got shape {tuple(G.shape)}"
         )
     tall = G.size(-2) > G.size(-1)
     X = G.mT if tall else G
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)  # no overflow in the Gram matrix
+    Y = X @ X.mT
+    c = Y.norm(dim=(-2, -1), keepdim=True)  # in [1/n, 1]
+    Y = Y / (c + eps)
+    X = X / (c + eps).sqrt()
     n = X.size(-2)
     eye = torch.eye(n, dtype=X.dtype, device=X.device).expand(*X.shape[:-2], n, n)
-    Y = X @ X.mT
     Z = eye
     for _ in range(steps):
         T = 3 * eye - Z @ Y
-        Y = 0.5 * (Y @ T)
-        Z = 0.5 * (T @ Z)
+        Y = beta * (Y @ T)
+        Z = beta * (T @ Z)
     out = Z @ X
     return out.mT if tall else out

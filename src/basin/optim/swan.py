@@ -12,6 +12,7 @@ from ._base import (
     check_bool,
     check_lr,
     check_nonnegative,
+    check_range,
     group_by_device_and_dtype,
     use_foreach,
 )
@@ -30,7 +31,8 @@ class SWAN(MatrixOptimizer):
     ``(size(0), -1)``; computed in float32, or float64 for float64 parameters)::
 
         G~ = (G - mean_row(G)) / (std_row(G) + eps)      per row, population std over n columns
-        W  = (G~ G~^T)^(-1/2) G~                          coupled Newton-Schulz, ns_steps
+        W  = (G~ G~^T)^(-1/2) G~                          coupled Newton-Schulz: ns_steps
+                                                          steps of size ns_beta
         W <- W * ||G~||_F / (||W||_F + eps)               if rescale
         p <- p (1 - lr wd) - lr W
 
@@ -47,6 +49,8 @@ class SWAN(MatrixOptimizer):
         lr: learning rate of SWAN groups (default 1e-3).
         weight_decay: decoupled weight decay of SWAN groups (default 0).
         ns_steps: coupled Newton-Schulz iterations of the whitening (default 10).
+        ns_beta: step size of the iteration, in (1/3, sqrt(3)/2) (default 0.5, the classical
+            coupled iteration; see :func:`basin.optim._kernels.whiten_newton_schulz`).
         eps: added to the row std and to the norm in the rescaling (default 1e-8).
         rescale: rescale the whitened matrix to the Frobenius norm of ``G~`` (default True).
         adam_lr, adam_betas, adam_eps, adam_weight_decay: fallback defaults.
@@ -57,22 +61,59 @@ class SWAN(MatrixOptimizer):
 
     References:
         Chao Ma, Wenbo Gong, Meyer Scetbon, Edward Meeds. "SWAN: SGD with Normalization and
-        Whitening Enables Stateless LLM Training." arXiv:2412.13148, 2024. No official code;
-        verified against a float64 transcription with an exact eigendecomposition-based inverse
-        square root (tests/references/swan_paper.py).
+        Whitening Enables Stateless LLM Training." arXiv:2412.13148 (2024; ICML 2025, PMLR
+        267:41907-41942). No official code (the ICML version says it "will be released at
+        github.com/microsoft/msr_optim"; no snapshot of it is reachable here). Verified against a
+        float64 transcription with an exact eigendecomposition-based inverse square root
+        (tests/references/swan_paper.py).
 
-    UNVERIFIED choices (no authors' code to check against):
-        * ``ns_steps=10`` (ports use 6-10); the iteration converges only for eigenvalues of the
-          normalised Gram matrix above about ``2.25**-ns_steps``, smaller directions are damped.
-          Row centering makes square and tall gradients rank-deficient; there rounding noise
-          in the null space grows ~1.5x per iteration, so do not raise ``ns_steps`` far beyond
-          ~20 in float32 (at 40 it overflows to NaN on such layers).
-        * ``eps`` in the row std (the paper divides by the std alone) and in the rescaling.
-        * ``rescale=True`` (the norm-restoring step, so that ``lr`` is on Adam's scale), the
-          default ``lr`` 1e-3 and the Adam fallback defaults.
+    Sources checked (the paper's PDF/HTML body itself was not readable from here): the PMLR
+        and OpenReview abstracts; the same authors' restatement of SWAN (W. Gong, M. Scetbon,
+        C. Ma, E. Meeds, "Towards Efficient Optimizer Design for LLM via Structured Fisher
+        Approximation with a Low-Rank Extension", arXiv:2502.07752, App. B.7 eqs. 30-32:
+        ``GradNorm(G) = (G - g 1_n^T) / (s 1_n^T)`` with ``g``, ``s`` the mean and population std
+        of each row over its ``n`` entries, ``GradWhitening(G) = (G G^T)^(-1/2) G``, "in practice
+        computed using Newton-Schulz iterations", and App. B.8: ``Y_0 = A / ||A||_F``,
+        ``Z_0 = I``, ``Y <- Y (3I - Z Y) / 2``, ``Z <- (3I - Z Y) Z / 2``); a
+        reproducibility summary of the ICML version ("Algorithm 1 SWAN, Algorithm 2 Grad
+        Whitening Operator, Algorithm 3 Grad Norm Operator"; whitening in FP32, weights and
+        gradients in BF16); and four independent public ports that transcribe Algorithms 1-3.
+
+    Confirmed (by those sources):
+        * GradNorm: row-wise mean and population std over the ``n`` columns; GradWhitening
+          ``(G~ G~^T)^(-1/2) G~`` by the coupled Newton-Schulz iteration started from the
+          Frobenius-normalised Gram matrix ``A = G~ G~^T / ||G~ G~^T||_F`` (App. B.8 above; the
+          result is rescaled by ``||G~ G~^T||_F^(-1/2)``), ``Z_0 = I``,
+          ``Y <- beta Y (3I - Z Y)``, ``Z <- beta (3I - Z Y) Z``. The ports agree on this form
+          with a step size ``beta`` (exposed as ``ns_beta``); App. B.8 has ``beta = 1/2``.
+        * Whitening in float32 for low-precision parameters (the paper whitens in FP32).
+        * Rescaling: the ports write it either as ``W * ||G~||_F / ||W||_F`` or as
+          ``sqrt(m n) W / ||W||_F``; these are the same map, because every standardised row of
+          ``G~`` has squared norm ``n`` (tested: tests/optim/test_swan.py).
+
+    Differences from the paper / still UNVERIFIED (paper text not read; no authors' code):
+        * ``eps`` in the row std and in the rescaling (the paper divides by the std alone,
+          undefined for a constant row). With ``eps > 0`` a constant row (e.g. a dead unit)
+          standardises to 0 and ``||G~||_F`` is then below ``sqrt(m n)``: we keep the
+          ``||G~||_F`` form there, the ``sqrt(m n)`` form would scale the other rows up.
+        * ``ns_steps=10`` and ``ns_beta=0.5``: two ports attribute ``k = 10`` to the paper, one
+          of them with ``beta = 0.8`` (and ``k = 2``, ``beta = 0.4`` for a diagonal variant,
+          not implemented here); the others and App. B.8 use ``beta = 0.5``. 0.5 is kept:
+          only there does the iteration converge to the whitening (quadratically); 0.8 gives a
+          bounded approximate whitening (singular values within ~1.1-1.3, not equal) that
+          reaches small eigenvalues faster (``9 beta^2`` growth per step vs 2.25). Pass
+          ``ns_beta=0.8`` to reproduce that setting. At 0.5 the iteration converges only for
+          eigenvalues of the normalised Gram matrix above about ``2.25**-ns_steps``, smaller
+          directions are damped. Row centering makes square and tall gradients
+          rank-deficient; there rounding noise in the null space grows ~1.5x per iteration,
+          so do not raise ``ns_steps`` far beyond ~20 in float32 (at 40 it can overflow to NaN
+          on such layers).
+        * ``rescale=True`` (so that ``lr`` is on Adam's scale), the default ``lr`` 1e-3, the
+          Adam fallback for embeddings, head and ``ndim < 2`` parameters, and its defaults.
         * Whitening on the smaller Gram matrix (``G~ (G~^T G~)^(-1/2)`` when ``m > n``), equal to
-          the paper's form where that is defined; float32 whitening for low-precision
-          parameters (the paper whitens in FP32).
+          the paper's form where that is defined (the paper assumes ``m <= n``).
+        * The ICML version also names a "SWAN-0" variant beside "SWAN"; which of the two this
+          stateless update corresponds to there could not be checked.
     """
 
     _algo = "SWAN"
@@ -87,6 +128,7 @@ class SWAN(MatrixOptimizer):
         eps: float = 1e-8,
         rescale: bool = True,
         *,
+        ns_beta: float = 0.5,
         adam_lr: float | Tensor = 1e-3,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
@@ -100,6 +142,7 @@ class SWAN(MatrixOptimizer):
             lr=lr,
             weight_decay=weight_decay,
             ns_steps=ns_steps,
+            ns_beta=ns_beta,
             eps=eps,
             rescale=rescale,
             maximize=maximize,
@@ -112,6 +155,7 @@ class SWAN(MatrixOptimizer):
         check_lr(group["lr"])
         check_nonnegative("weight_decay", group["weight_decay"])
         check_int("ns_steps", group["ns_steps"], 1)
+        check_range("ns_beta", group["ns_beta"], 1 / 3, 3**0.5 / 2, low_inclusive=False, high_inclusive=False)  # fmt: skip
         check_nonnegative("eps", group["eps"])
         check_bool("rescale", group["rescale"])
 
@@ -126,6 +170,7 @@ class SWAN(MatrixOptimizer):
             lr=group["lr"],
             weight_decay=group["weight_decay"],
             ns_steps=group["ns_steps"],
+            ns_beta=group["ns_beta"],
             eps=group["eps"],
             rescale=group["rescale"],
             maximize=group["maximize"],
@@ -133,14 +178,16 @@ class SWAN(MatrixOptimizer):
         )
 
 
-def _swan_direction(g: Tensor, ns_steps: int, eps: float, rescale: bool) -> Tensor:
+def _swan_direction(
+    g: Tensor, ns_steps: int, eps: float, rescale: bool, ns_beta: float = 0.5
+) -> Tensor:
     """GradNorm then GradWhitening (then rescaling) of one gradient, in ``g``'s shape."""
     mat = g.reshape(g.size(0), -1) if g.ndim > 2 else g
     mat = mat.to(torch.promote_types(mat.dtype, torch.float32))
     mean = mat.mean(dim=1, keepdim=True)
     std = mat.std(dim=1, keepdim=True, correction=0)
     normed = (mat - mean) / (std + eps)
-    white = whiten_newton_schulz(normed, ns_steps)
+    white = whiten_newton_schulz(normed, ns_steps, beta=ns_beta)
     if rescale:
         white = white * (normed.norm() / (white.norm() + eps))
     return white.reshape(g.shape)
@@ -157,25 +204,32 @@ def swan(
     rescale: bool,
     maximize: bool,
     foreach: bool | None = None,
+    ns_beta: float = 0.5,
 ) -> None:
     """Functional SWAN (matrix parameters only); see :class:`SWAN`."""
     fn = _multi_tensor_swan if use_foreach(foreach, params) else _single_tensor_swan
     fn(
-        params, grads, lr=lr, weight_decay=weight_decay, ns_steps=ns_steps, eps=eps,
-        rescale=rescale, maximize=maximize,
+        params, grads, lr=lr, weight_decay=weight_decay, ns_steps=ns_steps, ns_beta=ns_beta,
+        eps=eps, rescale=rescale, maximize=maximize,
     )  # fmt: skip
 
 
-def _single_tensor_swan(params, grads, *, lr, weight_decay, ns_steps, eps, rescale, maximize):
+def _single_tensor_swan(
+    params, grads, *, lr, weight_decay, ns_steps, ns_beta, eps, rescale, maximize
+):
     for p, g in zip(params, grads):
         g = -g if maximize else g
-        update = _swan_direction(g, ns_steps, eps, rescale).to(p.dtype)
+        update = _swan_direction(g, ns_steps, eps, rescale, ns_beta).to(p.dtype)
         _decay_and_add(p, update, lr, weight_decay)
 
 
-def _multi_tensor_swan(params, grads, *, lr, weight_decay, ns_steps, eps, rescale, maximize):
+def _multi_tensor_swan(
+    params, grads, *, lr, weight_decay, ns_steps, ns_beta, eps, rescale, maximize
+):
     for ps, gs in group_by_device_and_dtype([params, grads]).values():
         gs = torch._foreach_neg(gs) if maximize else gs
         # the whitening is a chain of matmuls per matrix: no foreach form
-        updates = [_swan_direction(g, ns_steps, eps, rescale).to(p.dtype) for g, p in zip(gs, ps)]
+        updates = [
+            _swan_direction(g, ns_steps, eps, rescale, ns_beta).to(p.dtype) for g, p in zip(gs, ps)
+        ]
         _foreach_decay_and_add(ps, updates, lr, weight_decay)
