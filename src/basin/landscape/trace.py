@@ -22,8 +22,8 @@ et al., "BackPACK: Packing more into backprop", ICLR 2020). Only ``tr(R)`` is es
 Hutchinson with ``n_hvp`` residual products. Near a minimum ``r`` is small and ``R`` carries a
 small part of the Frobenius mass, so the error is several times smaller than Hutchinson's or
 Hutch++'s on ``H`` for the same products, even on the bulk-dominated spectra where Hutch++'s
-deflation gains nothing (``benchmarks/hessian.py``: 11x less variance per probe on a trained
-MLP). It needs a loss that is a sum or mean of per-example terms (checked), a model that treats
+deflation gains nothing (on the trained 1,642-parameter MLP of ``benchmarks/hessian.py``, 11x
+less variance per probe than Hutchinson on ``H``, measured with the dense matrices). It needs a loss that is a sum or mean of per-example terms (checked), a model that treats
 examples independently (no BatchNorm in train mode) and at most ``max_outputs`` outputs per
 example. With ``kind="ggn"`` it returns the exact ``tr(G)`` (standard error 0).
 
