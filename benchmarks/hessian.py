@@ -2,10 +2,13 @@
 
 For each method: Hessian-vector products used, seconds, and relative error against the truth:
 the dense float64 Hessian for the small model (40-32-10 tanh MLP, 1,642 parameters, 512 MNIST-1D
-examples); a long float64 Lanczos run (tol 1e-10) and a 600-product float64 Hutch++ trace (its
-standard error is printed) for the large one (40-300-300-10, 105,610 parameters, 1,000 examples). Both libraries run in float32
-on the CPU on the same model and batch; PyHessian with its defaults (power iteration, tol 1e-3;
-Hutchinson, tol 1e-3). Errors are medians over ``--seeds`` seeds.
+examples); a long float64 Lanczos run (tol 1e-10) and a float64 ``gn-split`` trace with 400
+residual products (exact Gauss-Newton part; its standard error is printed) for the large one
+(40-300-300-10, 105,610 parameters, 1,000 examples). Both libraries run in float32 on the CPU on
+the same model and batch; PyHessian with its defaults (power iteration, tol 1e-3; Hutchinson, tol
+1e-3). basin's trace gets half of PyHessian's products, once with Hutch++ and once with
+``gn-split`` (which also makes one per-example Jacobian pass per class: the "J" column; compare
+the seconds). Errors are medians over ``--seeds`` seeds.
 
     python benchmarks/hessian.py [--seeds 3] [--no-large] [--no-small]
 """
@@ -86,7 +89,7 @@ def truth_large(model, x, y):
     data = (x.double(), y)
     eig = hessian_eigenvalues(m, nn.functional.cross_entropy, data, k=5, tol=1e-10, max_iter=400)
     assert bool(eig.converged.all()), "truth run did not converge"
-    tr = hessian_trace(m, nn.functional.cross_entropy, data, n_hvp=600, seed=123)
+    tr = hessian_trace(m, nn.functional.cross_entropy, data, n_hvp=400, method="gn-split", seed=123)
     return eig.eigenvalues, tr.trace, tr.stderr
 
 
@@ -122,7 +125,7 @@ def run_case(label, model, x, y, truth, seeds):
                     err = max(rel(v, t) for v, t in zip(val, top5))
                 else:
                     err = rel(val[0], tr_true)
-                res[key].append((count["n"], sec, err))
+                res[key].append((count["n"], 0, sec, err))
         finally:
             restore()
     ph = {k: [statistics.median(c) for c in zip(*v)] for k, v in res.items()}
@@ -130,20 +133,26 @@ def run_case(label, model, x, y, truth, seeds):
     bres = {"top1": [], "top5": [], "trace": []}
     for s in range(seeds):
         e1 = hessian_eigenvalues(model, lf, data, k=1, tol=1e-3, seed=s)
-        bres["top1"].append((e1.n_hvp, e1.seconds, rel(e1.eigenvalues[0], top5[0])))
+        bres["top1"].append((e1.n_hvp, 0, e1.seconds, rel(e1.eigenvalues[0], top5[0])))
         e5 = hessian_eigenvalues(model, lf, data, k=5, tol=1e-3, seed=s)
         bres["top5"].append(
-            (e5.n_hvp, e5.seconds, max(rel(a, b) for a, b in zip(e5.eigenvalues, top5)))
+            (e5.n_hvp, 0, e5.seconds, max(rel(a, b) for a, b in zip(e5.eigenvalues, top5)))
         )
         budget = max(3, int(ph["trace"][0]) // 2)
-        t = hessian_trace(model, lf, data, n_hvp=budget, seed=s)
-        bres["trace"].append((t.n_hvp, t.seconds, rel(t.trace, tr_true)))
-        t99 = hessian_trace(model, lf, data, n_hvp=99, seed=s)
-        bres.setdefault("trace99", []).append((t99.n_hvp, t99.seconds, rel(t99.trace, tr_true)))
+        for key, method, n in (
+            ("trace", "hutch++", budget),
+            ("trace-gn", "gn-split", budget),
+            ("trace99", "hutch++", 99),
+        ):
+            t = hessian_trace(model, lf, data, n_hvp=n, method=method, seed=s)
+            bres.setdefault(key, []).append(
+                (t.n_hvp, t.n_jacobian_passes, t.seconds, rel(t.trace, tr_true))
+            )
     bs = {k: [statistics.median(c) for c in zip(*v)] for k, v in bres.items()}
     for key in ("top1", "top5", "trace"):
         rows.append((label, key, "pyhessian", *ph[key]))
         rows.append((label, key, "basin", *bs[key]))
+    rows.append((label, "trace", "basin gn-split", *bs["trace-gn"]))
     rows.append((label, "trace", "basin (99 HVP)", *bs["trace99"]))
     return rows
 
@@ -176,17 +185,21 @@ def main():
         f"  threads {torch.get_num_threads()}  medians over {args.seeds} seeds"
     )
     print(
-        f"{'model':10s} {'quantity':8s} {'method':16s} {'HVPs':>6s} {'seconds':>8s} {'rel.err':>9s}"
+        f"{'model':10s} {'quantity':8s} {'method':16s} {'HVPs':>6s} {'J':>4s} {'seconds':>8s}"
+        f" {'rel.err':>9s}"
     )
-    for label, key, meth, n, sec, err in rows:
-        print(f"{label:10s} {key:8s} {meth:16s} {n:6.0f} {sec:8.2f} {err:9.1e}")
+    for label, key, meth, n, nj, sec, err in rows:
+        print(f"{label:10s} {key:8s} {meth:16s} {n:6.0f} {nj:4.0f} {sec:8.3f} {err:9.1e}")
     for label in dict.fromkeys(r[0] for r in rows):
         for key in ("top1", "top5", "trace"):
             p = next(r for r in rows if r[:3] == (label, key, "pyhessian"))
-            b = next(r for r in rows if r[:3] == (label, key, "basin"))
-            print(
-                f"{label} {key}: basin/pyhessian products {b[3] / p[3]:.2f}, error ratio {b[5] / p[5]:.2g}"
-            )
+            for meth in ("basin", "basin gn-split"):
+                b = next((r for r in rows if r[:3] == (label, key, meth)), None)
+                if b is not None:
+                    print(
+                        f"{label} {key} {meth}: products {b[3] / p[3]:.2f}x, seconds"
+                        f" {b[5] / p[5]:.2f}x, error {b[6] / p[6]:.2g}x pyhessian's"
+                    )
 
 
 if __name__ == "__main__":

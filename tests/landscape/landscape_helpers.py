@@ -36,6 +36,30 @@ def dense_hessian(model, loss_fn, x, y, names=None) -> torch.Tensor:
     return 0.5 * (h + h.T)
 
 
+def explicit_ggn(model, loss_fn, x, y, names=None) -> torch.Tensor:
+    """``J^T H_L J`` formed explicitly: the full Jacobian of the outputs w.r.t. the (named)
+    parameters and the dense Hessian of the loss w.r.t. the outputs."""
+    named = [(n, p) for n, p in model.named_parameters() if names is None or n in names]
+    fixed = {n: p.detach() for n, p in model.named_parameters() if n not in dict(named)}
+    keys = [n for n, _ in named]
+    shapes = [p.shape for _, p in named]
+    sizes = [p.numel() for _, p in named]
+    bufs = {n: b.detach().clone() for n, b in model.named_buffers()}
+
+    def out_fn(flat):
+        ps = dict(fixed)
+        ps.update({k: c.view(s) for k, c, s in zip(keys, flat.split(sizes), shapes)})
+        return functional_call(model, (ps, bufs), (x,))
+
+    w = flat_params(model, set(keys))
+    out = out_fn(w).detach()
+    jac = torch.autograd.functional.jacobian(lambda f: out_fn(f).reshape(-1), w)  # (N*C, P)
+    h_l = torch.autograd.functional.hessian(
+        lambda zz: loss_fn(zz.view(out.shape), y), out.reshape(-1)
+    )
+    return jac.T @ h_l @ jac
+
+
 def mnist1d_tensors(n: int = 256, dtype=torch.float64):
     # the demo workload's in-memory copy of MNIST-1D (generated offline once per process)
     from basin.landscape.report import _mnist1d

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from landscape_helpers import dense_hessian, flat_params
+from landscape_helpers import dense_hessian, explicit_ggn
 from torch import nn
-from torch.func import functional_call
 
 from basin.landscape import (
     CurvatureOperator,
@@ -97,39 +96,21 @@ def test_parameter_subset_is_the_dense_block(mlp_setup):
     torch.testing.assert_close(res.eigenvalues, want, rtol=1e-8, atol=0)
 
 
-def _explicit_ggn(model, loss_fn, x, y):
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    sizes = [p.numel() for p in model.parameters()]
-    bufs = {n: b.detach().clone() for n, b in model.named_buffers()}
-
-    def out_fn(flat):
-        ps = {k: c.view(s) for k, c, s in zip(names, flat.split(sizes), shapes)}
-        return functional_call(model, (ps, bufs), (x,)).reshape(-1)
-
-    w = flat_params(model)
-    jac = torch.autograd.functional.jacobian(out_fn, w)  # (N*C, P)
-    z = out_fn(w).detach()
-    out_shape = functional_call(model, (dict(model.named_parameters()), bufs), (x,)).shape
-    h_l = torch.autograd.functional.hessian(lambda zz: loss_fn(zz.view(out_shape), y), z)
-    return jac.T @ h_l @ jac
-
-
 def test_ggn_equals_explicit_jt_h_j():
     torch.manual_seed(4)
     x = torch.randn(20, 6, dtype=torch.float64)
     y = torch.randint(0, 3, (20,))
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
     loss_fn = nn.functional.cross_entropy
-    ggn = _explicit_ggn(model, loss_fn, x, y)
+    ggn = explicit_ggn(model, loss_fn, x, y)
     h = dense_hessian(model, loss_fn, x, y)
     assert not torch.allclose(ggn, h, atol=1e-6)  # a network where GGN != Hessian
     v = torch.randn(ggn.shape[0], dtype=torch.float64)
     torch.testing.assert_close(ggn_vector_product(model, loss_fn, (x, y), v), ggn @ v)
     # over two batches: the size-weighted average of the per-batch GGNs
     g1, g2 = (
-        _explicit_ggn(model, loss_fn, x[:15], y[:15]),
-        _explicit_ggn(model, loss_fn, x[15:], y[15:]),
+        explicit_ggn(model, loss_fn, x[:15], y[:15]),
+        explicit_ggn(model, loss_fn, x[15:], y[15:]),
     )
     op = CurvatureOperator(model, loss_fn, [(x[:15], y[:15]), (x[15:], y[15:])], kind="ggn")
     torch.testing.assert_close(op.matvec(v), (15 * g1 + 5 * g2) @ v / 20)
@@ -145,7 +126,7 @@ def test_ggn_mse_output_hessian():
     x = torch.randn(10, 4, dtype=torch.float64)
     y = torch.randn(10, 2, dtype=torch.float64)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
-    ggn = _explicit_ggn(model, nn.functional.mse_loss, x, y)
+    ggn = explicit_ggn(model, nn.functional.mse_loss, x, y)
     v = torch.randn(ggn.shape[0], dtype=torch.float64)
     torch.testing.assert_close(
         ggn_vector_product(model, nn.functional.mse_loss, (x, y), v), ggn @ v

@@ -11,6 +11,7 @@ from basin.landscape import (
     SharpnessTracker,
     hessian_density,
     hessian_eigenvalues,
+    hessian_trace,
     loss_surface,
 )
 
@@ -39,6 +40,16 @@ def test_tracker_records_sharpness_every_n_steps():
     assert len(tracker.sharpness) == 3 and len(tracker.as_dicts()) == 3
     with pytest.raises(ValueError, match="every"):
         SharpnessTracker(model, loss_fn, data, every=0)
+    with pytest.raises(ValueError, match="trace_method"):
+        SharpnessTracker(model, loss_fn, data, trace_hvp=4, trace_method="exact")
+
+
+def test_tracker_gn_split_trace_is_the_functions():
+    model, loss_fn, data = _setup()
+    tracker = SharpnessTracker(model, loss_fn, data, every=1, trace_hvp=4, trace_method="gn-split")
+    rec = tracker(3)
+    want = hessian_trace(model, loss_fn, data, n_hvp=4, method="gn-split", seed=3)
+    assert rec.trace == want.trace and rec.trace_stderr == want.stderr
 
 
 def test_plots_write_files(tmp_path):

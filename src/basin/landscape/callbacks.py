@@ -18,7 +18,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .eigen import hessian_eigenvalues
-from .trace import hessian_trace
+from .trace import METHODS, hessian_trace
 
 __all__ = ["SharpnessRecord", "SharpnessTracker"]
 
@@ -42,7 +42,9 @@ class SharpnessTracker:
         model, loss_fn, data: as for :func:`~basin.landscape.hessian_eigenvalues`; ``data`` is
             kept (a fixed measurement batch is the usual choice).
         every: measure when ``step % every == 0``.
-        trace_hvp: products for the Hutch++ trace (0 disables the trace).
+        trace_hvp: products for the trace (0 disables the trace).
+        trace_method: ``"hutch++"`` (default), ``"hutchinson"`` or ``"gn-split"`` (exact
+            Gauss-Newton part plus sampled residual; see :func:`~basin.landscape.hessian_trace`).
         tol: Lanczos tolerance (relative error bound of the sharpness).
         params: parameter subset.
     """
@@ -55,6 +57,7 @@ class SharpnessTracker:
         *,
         every: int = 10,
         trace_hvp: int = 0,
+        trace_method: str = "hutch++",
         tol: float = 1e-4,
         params: str | Sequence[str] | None = None,
         seed: int = 0,
@@ -68,6 +71,9 @@ class SharpnessTracker:
             or 0 < trace_hvp < 3
         ):
             raise ValueError(f"trace_hvp must be 0 or an integer >= 3, got {trace_hvp!r}")
+        if trace_method not in METHODS:
+            raise ValueError(f"trace_method must be one of {METHODS}, got {trace_method!r}")
+        self.trace_method = trace_method
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.every, self.trace_hvp, self.tol, self.params, self.seed = (
             every,
@@ -109,6 +115,7 @@ class SharpnessTracker:
                 self.loss_fn,
                 self.data,
                 n_hvp=self.trace_hvp,
+                method=self.trace_method,
                 params=self.params,
                 seed=self.seed + step,
             )

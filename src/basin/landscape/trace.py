@@ -12,6 +12,21 @@ standard deviation of those probe values over the square root of their number (t
 is the only random part that remains once ``Q`` is fixed). On a decaying spectrum this needs far
 fewer products than Hutchinson for the same error.
 
+``method="gn-split"`` splits the Hessian into the generalised Gauss-Newton matrix and the rest,
+``H = G + R`` with ``G = J^T H_L J`` and ``R = sum_i r_i d2f_i/dw2`` (``r = dL/df``), and
+estimates ``tr(H) = tr(G) + tr(R)``: ``tr(G)`` is computed exactly, with no sampling, as
+``sum_n sum_k lambda_nk |J_n^T u_nk|^2`` from the eigenpairs ``(lambda_nk, u_nk)`` of each
+example's ``C x C`` output Hessian block and one vmapped per-example Jacobian-transpose pass per
+output direction (``C`` passes per batch; the per-block diagonal of BackPACK's exact GGN, Dangel
+et al., "BackPACK: Packing more into backprop", ICLR 2020). Only ``tr(R)`` is estimated, by
+Hutchinson with ``n_hvp`` residual products. Near a minimum ``r`` is small and ``R`` carries a
+small part of the Frobenius mass, so the error is several times smaller than Hutchinson's or
+Hutch++'s on ``H`` for the same products, even on the bulk-dominated spectra where Hutch++'s
+deflation gains nothing (on the trained 1,642-parameter MLP of ``benchmarks/hessian.py``, 11x
+less variance per probe than Hutchinson on ``H``, measured with the dense matrices). It needs a loss that is a sum or mean of per-example terms (checked), a model that treats
+examples independently (no BatchNorm in train mode) and at most ``max_outputs`` outputs per
+example. With ``kind="ggn"`` it returns the exact ``tr(G)`` (standard error 0).
+
 Differences from PyHessian: PyHessian stops Hutchinson when the running mean changes by less than
 1e-3 between probes, which says nothing about the error; here the budget is fixed and the
 standard error is reported.
@@ -27,6 +42,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_map
 
 from ._hvp import CurvatureOperator, make_operator
 
@@ -36,7 +53,10 @@ __all__ = ["TraceResult", "hessian_trace"]
 @dataclass(frozen=True)
 class TraceResult:
     """``trace`` estimate, its ``stderr``, the ``method``, products ``n_hvp`` and ``seconds``;
-    ``samples`` are the Hutchinson probe values (of the deflated part for Hutch++)."""
+    ``samples`` are the Hutchinson probe values (of the deflated part for Hutch++, of the
+    residual ``H - G`` for ``"gn-split"``); ``ggn_trace`` is the exact Gauss-Newton part and
+    ``n_jacobian_passes`` the per-example Jacobian-transpose passes it took (``"gn-split"``
+    only; each is one vmapped backward over a batch)."""
 
     trace: float
     stderr: float
@@ -44,6 +64,11 @@ class TraceResult:
     n_hvp: int
     seconds: float
     samples: tuple[float, ...]
+    ggn_trace: float | None = None
+    n_jacobian_passes: int = 0
+
+
+METHODS = ("hutch++", "hutchinson", "gn-split")
 
 
 def _rademacher(n: int, dtype, device, gen) -> Tensor:
@@ -84,6 +109,165 @@ def hutchpp(matvec: Callable[[Tensor], Tensor], n: int, m: int, dtype, device, g
     return exact + mean, se, samples
 
 
+def _train_mode_batchnorm(model: nn.Module) -> str | None:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            return name or type(m).__name__
+    return None
+
+
+def _output_hessian_blocks(op: CurvatureOperator, out: Tensor, y: Tensor) -> Tensor:
+    """(N, C, C) per-example blocks of the Hessian of the batch loss w.r.t. the outputs, one
+    loss-only product per output direction; raises if the loss couples examples."""
+    n = out.shape[0]
+    z = out.detach().reshape(n, -1).requires_grad_(True)
+    c = z.shape[1]
+    with torch.enable_grad():
+        loss = op._loss(z.view_as(out), y)
+        gz = torch.autograd.grad(loss, z, create_graph=True)[0]
+        if not gz.requires_grad:  # loss linear in the outputs: H_L = 0
+            return torch.zeros(n, c, c, dtype=z.dtype, device=z.device)
+
+        def hvp(v):
+            return torch.autograd.grad(gz, z, v, retain_graph=True, allow_unused=True)[0]
+
+        if n > 1:  # a loss that is a sum of per-example terms has a block-diagonal H_L
+            probe = torch.zeros_like(z)
+            probe[0] = 1.0
+            hp = hvp(probe)
+            if hp is not None and float(hp[1:].abs().max()) > 1e-6 * float(hp.abs().max()):
+                raise ValueError(
+                    "method='gn-split' needs a loss that is a sum or mean of per-example terms; "
+                    "this loss_fn couples examples (use method='hutch++')"
+                )
+        cols = []
+        for k in range(c):
+            v = torch.zeros_like(z)
+            v[:, k] = 1.0
+            h = hvp(v)
+            cols.append(torch.zeros_like(z) if h is None else h)
+    blocks = torch.stack(cols, dim=2).detach()
+    return 0.5 * (blocks + blocks.transpose(1, 2))
+
+
+def _linear_sq_norms(a: Tensor, d: Tensor, weight: bool, bias: bool) -> Tensor:
+    """Per-example squared norms of a Linear layer's parameter gradients, from its inputs
+    ``a`` (N, ..., d_in) and output gradients ``d`` (N, ..., d_out), without forming them
+    when there is one position per example (``|d a^T|^2 = |d|^2 |a|^2``)."""
+    n = a.shape[0]
+    a, d = a.reshape(n, -1, a.shape[-1]), d.reshape(n, -1, d.shape[-1])
+    out = torch.zeros(n, dtype=d.dtype, device=d.device)
+    if weight:
+        if a.shape[1] == 1:
+            out = out + a.square().sum((1, 2)) * d.square().sum((1, 2))
+        elif a.shape[1] ** 2 <= a.shape[2] * d.shape[2]:  # Gram form, O(T^2 (d_in + d_out))
+            out = out + ((a @ a.transpose(1, 2)) * (d @ d.transpose(1, 2))).sum((1, 2))
+        else:
+            out = out + (d.transpose(1, 2) @ a).square().sum((1, 2))
+    if bias:
+        out = out + d.sum(1).square().sum(1)
+    return out
+
+
+def _exact_ggn_trace(op: CurvatureOperator, max_outputs: int, memory: int = 2**26):
+    """Exact ``tr(J^T H_L J) = sum_n sum_k lambda_nk |J_n^T u_nk|^2`` over the data
+    (batch-size weighted) -> (trace, passes).
+
+    ``nn.Linear`` layers get their per-example squared gradient norms from their inputs and
+    output gradients (one backward pass to the activations per output direction ``k``); every
+    other selected parameter (convolutions, norms, embeddings, shared layers) from per-example
+    Jacobian-transpose products by ``torch.func.vmap``."""
+    model = op.model
+    bn = _train_mode_batchnorm(model)
+    if bn is not None:
+        raise ValueError(
+            f"method='gn-split' needs examples that are independent, but {bn} is a BatchNorm in "
+            "train mode: call model.eval() or use method='hutch++'"
+        )
+    selected = set(op.names)
+    linear = {}  # module name -> (module, [selected parameter names], weight?, bias?)
+    for name, mod in model.named_modules():
+        if type(mod) is nn.Linear:
+            prefix = f"{name}." if name else ""
+            w, b = prefix + "weight", prefix + "bias"
+            ws, bs = w in selected, mod.bias is not None and b in selected
+            if ws or bs:
+                linear[name] = (mod, [n for n, on in ((w, ws), (b, bs)) if on], ws, bs)
+    in_linear = {n for v in linear.values() for n in v[1]}
+    rest = [n for n in op.names if n not in in_linear]
+    total, passes = 0.0, 0
+    for x, y, nb in op.batches:
+        seen: dict[str, list] = {m: [] for m in linear}
+        hooks = [
+            mod.register_forward_hook(
+                lambda _m, i, o, key=m, seen=seen: seen[key].append((i[0], o))
+            )
+            for m, (mod, *_) in linear.items()
+        ]
+        try:
+            with torch.enable_grad():
+                out = op._call(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        c = out[0].numel()
+        if c > max_outputs:
+            raise ValueError(
+                f"method='gn-split' computes one Jacobian pass per output; the model has {c} "
+                f"outputs per example, more than max_outputs={max_outputs} (raise it, or use "
+                "method='hutch++')"
+            )
+        lam, vecs = torch.linalg.eigh(_output_hessian_blocks(op, out.detach(), y))
+        fast = {m: v[0] for m, v in seen.items() if len(v) == 1 and v[0][1].requires_grad}
+        # a layer called more than once per forward (shared weights) sums its contributions
+        # before the norm: those go through the generic path
+        slow = rest + [n for m, v in linear.items() if m not in fast for n in v[1]]
+        sq = torch.zeros(nb, c, dtype=out.dtype, device=out.device)
+        if fast:
+            acts = [fast[m][1] for m in fast]
+            flat = out.reshape(nb, c)
+            for k in range(c):
+                ds = torch.autograd.grad(
+                    flat,
+                    acts,
+                    vecs[:, :, k],
+                    retain_graph=True,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
+                for (m, (a, _)), d in zip(fast.items(), ds):
+                    sq[:, k] += _linear_sq_norms(a.detach(), d, linear[m][2], linear[m][3])
+        if slow:
+            sq += _per_example_sq(op, slow, x, vecs, memory)
+        del out
+        # H_L of the batch-mean loss already carries 1/nb; batches are weighted by size
+        total += nb / op.total * float((lam * sq).sum())
+        passes += c
+    return total, passes
+
+
+def _per_example_sq(op: CurvatureOperator, names, x, vecs: Tensor, memory: int) -> Tensor:
+    """(N, C): ``|J_n^T u_nk|^2`` restricted to ``names``, by vmapped per-example vjps."""
+    model = op.model
+    chosen = {n: op._leaves[n].detach() for n in names}
+    others = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    size = sum(t.numel() for t in chosen.values())
+
+    def one(x_n, u_n):  # u_n: (C, C), row k = k-th unit eigenvector of this example's block
+        def f(p):
+            x1 = tree_map(lambda t: t.unsqueeze(0), x_n)
+            return functional_call(model, ({**others, **p}, buffers), (x1,)).reshape(-1)
+
+        _, pull = vjp(f, chosen)
+        g = vmap(pull)(u_n)[0]
+        return sum(t.reshape(t.shape[0], -1).square().sum(1) for t in g.values())
+
+    n, c = vecs.shape[0], vecs.shape[1]
+    chunk = max(1, min(n, memory // max(1, c * size)))
+    return vmap(one, chunk_size=chunk)(x, vecs.transpose(1, 2).contiguous())
+
+
 def hessian_trace(
     model: nn.Module | CurvatureOperator,
     loss_fn=None,
@@ -94,27 +278,52 @@ def hessian_trace(
     params: str | Sequence[str] | None = None,
     kind: str = "hessian",
     seed: int = 0,
+    max_outputs: int = 256,
 ) -> TraceResult:
     """Trace of the Hessian (or GGN, ``kind="ggn"``) of the data loss.
 
     Args:
         n_hvp: budget of curvature-vector products (Hutch++ needs >= 3, Hutchinson >= 2).
-        method: ``"hutch++"`` (default) or ``"hutchinson"``.
+        method: ``"hutch++"`` (default), ``"hutchinson"``, or ``"gn-split"`` (exact Gauss-Newton
+            trace plus Hutchinson on the residual ``H - G`` with ``n_hvp`` products; see the
+            module notes for when it applies and why it is more accurate).
+        max_outputs: ``"gn-split"`` refuses models with more outputs per example (it makes
+            one per-example Jacobian pass per output).
         params: parameter names / prefixes (per-layer trace); seed: seeds the probes.
     """
     t0 = time.perf_counter()
-    if method not in ("hutch++", "hutchinson"):
-        raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
-    lo = 3 if method == "hutch++" else 2
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    lo = {"hutch++": 3, "hutchinson": 2, "gn-split": 2}[method]
     if isinstance(n_hvp, bool) or not isinstance(n_hvp, int) or n_hvp < lo:
         raise ValueError(f"n_hvp must be an integer >= {lo} for {method}, got {n_hvp!r}")
-    op = make_operator(model, loss_fn, data, params=params, kind=kind)
+    if method == "gn-split" and kind not in ("hessian", "ggn"):
+        raise ValueError(f"method='gn-split' needs kind 'hessian' or 'ggn', got {kind!r}")
+    if method != "gn-split":
+        op = make_operator(model, loss_fn, data, params=params, kind=kind)
+    elif isinstance(model, CurvatureOperator):  # reuse its model, data and selection
+        op = model
+        if op.kind != "residual":
+            op = CurvatureOperator(
+                op.model, op.loss_fn, [b[:2] for b in op.batches], params=op.names, kind="residual"
+            )
+    else:
+        op = make_operator(model, loss_fn, data, params=params, kind="residual")
     if method == "hutch++" and n_hvp // 3 >= op.n:
         raise ValueError(f"n_hvp={n_hvp} is more than 3x the parameter count {op.n}")
     gen = torch.Generator(device=op.device).manual_seed(seed)
     start = op.n_products
-    fn = hutchpp if method == "hutch++" else hutchinson
-    est, se, samples = fn(op.matvec, op.n, n_hvp, op.dtype, op.device, gen)
+    ggn, passes = None, 0
+    if method == "gn-split":
+        ggn, passes = _exact_ggn_trace(op, max_outputs)
+        if kind == "ggn":
+            est, se, samples = ggn, 0.0, []
+        else:
+            est, se, samples = hutchinson(op.matvec, op.n, n_hvp, op.dtype, op.device, gen)
+            est += ggn
+    else:
+        fn = hutchpp if method == "hutch++" else hutchinson
+        est, se, samples = fn(op.matvec, op.n, n_hvp, op.dtype, op.device, gen)
     return TraceResult(
         trace=est,
         stderr=se,
@@ -122,4 +331,6 @@ def hessian_trace(
         n_hvp=op.n_products - start,
         seconds=time.perf_counter() - t0,
         samples=tuple(samples),
+        ggn_trace=ggn,
+        n_jacobian_passes=passes,
     )
