@@ -175,3 +175,27 @@ def test_gn_split_bad_input(bn_setup, mlp_setup):
         hessian_trace(model, loss_fn, (x, y), method="gn-split", n_hvp=1)
     with pytest.raises(ValueError, match="method"):
         hessian_trace(model, loss_fn, (x, y), method="xtrace")
+
+
+class ReusedWeight(nn.Module):
+    """A Linear whose weight is also used outside its forward (the per-layer formula would
+    miss that use; the check sends it through the generic path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x)) + torch.tanh(x @ self.fc.weight.T)
+        return self.head(h)
+
+
+def test_weight_used_outside_its_layer_is_still_exact():
+    torch.manual_seed(3)
+    model = ReusedWeight().double()
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    loss_fn = nn.functional.cross_entropy
+    want = float(explicit_ggn(model, loss_fn, x, y).trace())
+    res = hessian_trace(model, loss_fn, (x, y), method="gn-split", kind="ggn")
+    assert res.trace == pytest.approx(want, rel=1e-10)

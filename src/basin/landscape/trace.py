@@ -169,6 +169,29 @@ def _linear_sq_norms(a: Tensor, d: Tensor, weight: bool, bias: bool) -> Tensor:
     return out
 
 
+def _checked_linear_pass(op, linear, fast, flat: Tensor, u: Tensor) -> dict[str, Tensor]:
+    """Output gradients of the hooked Linear layers for the cotangent ``u``, keeping only the
+    layers whose parameter gradient they reproduce (``sum_n d_n a_n^T``): a weight also used
+    outside its module's forward would be missed by the per-layer formula."""
+    acts = [fast[m][1] for m in fast]
+    leaves = [op._leaves[n] for m in fast for n in linear[m][1]]
+    got = torch.autograd.grad(
+        flat, acts + leaves, u, retain_graph=True, allow_unused=True, materialize_grads=True
+    )
+    grads = iter(got[len(acts) :])
+    tol = 1e-8 if flat.dtype == torch.float64 else 1e-3
+    kept = {}
+    for (m, (a, _)), d in zip(fast.items(), got[: len(acts)]):
+        a2, d2 = a.detach().reshape(-1, a.shape[-1]), d.reshape(-1, d.shape[-1])
+        want = ([d2.T @ a2] if linear[m][2] else []) + ([d2.sum(0)] if linear[m][3] else [])
+        if all(
+            float((w - g).norm()) <= tol * max(float(g.norm()), 1e-30)
+            for w, g in zip(want, [next(grads) for _ in want])
+        ):
+            kept[m] = d
+    return kept
+
+
 def _exact_ggn_trace(op: CurvatureOperator, max_outputs: int, memory: int = 2**26):
     """Exact ``tr(J^T H_L J) = sum_n sum_k lambda_nk |J_n^T u_nk|^2`` over the data
     (batch-size weighted) -> (trace, passes).
@@ -224,16 +247,24 @@ def _exact_ggn_trace(op: CurvatureOperator, max_outputs: int, memory: int = 2**2
         slow = rest + [n for m, v in linear.items() if m not in fast for n in v[1]]
         sq = torch.zeros(nb, c, dtype=out.dtype, device=out.device)
         if fast:
-            acts = [fast[m][1] for m in fast]
             flat = out.reshape(nb, c)
+            first = _checked_linear_pass(op, linear, fast, flat, vecs[:, :, 0])
+            slow += [n for m in linear if m in fast and m not in first for n in linear[m][1]]
+            fast = {m: v for m, v in fast.items() if m in first}
+        if fast:
+            acts = [fast[m][1] for m in fast]
             for k in range(c):
-                ds = torch.autograd.grad(
-                    flat,
-                    acts,
-                    vecs[:, :, k],
-                    retain_graph=True,
-                    allow_unused=True,
-                    materialize_grads=True,
+                ds = (
+                    list(first.values())
+                    if k == 0
+                    else torch.autograd.grad(
+                        flat,
+                        acts,
+                        vecs[:, :, k],
+                        retain_graph=True,
+                        allow_unused=True,
+                        materialize_grads=True,
+                    )
                 )
                 for (m, (a, _)), d in zip(fast.items(), ds):
                     sq[:, k] += _linear_sq_norms(a.detach(), d, linear[m][2], linear[m][3])
