@@ -13,6 +13,7 @@ from ._base import (
     check_nonnegative,
     check_range,
     get_value,
+    is_compiling,
 )
 from ._matrix import MatrixOptimizer, adamw_fallback, check_fallback, check_int, compute_dtype
 
@@ -21,6 +22,8 @@ __all__ = ["FRUGAL", "frugal"]
 _PROJ_TYPES = ("svd", "random", "randperm", "block")
 _INACTIVE_RULES = ("sign_sgd", "sgd", "no")
 _PROJ_SIDES = ("std", "left", "right")
+_BLOCK_ORDERS = ("random", "ascending", "descending", "mirror")
+_RNG_STATE_BYTES = torch.Generator().get_state().numel()
 
 
 class FRUGAL(MatrixOptimizer):
@@ -214,13 +217,11 @@ class FRUGAL(MatrixOptimizer):
             return
         for p in self._with_grad(params):
             state = self.state[p]
+            seed = group["seed"] + self._param_index(p)
             if len(state) == 0:
-                state["step"] = self._new_step()
-                # int64: load_state_dict casts floating state to the parameter's dtype
-                state["global_step"] = torch.tensor(0, dtype=torch.int64)
-                if group["proj_type"] != "svd":
-                    gen = torch.Generator().manual_seed(group["seed"] + self._param_index(p))
-                    state["rng_state"] = gen.get_state()
+                init_frugal_state(
+                    p, state, group["density"], group["proj_type"], group["proj_side"]
+                )
             frugal(
                 p,
                 p.grad,
@@ -229,7 +230,6 @@ class FRUGAL(MatrixOptimizer):
                 betas=group["betas"],
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
-                density=group["density"],
                 update_gap=group["update_gap"],
                 proj_type=group["proj_type"],
                 proj_side=group["proj_side"],
@@ -237,6 +237,7 @@ class FRUGAL(MatrixOptimizer):
                 inactive_lr_scale=group["inactive_lr_scale"],
                 proj_params_lr_scale=group["proj_params_lr_scale"],
                 reset_statistics=group["reset_statistics"],
+                seed=seed,
                 maximize=group["maximize"],
             )
 
@@ -334,16 +335,30 @@ def _canonical_signs(Q: Tensor) -> Tensor:
     return Q * torch.where(pivot < 0, -1.0, 1.0).to(Q.dtype)
 
 
-def _build_projector(G: Tensor, side: str, rank: int, proj_type: str, state: dict) -> Tensor:
+def _build_projector(
+    G: Tensor,
+    side: str,
+    rank: int,
+    proj_type: str,
+    rng_state: Tensor | None,
+    seed: int,
+    first: bool,
+) -> Tensor:
     """Orthonormal columns spanning the kept subspace of the projected side (dim x r), or the
-    kept indices for randperm. ``G`` is 2-D in a dtype torch.linalg supports."""
+    kept indices for randperm. ``G`` is 2-D in a dtype torch.linalg supports. The random ones
+    draw from a generator seeded with ``seed`` at the first build, else restored from
+    ``rng_state``, whose new state is written back into ``rng_state``."""
     dim = G.size(1) if side == "right" else G.size(0)
     if proj_type == "svd":
         U, _, Vh = torch.linalg.svd(G, full_matrices=False)
         Q = Vh[:rank].mT if side == "right" else U[:, :rank]
         return _canonical_signs(Q)
+    assert rng_state is not None
     gen = torch.Generator()
-    gen.set_state(state["rng_state"].cpu())
+    if first:
+        gen.manual_seed(seed)
+    else:
+        gen.set_state(rng_state.cpu())
     if proj_type == "random":
         gauss = torch.randn(dim, rank, generator=gen, dtype=torch.float64)
         Q, R = torch.linalg.qr(gauss)
@@ -351,8 +366,64 @@ def _build_projector(G: Tensor, side: str, rank: int, proj_type: str, state: dic
         out = Q.to(device=G.device, dtype=G.dtype)
     else:  # randperm
         out = torch.randperm(dim, generator=gen)[:rank].to(G.device)
-    state["rng_state"] = gen.get_state()
+    rng_state.copy_(gen.get_state())
     return out
+
+
+def _rebuild(
+    G: Tensor,
+    global_step: Tensor,
+    proj: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    rng_state: Tensor | None,
+    update_gap: int,
+    proj_type: str,
+    side: str,
+    seed: int,
+    reset_statistics: bool,
+) -> None:
+    """The rebuild phase of one step, in place: when ``global_step`` (the number of steps taken
+    so far) is a multiple of ``update_gap``, overwrite ``proj`` with a new projector and, with
+    ``reset_statistics`` or at the first build, zero the moments and their step count; else
+    nothing. Python control flow on a CPU counter, eager by design: under ``torch.compile`` it
+    runs as the opaque custom op ``basin::frugal_rebuild`` (see :func:`frugal`)."""
+    t = int(global_step)
+    if t % update_gap:
+        return
+    rank = proj.numel() if proj.dtype == torch.int64 else proj.size(1)
+    proj.copy_(_build_projector(G, side, rank, proj_type, rng_state, seed, t == 0))
+    if reset_statistics or t == 0:
+        step.zero_()
+        exp_avg.zero_()
+        exp_avg_sq.zero_()
+
+
+# One extern call in a compiled graph: no graph break, no recompile at a rebuild (the decision
+# reads the counter's value at run time, not at trace time); its body is _rebuild, eager.
+_rebuild_op = torch.library.custom_op(
+    "basin::frugal_rebuild",
+    _rebuild,
+    mutates_args=("proj", "exp_avg", "exp_avg_sq", "step", "rng_state"),
+)
+
+
+@_rebuild_op.register_fake
+def _rebuild_fake(*args: Any) -> None:
+    return None
+
+
+def _projected_shapes(
+    shape: tuple[int, int], side: str, density: float, proj_type: str
+) -> tuple[tuple[int, ...], tuple[int, int]]:
+    """(projector shape, moment shape) of a projected ``shape`` matrix."""
+    dim = shape[1] if side == "right" else shape[0]
+    rank = max(1, round(density * dim))
+    if proj_type == "svd":  # at most min(m, n) singular vectors exist
+        rank = min(rank, *shape)
+    proj = (rank,) if proj_type == "randperm" else (dim, rank)
+    return proj, ((shape[0], rank) if side == "right" else (rank, shape[1]))
 
 
 def _down(G: Tensor, proj: Tensor, side: str) -> Tensor:
@@ -372,6 +443,25 @@ def _up(low: Tensor, proj: Tensor, side: str, shape: tuple[int, int]) -> Tensor:
     return low @ proj.mT if side == "right" else proj @ low
 
 
+def init_frugal_state(
+    p: Tensor, state: dict[str, Any], density: float, proj_type: str, proj_side: str
+) -> None:
+    """Allocate the state of a projected matrix, fixed in size for the whole run (so that a
+    compiled step never sees it change): the step counters (CPU; ``global_step`` int64 because
+    ``load_state_dict`` casts floating state to the parameter's dtype), the projector and the
+    moments (filled by the first rebuild) and, for the random projectors, the generator state."""
+    shape = (p.size(0), p[0].numel())
+    proj_shape, low_shape = _projected_shapes(shape, _side(shape, proj_side), density, proj_type)
+    state["step"] = MatrixOptimizer._new_step()
+    state["global_step"] = torch.tensor(0, dtype=torch.int64)
+    proj_dtype = torch.int64 if proj_type == "randperm" else p.dtype
+    state["proj"] = torch.zeros(proj_shape, dtype=proj_dtype, device=p.device)
+    state["exp_avg"] = torch.zeros(low_shape, dtype=p.dtype, device=p.device)
+    state["exp_avg_sq"] = torch.zeros(low_shape, dtype=p.dtype, device=p.device)
+    if proj_type != "svd":
+        state["rng_state"] = torch.zeros(_RNG_STATE_BYTES, dtype=torch.uint8)
+
+
 def frugal(
     p: Tensor,
     grad: Tensor,
@@ -381,7 +471,6 @@ def frugal(
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
-    density: float,
     update_gap: int,
     proj_type: str,
     proj_side: str,
@@ -389,9 +478,11 @@ def frugal(
     inactive_lr_scale: float,
     proj_params_lr_scale: float,
     reset_statistics: bool,
+    seed: int,
     maximize: bool,
 ) -> None:
-    """Functional FRUGAL step of one projected matrix; see :class:`FRUGAL`."""
+    """Functional FRUGAL step of one projected matrix; see :class:`FRUGAL`. ``state`` holds
+    the buffers of :func:`init_frugal_state` (``seed``: the parameter's generator seed)."""
     beta1, beta2 = betas
     g = -grad if maximize else grad
     cd = compute_dtype(p.dtype)
@@ -399,19 +490,13 @@ def frugal(
     G = g.reshape(shape).to(cd)
     side = _side(shape, proj_side)
 
-    # projector rebuild (eager Python control flow: every update_gap steps)
-    if int(get_value(state["global_step"])) % update_gap == 0:
-        dim = shape[1] if side == "right" else shape[0]
-        rank = max(1, round(density * dim))
-        if proj_type == "svd":  # at most min(m, n) singular vectors exist
-            rank = min(rank, *shape)
-        proj = _build_projector(G, side, rank, proj_type, state)
-        state["proj"] = proj if proj.dtype == torch.int64 else proj.to(p.dtype)
-        low_shape = (shape[0], rank) if side == "right" else (rank, shape[1])
-        if reset_statistics or "exp_avg" not in state:
-            state["step"].zero_()
-            state["exp_avg"] = torch.zeros(low_shape, dtype=p.dtype, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(low_shape, dtype=p.dtype, device=p.device)
+    # rebuild phase (eager; one opaque op when compiled), then branch-free per-step math
+    rebuild = _rebuild_op if is_compiling() else _rebuild
+    rebuild(
+        G, state["global_step"], state["proj"], state["exp_avg"], state["exp_avg_sq"],
+        state["step"], state.get("rng_state"), update_gap, proj_type, side, seed,
+        reset_statistics,
+    )  # fmt: skip
     state["global_step"] += 1
     state["step"] += 1
     step = get_value(state["step"])
