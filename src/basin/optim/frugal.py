@@ -157,6 +157,7 @@ class FRUGAL(MatrixOptimizer):
         proj_params_lr_scale: float = 1.0,
         reset_statistics: bool = True,
         *,
+        block_order: str = "random",
         seed: int = 0,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -174,6 +175,7 @@ class FRUGAL(MatrixOptimizer):
             inactive_lr_scale=inactive_lr_scale,
             proj_params_lr_scale=proj_params_lr_scale,
             reset_statistics=reset_statistics,
+            block_order=block_order,
             seed=seed,
             maximize=maximize,
             foreach=foreach,
@@ -185,6 +187,20 @@ class FRUGAL(MatrixOptimizer):
 
     def _check_hparams(self, group: dict[str, Any]) -> None:
         _check_hparams(group)
+
+    def _check_params(self, group: dict[str, Any], gi: int) -> None:
+        if group["proj_type"] != "block" or group["block_order"] != "mirror":
+            return
+        n = len(self._split(group)[0])
+        k = _num_active(group["density"], n) if n else 0
+        if n and k % 2:
+            raise ValueError(
+                f"param group {gi}: block_order='mirror' activates blocks in mirrored pairs "
+                f"(i, n - 1 - i) and needs an even number k = max(1, round(density * n)) of "
+                f"active blocks, got k={k} for n={n} projected tensors and "
+                f"density={group['density']}; choose another density or another block_order "
+                f"({', '.join(_BLOCK_ORDERS)})"
+            )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts every state tensor to the parameter's dtype on load; restore the integral
@@ -244,17 +260,23 @@ class FRUGAL(MatrixOptimizer):
     def _block_step(self, group: dict[str, Any], blocks: list[Tensor]) -> None:
         """Block variant: re-select the active tensors every ``update_gap`` group steps, AdamW on
         the active ones, the residual rule on the others."""
-        head = self.state[blocks[0]]  # group-level counter and generator
+        head = self.state[blocks[0]]  # group-level counters and generator
         if "block_step" not in head:
             head["block_step"] = torch.tensor(0, dtype=torch.int64)
             gen = torch.Generator().manual_seed(group["seed"] + self._param_index(blocks[0]))
             head["rng_state"] = gen.get_state()
+        if "block_draws" not in head:  # number of re-selections so far
+            head["block_draws"] = head["block_step"] // group["update_gap"]
         if int(head["block_step"]) % group["update_gap"] == 0:
             gen = torch.Generator()
             gen.set_state(head["rng_state"].cpu())
-            k = max(1, round(group["density"] * len(blocks)))
-            chosen = set(torch.randperm(len(blocks), generator=gen)[:k].tolist())
+            n = len(blocks)
+            chosen = set(
+                _block_selection(group["block_order"], n, _num_active(group["density"], n),
+                                 int(head["block_draws"]), gen)
+            )  # fmt: skip
             head["rng_state"] = gen.get_state()
+            head["block_draws"] += 1
             for i, p in enumerate(blocks):
                 state = self.state[p]
                 state["active"] = torch.tensor(int(i in chosen), dtype=torch.int64)
@@ -299,6 +321,29 @@ class FRUGAL(MatrixOptimizer):
                 p.sub_(step * (scale * group["inactive_lr_scale"]))
 
 
+def _num_active(density: float, n: int) -> int:
+    """Number of active blocks among ``n``: ``max(1, round(density * n))``."""
+    return max(1, round(density * n))
+
+
+def _block_selection(order: str, n: int, k: int, draw: int, gen: torch.Generator) -> list[int]:
+    """Indices of the ``k`` active blocks (of ``n``, in parameter order) at re-selection number
+    ``draw`` (0 at the first step): ``"random"`` the first ``k`` of ``randperm(n)`` from ``gen``;
+    ``"ascending"`` the ``k`` blocks from ``draw * k`` upwards, cyclically; ``"descending"`` the
+    ``k`` blocks from ``n - 1 - draw * k`` downwards, cyclically; ``"mirror"`` (``k`` even) the
+    ``k / 2`` blocks from ``draw * k / 2`` upwards, cyclically within the first ``n // 2``, each
+    with its mirror ``n - 1 - i``."""
+    if order == "random":
+        return torch.randperm(n, generator=gen)[:k].tolist()
+    if order == "ascending":
+        return [(draw * k + i) % n for i in range(k)]
+    if order == "descending":
+        return [(n - 1 - draw * k - i) % n for i in range(k)]
+    half, pairs = n // 2, k // 2  # mirror
+    front = [(draw * pairs + i) % half for i in range(pairs)]
+    return front + [n - 1 - i for i in front]
+
+
 def _inactive_direction(residual: Tensor, rule: str) -> Tensor | None:
     """The state-free step direction of the residual: its sign, itself, or none."""
     if rule == "no":
@@ -318,6 +363,7 @@ def _check_hparams(group: dict[str, Any]) -> None:
         ("proj_type", _PROJ_TYPES),
         ("proj_side", _PROJ_SIDES),
         ("inactive_update_rule", _INACTIVE_RULES),
+        ("block_order", _BLOCK_ORDERS),
     ):
         if group[name] not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {group[name]!r}")
