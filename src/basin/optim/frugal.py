@@ -260,6 +260,13 @@ class FRUGAL(MatrixOptimizer):
     def _block_step(self, group: dict[str, Any], blocks: list[Tensor]) -> None:
         """Block variant: re-select the active tensors every ``update_gap`` group steps, AdamW on
         the active ones, the residual rule on the others."""
+        if is_compiling():
+            raise RuntimeError(
+                "FRUGAL with proj_type='block' cannot run inside torch.compile: re-selecting "
+                "the active blocks allocates and drops their moments, so the state changes shape "
+                "at every re-selection. Step it eagerly (compile the model instead), or use "
+                "proj_type='svd', 'random' or 'randperm', whose step compiles with fullgraph=True."
+            )
         head = self.state[blocks[0]]  # group-level counters and generator
         if "block_step" not in head:
             head["block_step"] = torch.tensor(0, dtype=torch.int64)
