@@ -54,16 +54,30 @@ class FRUGAL(MatrixOptimizer):
 
     Block variant (``proj_type="block"``, the paper's BlockAdamW state-full part): whole
     projected tensors are the blocks. Every ``update_gap`` steps of a parameter group (first step
-    included), ``k = max(1, round(density * n))`` of its ``n`` projected tensors are drawn
-    uniformly at random (the first ``k`` of ``randperm(n)`` from a generator seeded with
-    ``seed + index of the group's first projected parameter``, kept in that parameter's state
-    as ``"rng_state"``; each block's ``"active"`` flag is in its state). Active blocks take the
-    AdamW step (:func:`basin.optim._matrix.adamw_fallback`, scaled by ``proj_params_lr_scale``);
-    inactive ones take the residual rule on their whole gradient. With ``reset_statistics``
-    the moments of a block are allocated (zeroed, step count restarted) when it becomes active
-    and dropped when it becomes inactive, so the state is ``2 * density`` of the projected
-    parameters for equal-sized blocks; without it, a block keeps (frozen) moments while
-    inactive and continues them when chosen again. ``proj_side`` is ignored.
+    included), ``k = max(1, round(density * n))`` of its ``n`` projected tensors (in parameter
+    order) become active, chosen by ``block_order`` (the authors' four orders; re-selection
+    number ``j = 0, 1, ...``):
+
+    * ``"random"`` (default): the first ``k`` of ``randperm(n)`` from a generator seeded with
+      ``seed + index of the group's first projected parameter`` (its state is kept in that
+      parameter's state as ``"rng_state"``);
+    * ``"ascending"``: blocks ``jk, jk + 1, ..., jk + k - 1`` (mod ``n``), i.e. sweeping from
+      the first tensor upwards, cyclically;
+    * ``"descending"``: blocks ``n - 1 - jk, ..., n - jk - k`` (mod ``n``), sweeping from the
+      last tensor (nearest the output) downwards, as BAdam (Luo et al., arXiv:2404.02827);
+    * ``"mirror"``: ``k / 2`` blocks ``i`` from ``jk/2`` upwards (mod ``n // 2``), each with
+      its mirror ``n - 1 - i``; ``k`` must be even (``ValueError`` naming ``block_order``
+      otherwise) and, for odd ``n``, the middle tensor is never active (as in the reference).
+
+    The count ``j`` is kept in the first parameter's state (``"block_draws"``), so a
+    ``state_dict`` round trip continues the cycle. Each block's ``"active"`` flag is in its
+    state. Active blocks take the AdamW step (:func:`basin.optim._matrix.adamw_fallback`,
+    scaled by ``proj_params_lr_scale``); inactive ones take the residual rule on their whole
+    gradient. With ``reset_statistics`` the moments of a block are allocated (zeroed, step
+    count restarted) when it becomes active and dropped when it becomes inactive, so the state
+    is ``2 * density`` of the projected parameters for equal-sized blocks; without it, a block
+    keeps (frozen) moments while inactive and continues them when chosen again. ``proj_side``
+    is ignored.
 
     Routing (shared by the matrix optimizers, :mod:`basin.optim._matrix`): a parameter group's
     ``matrix_rule`` decides who is projected: ``None`` (default) projects every 2-D parameter;
@@ -78,10 +92,17 @@ class FRUGAL(MatrixOptimizer):
     ``2 * density`` times the parameter (0.5 at the default), plus the projector (``r * dim``
     floats for svd/random, ``r`` indices for randperm).
 
-    ``torch.compile(opt.step, fullgraph=True)`` is not supported: the rebuild every
-    ``update_gap`` steps is Python control flow on the step count (and the random projectors
-    use a ``torch.Generator``), so a compiled step would graph-break or recompile at each
-    rebuild. Compile the model instead; the per-step optimizer work is a few small matmuls.
+    ``torch.compile(opt.step, fullgraph=True)``: the projected variants (svd, random,
+    randperm) compile with no graph break and no recompile across rebuilds. Their state is
+    allocated once at its final size; each step is a rebuild phase, :func:`_rebuild`, eager
+    Python (a branch on the CPU step counter, the SVD or seeded draw, in-place overwrite of
+    projector, moments and generator state), then branch-free per-step math. Under compile the
+    rebuild phase is the opaque custom op ``basin::frugal_rebuild`` (``torch.library``, with its
+    in-place mutations declared): one extern call in the graph that decides at run time, while
+    Inductor compiles the rest. Eager and compiled steps run the same rebuild code. The block
+    variant steps eagerly only: a re-selection adds and drops moment tensors, so its state
+    changes shape; inside ``torch.compile`` it raises a ``RuntimeError`` saying so (fullgraph)
+    or runs eagerly behind a graph break (compile the model instead).
 
     Args:
         params: iterable of parameters or parameter groups.
@@ -99,6 +120,9 @@ class FRUGAL(MatrixOptimizer):
         inactive_lr_scale: scale of the residual step (default 1.0).
         proj_params_lr_scale: scale of all steps of projected matrices (default 1.0).
         reset_statistics: zero the AdamW state at every rebuild (default True).
+        block_order: ``"random"`` | ``"ascending"`` | ``"descending"`` | ``"mirror"``, the order
+            in which ``proj_type="block"`` activates tensors (see above; ignored by the other
+            projectors) (default ``"random"``).
         seed: base seed of the random projectors (default 0).
         maximize: maximize the objective (default False).
         foreach: multi-tensor AdamW for non-projected parameters (None picks per device);
@@ -125,15 +149,15 @@ class FRUGAL(MatrixOptimizer):
           is zero by definition and is skipped; the reference steps ``sign`` of its rounding noise
           (full ``±lr`` steps). With ``"svd"`` and ``r >= rank(G)`` the residual is rounding noise
           in both, and sign_sgd amplifies it to ``±lr``: prefer ``inactive_update_rule="sgd"``.
-        * Block variant (reference: ``BlockOptimizer``/``BlockAdamW`` with its default
-          ``block_order="random"``, the same ``randperm(n)[:k]`` draw per group every
-          ``update_gap`` steps): the draw comes from a seeded generator kept in the state (the
-          reference uses the global RNG); ``k >= 1`` (the reference allows ``k = 0``); the
+        * Block variant (reference: ``BlockOptimizer``/``BlockAdamW``, the same
+          ``randperm(n)[:k]`` draw per group every ``update_gap`` steps for ``"random"``, and a
+          cursor ``next_block_start`` in the group for the fixed orders, whose sets equal the
+          closed forms above): the random draw comes from a seeded generator kept in the state
+          (the reference uses the global RNG); ``k >= 1`` (the reference allows ``k = 0``); the
           reference always clears a block's moments at re-selection, whatever
           ``reset_statistics``, while here ``reset_statistics=False`` keeps them (frozen while
-          inactive). Its deterministic ``"ascending"``/``"descending"``/``"mirror"`` orders are
-          not implemented. The coordinate variant's column/row choice equals
-          ``proj_type="randperm"``.
+          inactive); ``"mirror"`` with odd ``k`` raises ``ValueError`` (an ``assert`` there).
+          The coordinate variant's column/row choice equals ``proj_type="randperm"``.
         * ``r = max(1, round(density * dim))`` (the reference allows ``r = 0``); for ``"svd"`` at
           most ``min(m, n)`` (the reference truncates silently the same way).
     """
