@@ -595,6 +595,17 @@ FRUGAL_CASE = OptimCase(
             "inactive_lr_scale": 0.5,
             "proj_params_lr_scale": 0.7,
         },
+        # the authors' fixed block orders (3 weight matrices; tests/optim/test_frugal.py checks
+        # the active sets on more blocks)
+        {"update_gap": 2, "proj_type": "block", "density": 0.3, "block_order": "ascending"},
+        {
+            "update_gap": 3,
+            "proj_type": "block",
+            "density": 0.5,
+            "block_order": "descending",
+            "reset_statistics": False,
+        },
+        {"update_gap": 2, "proj_type": "block", "density": 0.6, "block_order": "mirror"},
     ],
     reference=_frugal_reference,
     state_map={"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"},
@@ -611,9 +622,12 @@ FRUGAL_CASE = OptimCase(
         ({"proj_params_lr_scale": -1.0}, "proj_params_lr_scale"),
         ({"reset_statistics": 1}, "reset_statistics"),
         ({"seed": -1}, "seed"),
+        ({"block_order": "reverse"}, "block_order"),
+        # mirror pairs blocks: k = round(0.3 * 3) = 1 active block is odd
+        ({"proj_type": "block", "density": 0.3, "block_order": "mirror"}, "block_order"),
     ],
     train_hp={"lr": 1e-2, "update_gap": 20},
-    compile_variants=[],  # the projector rebuild is eager Python control flow (see frugal.py)
+    compile_variants=[0, 2, 3],  # svd, random, randperm; the block variant is eager (see frugal.py)
     has_foreach=False,  # per-matrix work (SVD/QR projectors): no multi-tensor path
 )
 

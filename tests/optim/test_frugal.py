@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch._dynamo
 from optim_db import mlp
 from torch import nn
 
@@ -200,3 +201,134 @@ def test_block_foreach_equals_single_tensor() -> None:
         _run(model, opt, batches)
     for a, b in zip(*(m.parameters() for m in models)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------ block orders
+
+# Active blocks at the 1st, 2nd, 3rd, 4th re-selection, worked out by hand from the authors'
+# BlockOptimizer (fzmushko/FRUGAL, frugal/proj_optimizer_templates.py, _update_states).
+_ORDERS = {
+    # n = 6 blocks, density 1/3: k = 2
+    (6, "ascending"): [{0, 1}, {2, 3}, {4, 5}, {0, 1}],
+    (6, "descending"): [{5, 4}, {3, 2}, {1, 0}, {5, 4}],
+    (6, "mirror"): [{0, 5}, {1, 4}, {2, 3}, {0, 5}],
+    # n = 7 blocks, density 4/7: k = 4 (wraps mid-window; mirror never picks the middle block 3)
+    (7, "ascending"): [{0, 1, 2, 3}, {4, 5, 6, 0}, {1, 2, 3, 4}, {5, 6, 0, 1}],
+    (7, "descending"): [{6, 5, 4, 3}, {2, 1, 0, 6}, {5, 4, 3, 2}, {1, 0, 6, 5}],
+    (7, "mirror"): [{0, 1, 6, 5}, {2, 0, 4, 6}, {1, 2, 5, 4}, {0, 1, 6, 5}],
+}
+
+
+def _blocks(n: int, seed: int = 0) -> list[nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        nn.Parameter(torch.randn(3 + i % 2, 4, generator=gen, dtype=torch.float64))
+        for i in range(n)
+    ]
+
+
+def _set_grads(ws, gen) -> None:
+    for w in ws:
+        w.grad = torch.randn(w.shape, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("n,order", list(_ORDERS))
+def test_block_order_active_sets(n, order) -> None:
+    density = 1 / 3 if n == 6 else 4 / 7
+    ws = _blocks(n)
+    opt = bo.FRUGAL(ws, proj_type="block", density=density, update_gap=3, block_order=order)
+    gen = torch.Generator().manual_seed(1)
+    seen = []
+    for t in range(12):
+        _set_grads(ws, gen)
+        opt.step()
+        active = {i for i, w in enumerate(ws) if int(opt.state[w]["active"])}
+        if t % 3 == 0:
+            seen.append(active)
+        else:  # fixed between re-selections
+            assert active == seen[-1]
+        # with reset_statistics only the active blocks carry moments
+        assert {i for i, w in enumerate(ws) if "exp_avg" in opt.state[w]} == active
+    assert seen == _ORDERS[(n, order)]
+
+
+@pytest.mark.parametrize("order", ["random", "ascending", "descending", "mirror"])
+@pytest.mark.parametrize("reset", [True, False])
+def test_block_orders_match_reference_on_seven_blocks(order, reset) -> None:
+    """Against the float64 transcription (its own cursor bookkeeping) on 7 blocks, 4 active,
+    re-selected every 2 steps: 14 steps cross 7 re-selections, wrapping every order."""
+    from references.frugal_paper import FRUGALPaper
+
+    hp = dict(
+        lr=1e-2, density=4 / 7, update_gap=2, proj_type="block", block_order=order,
+        reset_statistics=reset, inactive_update_rule="sgd", inactive_lr_scale=0.5, seed=5,
+    )  # fmt: skip
+    ws, ref_ws = _blocks(7), _blocks(7)
+    opt, ref = bo.FRUGAL(ws, **hp), FRUGALPaper(ref_ws, **hp)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(14):
+        _set_grads(ws, gen)
+        for w, r in zip(ws, ref_ws):
+            r.grad = w.grad.clone()
+        opt.step()
+        ref.step()
+    for w, r in zip(ws, ref_ws):
+        torch.testing.assert_close(w, r, rtol=1e-12, atol=1e-14)
+
+
+def test_block_order_round_trip_continues_the_cycle() -> None:
+    ws = _blocks(6)
+    hp = dict(proj_type="block", density=1 / 3, update_gap=2, block_order="descending")
+    opt = bo.FRUGAL(ws, **hp)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):  # 2 re-selections: {5, 4}, {3, 2}
+        _set_grads(ws, gen)
+        opt.step()
+    ws2 = [nn.Parameter(w.detach().clone()) for w in ws]
+    opt2 = bo.FRUGAL(ws2, **hp)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for _ in range(2):  # step 5 re-selects: {1, 0}
+        _set_grads(ws2, gen)
+        opt2.step()
+    assert {i for i, w in enumerate(ws2) if int(opt2.state[w]["active"])} == {0, 1}
+
+
+def test_block_order_validation() -> None:
+    ws = _blocks(6)
+    with pytest.raises(ValueError, match="block_order must be one of random, ascending"):
+        bo.FRUGAL(ws, proj_type="block", block_order="cyclic")
+    with pytest.raises(ValueError, match="block_order='mirror'.*k=3"):  # round(6 / 2) = 3
+        bo.FRUGAL(ws, proj_type="block", density=0.5, block_order="mirror")
+    bo.FRUGAL(ws, proj_type="block", density=2 / 3, block_order="mirror")  # k = 4
+    bo.FRUGAL(ws, proj_type="svd", density=0.5, block_order="mirror")  # ignored off "block"
+
+
+# ------------------------------------------------------------------ torch.compile
+
+
+def test_compiled_state_layout_is_fixed_across_rebuilds() -> None:
+    """The state is allocated once: a rebuild overwrites it in place (what lets a compiled step
+    cross rebuilds without recompiling); the generic compile test checks compiled == eager."""
+    w = nn.Parameter(torch.randn(12, 6, dtype=torch.float64))
+    opt = bo.FRUGAL([w], proj_type="random", update_gap=2, density=0.5)
+    gen = torch.Generator().manual_seed(0)
+    layout, ptrs, projs = None, None, []
+    for _ in range(5):
+        _set_grads([w], gen)
+        opt.step()
+        st = opt.state[w]
+        now = {k: (tuple(v.shape), v.dtype) for k, v in st.items()}
+        layout = layout or now
+        ptrs = ptrs or {k: v.data_ptr() for k, v in st.items()}
+        assert now == layout and {k: v.data_ptr() for k, v in st.items()} == ptrs
+        projs.append(st["proj"].clone())
+    assert not torch.equal(projs[1], projs[2]) and torch.equal(projs[2], projs[3])
+
+
+def test_block_variant_refuses_fullgraph_compile_with_a_clear_message() -> None:
+    torch._dynamo.reset()
+    ws = _blocks(3)
+    opt = bo.FRUGAL(ws, proj_type="block", density=0.5)
+    _set_grads(ws, torch.Generator().manual_seed(0))
+    with pytest.raises(Exception, match="proj_type='block' cannot run inside torch.compile"):
+        torch.compile(opt.step, fullgraph=True)()

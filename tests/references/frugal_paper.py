@@ -12,7 +12,11 @@ fzmushko/FRUGAL) transcribed in float64 with explicit dense matrices, independen
   generator of the group's first 2-D tensor, redrawn every ``update_gap`` group steps; masked-in
   tensors take AdamW on the whole gradient (moments restarted when they enter, deleted when
   they leave, with ``reset_statistics``), the others the residual rule on the whole
-  gradient."""
+  gradient. ``block_order`` other than ``"random"`` follows the authors' BlockOptimizer: a
+  cursor kept across re-selections (ascending: from 0, k blocks upwards, cursor += k;
+  descending: from n - 1, k blocks downwards, cursor -= k; mirror: from 0 within the first
+  n // 2, k / 2 blocks upwards each with its mirror n - 1 - i, cursor += k / 2), each wrapped
+  by one subtraction / addition of the range."""
 
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ class FRUGALPaper(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
                  density=0.25, update_gap=200, proj_type="svd", proj_side="std",
                  inactive_update_rule="sign_sgd", inactive_lr_scale=1.0,
-                 proj_params_lr_scale=1.0, reset_statistics=True, seed=0):  # fmt: skip
+                 proj_params_lr_scale=1.0, reset_statistics=True, block_order="random",
+                 seed=0):  # fmt: skip
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, wd=weight_decay))
         self.density, self.gap, self.kind, self.side = density, update_gap, proj_type, proj_side
         self.rule, self.in_scale, self.p_scale = (
@@ -44,6 +49,8 @@ class FRUGALPaper(Optimizer):
             proj_params_lr_scale,
         )
         self.reset = reset_statistics
+        self.order = block_order
+        self.cursor = {}
         self.block_t = [0] * len(self.param_groups)
         self.mask = {}
         self.gens = {}
@@ -79,7 +86,10 @@ class FRUGALPaper(Optimizer):
             n = len(mats)
             k = max(1, round(self.density * n))
             mask = torch.zeros(n)
-            mask[torch.randperm(n, generator=self.gens[mats[0]])[:k]] = 1.0
+            if self.order == "random":
+                mask[torch.randperm(n, generator=self.gens[mats[0]])[:k]] = 1.0
+            else:
+                self._cursor_blocks(gi, n, k, mask)
             for j, p in enumerate(mats):
                 st = self.state[p]
                 self.mask[p] = bool(mask[j] == 1.0)
@@ -88,6 +98,29 @@ class FRUGALPaper(Optimizer):
                 elif not self.mask[p] and self.reset:
                     st.clear()
         self.block_t[gi] += 1
+
+    def _cursor_blocks(self, gi, n, k, mask):
+        if self.order == "ascending":
+            c = self.cursor.setdefault(gi, 0)
+            for j in range(c, c + k):
+                mask[j % n] = 1.0
+            c += k
+            self.cursor[gi] = c - n if c >= n else c
+        elif self.order == "descending":
+            c = self.cursor.setdefault(gi, n - 1)
+            for j in range(c, c - k, -1):
+                mask[j % n] = 1.0
+            c -= k
+            self.cursor[gi] = c + n if c < 0 else c
+        else:  # mirror
+            assert k % 2 == 0
+            half = n // 2
+            c = self.cursor.setdefault(gi, 0)
+            for j in range(c, c + k // 2):
+                mask[j % half] = 1.0
+                mask[n - 1 - j % half] = 1.0
+            c += k // 2
+            self.cursor[gi] = c - half if c >= half else c
 
     @torch.no_grad()
     def step(self):

@@ -13,6 +13,7 @@ from ._base import (
     check_nonnegative,
     check_range,
     get_value,
+    is_compiling,
 )
 from ._matrix import MatrixOptimizer, adamw_fallback, check_fallback, check_int, compute_dtype
 
@@ -21,6 +22,8 @@ __all__ = ["FRUGAL", "frugal"]
 _PROJ_TYPES = ("svd", "random", "randperm", "block")
 _INACTIVE_RULES = ("sign_sgd", "sgd", "no")
 _PROJ_SIDES = ("std", "left", "right")
+_BLOCK_ORDERS = ("random", "ascending", "descending", "mirror")
+_RNG_STATE_BYTES = torch.Generator().get_state().numel()
 
 
 class FRUGAL(MatrixOptimizer):
@@ -51,16 +54,30 @@ class FRUGAL(MatrixOptimizer):
 
     Block variant (``proj_type="block"``, the paper's BlockAdamW state-full part): whole
     projected tensors are the blocks. Every ``update_gap`` steps of a parameter group (first step
-    included), ``k = max(1, round(density * n))`` of its ``n`` projected tensors are drawn
-    uniformly at random (the first ``k`` of ``randperm(n)`` from a generator seeded with
-    ``seed + index of the group's first projected parameter``, kept in that parameter's state
-    as ``"rng_state"``; each block's ``"active"`` flag is in its state). Active blocks take the
-    AdamW step (:func:`basin.optim._matrix.adamw_fallback`, scaled by ``proj_params_lr_scale``);
-    inactive ones take the residual rule on their whole gradient. With ``reset_statistics``
-    the moments of a block are allocated (zeroed, step count restarted) when it becomes active
-    and dropped when it becomes inactive, so the state is ``2 * density`` of the projected
-    parameters for equal-sized blocks; without it, a block keeps (frozen) moments while
-    inactive and continues them when chosen again. ``proj_side`` is ignored.
+    included), ``k = max(1, round(density * n))`` of its ``n`` projected tensors (in parameter
+    order) become active, chosen by ``block_order`` (the authors' four orders; re-selection
+    number ``j = 0, 1, ...``):
+
+    * ``"random"`` (default): the first ``k`` of ``randperm(n)`` from a generator seeded with
+      ``seed + index of the group's first projected parameter`` (its state is kept in that
+      parameter's state as ``"rng_state"``);
+    * ``"ascending"``: blocks ``jk, jk + 1, ..., jk + k - 1`` (mod ``n``), i.e. sweeping from
+      the first tensor upwards, cyclically;
+    * ``"descending"``: blocks ``n - 1 - jk, ..., n - jk - k`` (mod ``n``), sweeping from the
+      last tensor (nearest the output) downwards, as BAdam (Luo et al., arXiv:2404.02827);
+    * ``"mirror"``: ``k / 2`` blocks ``i`` from ``jk/2`` upwards (mod ``n // 2``), each with
+      its mirror ``n - 1 - i``; ``k`` must be even (``ValueError`` naming ``block_order``
+      otherwise) and, for odd ``n``, the middle tensor is never active (as in the reference).
+
+    The count ``j`` is kept in the first parameter's state (``"block_draws"``), so a
+    ``state_dict`` round trip continues the cycle. Each block's ``"active"`` flag is in its
+    state. Active blocks take the AdamW step (:func:`basin.optim._matrix.adamw_fallback`,
+    scaled by ``proj_params_lr_scale``); inactive ones take the residual rule on their whole
+    gradient. With ``reset_statistics`` the moments of a block are allocated (zeroed, step
+    count restarted) when it becomes active and dropped when it becomes inactive, so the state
+    is ``2 * density`` of the projected parameters for equal-sized blocks; without it, a block
+    keeps (frozen) moments while inactive and continues them when chosen again. ``proj_side``
+    is ignored.
 
     Routing (shared by the matrix optimizers, :mod:`basin.optim._matrix`): a parameter group's
     ``matrix_rule`` decides who is projected: ``None`` (default) projects every 2-D parameter;
@@ -75,10 +92,17 @@ class FRUGAL(MatrixOptimizer):
     ``2 * density`` times the parameter (0.5 at the default), plus the projector (``r * dim``
     floats for svd/random, ``r`` indices for randperm).
 
-    ``torch.compile(opt.step, fullgraph=True)`` is not supported: the rebuild every
-    ``update_gap`` steps is Python control flow on the step count (and the random projectors
-    use a ``torch.Generator``), so a compiled step would graph-break or recompile at each
-    rebuild. Compile the model instead; the per-step optimizer work is a few small matmuls.
+    ``torch.compile(opt.step, fullgraph=True)``: the projected variants (svd, random,
+    randperm) compile with no graph break and no recompile across rebuilds. Their state is
+    allocated once at its final size; each step is a rebuild phase, :func:`_rebuild`, eager
+    Python (a branch on the CPU step counter, the SVD or seeded draw, in-place overwrite of
+    projector, moments and generator state), then branch-free per-step math. Under compile the
+    rebuild phase is the opaque custom op ``basin::frugal_rebuild`` (``torch.library``, with its
+    in-place mutations declared): one extern call in the graph that decides at run time, while
+    Inductor compiles the rest. Eager and compiled steps run the same rebuild code. The block
+    variant steps eagerly only: a re-selection adds and drops moment tensors, so its state
+    changes shape; inside ``torch.compile`` it raises a ``RuntimeError`` saying so (fullgraph)
+    or runs eagerly behind a graph break (compile the model instead).
 
     Args:
         params: iterable of parameters or parameter groups.
@@ -96,6 +120,9 @@ class FRUGAL(MatrixOptimizer):
         inactive_lr_scale: scale of the residual step (default 1.0).
         proj_params_lr_scale: scale of all steps of projected matrices (default 1.0).
         reset_statistics: zero the AdamW state at every rebuild (default True).
+        block_order: ``"random"`` | ``"ascending"`` | ``"descending"`` | ``"mirror"``, the order
+            in which ``proj_type="block"`` activates tensors (see above; ignored by the other
+            projectors) (default ``"random"``).
         seed: base seed of the random projectors (default 0).
         maximize: maximize the objective (default False).
         foreach: multi-tensor AdamW for non-projected parameters (None picks per device);
@@ -122,15 +149,15 @@ class FRUGAL(MatrixOptimizer):
           is zero by definition and is skipped; the reference steps ``sign`` of its rounding noise
           (full ``±lr`` steps). With ``"svd"`` and ``r >= rank(G)`` the residual is rounding noise
           in both, and sign_sgd amplifies it to ``±lr``: prefer ``inactive_update_rule="sgd"``.
-        * Block variant (reference: ``BlockOptimizer``/``BlockAdamW`` with its default
-          ``block_order="random"``, the same ``randperm(n)[:k]`` draw per group every
-          ``update_gap`` steps): the draw comes from a seeded generator kept in the state (the
-          reference uses the global RNG); ``k >= 1`` (the reference allows ``k = 0``); the
+        * Block variant (reference: ``BlockOptimizer``/``BlockAdamW``, the same
+          ``randperm(n)[:k]`` draw per group every ``update_gap`` steps for ``"random"``, and a
+          cursor ``next_block_start`` in the group for the fixed orders, whose sets equal the
+          closed forms above): the random draw comes from a seeded generator kept in the state
+          (the reference uses the global RNG); ``k >= 1`` (the reference allows ``k = 0``); the
           reference always clears a block's moments at re-selection, whatever
           ``reset_statistics``, while here ``reset_statistics=False`` keeps them (frozen while
-          inactive). Its deterministic ``"ascending"``/``"descending"``/``"mirror"`` orders are
-          not implemented. The coordinate variant's column/row choice equals
-          ``proj_type="randperm"``.
+          inactive); ``"mirror"`` with odd ``k`` raises ``ValueError`` (an ``assert`` there).
+          The coordinate variant's column/row choice equals ``proj_type="randperm"``.
         * ``r = max(1, round(density * dim))`` (the reference allows ``r = 0``); for ``"svd"`` at
           most ``min(m, n)`` (the reference truncates silently the same way).
     """
@@ -154,6 +181,7 @@ class FRUGAL(MatrixOptimizer):
         proj_params_lr_scale: float = 1.0,
         reset_statistics: bool = True,
         *,
+        block_order: str = "random",
         seed: int = 0,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -171,6 +199,7 @@ class FRUGAL(MatrixOptimizer):
             inactive_lr_scale=inactive_lr_scale,
             proj_params_lr_scale=proj_params_lr_scale,
             reset_statistics=reset_statistics,
+            block_order=block_order,
             seed=seed,
             maximize=maximize,
             foreach=foreach,
@@ -182,6 +211,20 @@ class FRUGAL(MatrixOptimizer):
 
     def _check_hparams(self, group: dict[str, Any]) -> None:
         _check_hparams(group)
+
+    def _check_params(self, group: dict[str, Any], gi: int) -> None:
+        if group["proj_type"] != "block" or group["block_order"] != "mirror":
+            return
+        n = len(self._split(group)[0])
+        k = _num_active(group["density"], n) if n else 0
+        if n and k % 2:
+            raise ValueError(
+                f"param group {gi}: block_order='mirror' activates blocks in mirrored pairs "
+                f"(i, n - 1 - i) and needs an even number k = max(1, round(density * n)) of "
+                f"active blocks, got k={k} for n={n} projected tensors and "
+                f"density={group['density']}; choose another density or another block_order "
+                f"({', '.join(_BLOCK_ORDERS)})"
+            )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts every state tensor to the parameter's dtype on load; restore the integral
@@ -214,13 +257,11 @@ class FRUGAL(MatrixOptimizer):
             return
         for p in self._with_grad(params):
             state = self.state[p]
+            seed = group["seed"] + self._param_index(p)
             if len(state) == 0:
-                state["step"] = self._new_step()
-                # int64: load_state_dict casts floating state to the parameter's dtype
-                state["global_step"] = torch.tensor(0, dtype=torch.int64)
-                if group["proj_type"] != "svd":
-                    gen = torch.Generator().manual_seed(group["seed"] + self._param_index(p))
-                    state["rng_state"] = gen.get_state()
+                init_frugal_state(
+                    p, state, group["density"], group["proj_type"], group["proj_side"]
+                )
             frugal(
                 p,
                 p.grad,
@@ -229,7 +270,6 @@ class FRUGAL(MatrixOptimizer):
                 betas=group["betas"],
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
-                density=group["density"],
                 update_gap=group["update_gap"],
                 proj_type=group["proj_type"],
                 proj_side=group["proj_side"],
@@ -237,23 +277,37 @@ class FRUGAL(MatrixOptimizer):
                 inactive_lr_scale=group["inactive_lr_scale"],
                 proj_params_lr_scale=group["proj_params_lr_scale"],
                 reset_statistics=group["reset_statistics"],
+                seed=seed,
                 maximize=group["maximize"],
             )
 
     def _block_step(self, group: dict[str, Any], blocks: list[Tensor]) -> None:
         """Block variant: re-select the active tensors every ``update_gap`` group steps, AdamW on
         the active ones, the residual rule on the others."""
-        head = self.state[blocks[0]]  # group-level counter and generator
+        if is_compiling():
+            raise RuntimeError(
+                "FRUGAL with proj_type='block' cannot run inside torch.compile: re-selecting "
+                "the active blocks allocates and drops their moments, so the state changes shape "
+                "at every re-selection. Step it eagerly (compile the model instead), or use "
+                "proj_type='svd', 'random' or 'randperm', whose step compiles with fullgraph=True."
+            )
+        head = self.state[blocks[0]]  # group-level counters and generator
         if "block_step" not in head:
             head["block_step"] = torch.tensor(0, dtype=torch.int64)
             gen = torch.Generator().manual_seed(group["seed"] + self._param_index(blocks[0]))
             head["rng_state"] = gen.get_state()
+        if "block_draws" not in head:  # number of re-selections so far
+            head["block_draws"] = head["block_step"] // group["update_gap"]
         if int(head["block_step"]) % group["update_gap"] == 0:
             gen = torch.Generator()
             gen.set_state(head["rng_state"].cpu())
-            k = max(1, round(group["density"] * len(blocks)))
-            chosen = set(torch.randperm(len(blocks), generator=gen)[:k].tolist())
+            n = len(blocks)
+            chosen = set(
+                _block_selection(group["block_order"], n, _num_active(group["density"], n),
+                                 int(head["block_draws"]), gen)
+            )  # fmt: skip
             head["rng_state"] = gen.get_state()
+            head["block_draws"] += 1
             for i, p in enumerate(blocks):
                 state = self.state[p]
                 state["active"] = torch.tensor(int(i in chosen), dtype=torch.int64)
@@ -298,6 +352,29 @@ class FRUGAL(MatrixOptimizer):
                 p.sub_(step * (scale * group["inactive_lr_scale"]))
 
 
+def _num_active(density: float, n: int) -> int:
+    """Number of active blocks among ``n``: ``max(1, round(density * n))``."""
+    return max(1, round(density * n))
+
+
+def _block_selection(order: str, n: int, k: int, draw: int, gen: torch.Generator) -> list[int]:
+    """Indices of the ``k`` active blocks (of ``n``, in parameter order) at re-selection number
+    ``draw`` (0 at the first step): ``"random"`` the first ``k`` of ``randperm(n)`` from ``gen``;
+    ``"ascending"`` the ``k`` blocks from ``draw * k`` upwards, cyclically; ``"descending"`` the
+    ``k`` blocks from ``n - 1 - draw * k`` downwards, cyclically; ``"mirror"`` (``k`` even) the
+    ``k / 2`` blocks from ``draw * k / 2`` upwards, cyclically within the first ``n // 2``, each
+    with its mirror ``n - 1 - i``."""
+    if order == "random":
+        return torch.randperm(n, generator=gen)[:k].tolist()
+    if order == "ascending":
+        return [(draw * k + i) % n for i in range(k)]
+    if order == "descending":
+        return [(n - 1 - draw * k - i) % n for i in range(k)]
+    half, pairs = n // 2, k // 2  # mirror
+    front = [(draw * pairs + i) % half for i in range(pairs)]
+    return front + [n - 1 - i for i in front]
+
+
 def _inactive_direction(residual: Tensor, rule: str) -> Tensor | None:
     """The state-free step direction of the residual: its sign, itself, or none."""
     if rule == "no":
@@ -317,6 +394,7 @@ def _check_hparams(group: dict[str, Any]) -> None:
         ("proj_type", _PROJ_TYPES),
         ("proj_side", _PROJ_SIDES),
         ("inactive_update_rule", _INACTIVE_RULES),
+        ("block_order", _BLOCK_ORDERS),
     ):
         if group[name] not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {group[name]!r}")
@@ -334,16 +412,30 @@ def _canonical_signs(Q: Tensor) -> Tensor:
     return Q * torch.where(pivot < 0, -1.0, 1.0).to(Q.dtype)
 
 
-def _build_projector(G: Tensor, side: str, rank: int, proj_type: str, state: dict) -> Tensor:
+def _build_projector(
+    G: Tensor,
+    side: str,
+    rank: int,
+    proj_type: str,
+    rng_state: Tensor | None,
+    seed: int,
+    first: bool,
+) -> Tensor:
     """Orthonormal columns spanning the kept subspace of the projected side (dim x r), or the
-    kept indices for randperm. ``G`` is 2-D in a dtype torch.linalg supports."""
+    kept indices for randperm. ``G`` is 2-D in a dtype torch.linalg supports. The random ones
+    draw from a generator seeded with ``seed`` at the first build, else restored from
+    ``rng_state``, whose new state is written back into ``rng_state``."""
     dim = G.size(1) if side == "right" else G.size(0)
     if proj_type == "svd":
         U, _, Vh = torch.linalg.svd(G, full_matrices=False)
         Q = Vh[:rank].mT if side == "right" else U[:, :rank]
         return _canonical_signs(Q)
+    assert rng_state is not None
     gen = torch.Generator()
-    gen.set_state(state["rng_state"].cpu())
+    if first:
+        gen.manual_seed(seed)
+    else:
+        gen.set_state(rng_state.cpu())
     if proj_type == "random":
         gauss = torch.randn(dim, rank, generator=gen, dtype=torch.float64)
         Q, R = torch.linalg.qr(gauss)
@@ -351,8 +443,64 @@ def _build_projector(G: Tensor, side: str, rank: int, proj_type: str, state: dic
         out = Q.to(device=G.device, dtype=G.dtype)
     else:  # randperm
         out = torch.randperm(dim, generator=gen)[:rank].to(G.device)
-    state["rng_state"] = gen.get_state()
+    rng_state.copy_(gen.get_state())
     return out
+
+
+def _rebuild(
+    G: Tensor,
+    global_step: Tensor,
+    proj: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    rng_state: Tensor | None,
+    update_gap: int,
+    proj_type: str,
+    side: str,
+    seed: int,
+    reset_statistics: bool,
+) -> None:
+    """The rebuild phase of one step, in place: when ``global_step`` (the number of steps taken
+    so far) is a multiple of ``update_gap``, overwrite ``proj`` with a new projector and, with
+    ``reset_statistics`` or at the first build, zero the moments and their step count; else
+    nothing. Python control flow on a CPU counter, eager by design: under ``torch.compile`` it
+    runs as the opaque custom op ``basin::frugal_rebuild`` (see :func:`frugal`)."""
+    t = int(global_step)
+    if t % update_gap:
+        return
+    rank = proj.numel() if proj.dtype == torch.int64 else proj.size(1)
+    proj.copy_(_build_projector(G, side, rank, proj_type, rng_state, seed, t == 0))
+    if reset_statistics or t == 0:
+        step.zero_()
+        exp_avg.zero_()
+        exp_avg_sq.zero_()
+
+
+# One extern call in a compiled graph: no graph break, no recompile at a rebuild (the decision
+# reads the counter's value at run time, not at trace time); its body is _rebuild, eager.
+_rebuild_op = torch.library.custom_op(
+    "basin::frugal_rebuild",
+    _rebuild,
+    mutates_args=("proj", "exp_avg", "exp_avg_sq", "step", "rng_state"),
+)
+
+
+@_rebuild_op.register_fake
+def _rebuild_fake(*args: Any) -> None:
+    return None
+
+
+def _projected_shapes(
+    shape: tuple[int, int], side: str, density: float, proj_type: str
+) -> tuple[tuple[int, ...], tuple[int, int]]:
+    """(projector shape, moment shape) of a projected ``shape`` matrix."""
+    dim = shape[1] if side == "right" else shape[0]
+    rank = max(1, round(density * dim))
+    if proj_type == "svd":  # at most min(m, n) singular vectors exist
+        rank = min(rank, *shape)
+    proj = (rank,) if proj_type == "randperm" else (dim, rank)
+    return proj, ((shape[0], rank) if side == "right" else (rank, shape[1]))
 
 
 def _down(G: Tensor, proj: Tensor, side: str) -> Tensor:
@@ -372,6 +520,25 @@ def _up(low: Tensor, proj: Tensor, side: str, shape: tuple[int, int]) -> Tensor:
     return low @ proj.mT if side == "right" else proj @ low
 
 
+def init_frugal_state(
+    p: Tensor, state: dict[str, Any], density: float, proj_type: str, proj_side: str
+) -> None:
+    """Allocate the state of a projected matrix, fixed in size for the whole run (so that a
+    compiled step never sees it change): the step counters (CPU; ``global_step`` int64 because
+    ``load_state_dict`` casts floating state to the parameter's dtype), the projector and the
+    moments (filled by the first rebuild) and, for the random projectors, the generator state."""
+    shape = (p.size(0), p[0].numel())
+    proj_shape, low_shape = _projected_shapes(shape, _side(shape, proj_side), density, proj_type)
+    state["step"] = MatrixOptimizer._new_step()
+    state["global_step"] = torch.tensor(0, dtype=torch.int64)
+    proj_dtype = torch.int64 if proj_type == "randperm" else p.dtype
+    state["proj"] = torch.zeros(proj_shape, dtype=proj_dtype, device=p.device)
+    state["exp_avg"] = torch.zeros(low_shape, dtype=p.dtype, device=p.device)
+    state["exp_avg_sq"] = torch.zeros(low_shape, dtype=p.dtype, device=p.device)
+    if proj_type != "svd":
+        state["rng_state"] = torch.zeros(_RNG_STATE_BYTES, dtype=torch.uint8)
+
+
 def frugal(
     p: Tensor,
     grad: Tensor,
@@ -381,7 +548,6 @@ def frugal(
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
-    density: float,
     update_gap: int,
     proj_type: str,
     proj_side: str,
@@ -389,9 +555,11 @@ def frugal(
     inactive_lr_scale: float,
     proj_params_lr_scale: float,
     reset_statistics: bool,
+    seed: int,
     maximize: bool,
 ) -> None:
-    """Functional FRUGAL step of one projected matrix; see :class:`FRUGAL`."""
+    """Functional FRUGAL step of one projected matrix; see :class:`FRUGAL`. ``state`` holds
+    the buffers of :func:`init_frugal_state` (``seed``: the parameter's generator seed)."""
     beta1, beta2 = betas
     g = -grad if maximize else grad
     cd = compute_dtype(p.dtype)
@@ -399,19 +567,13 @@ def frugal(
     G = g.reshape(shape).to(cd)
     side = _side(shape, proj_side)
 
-    # projector rebuild (eager Python control flow: every update_gap steps)
-    if int(get_value(state["global_step"])) % update_gap == 0:
-        dim = shape[1] if side == "right" else shape[0]
-        rank = max(1, round(density * dim))
-        if proj_type == "svd":  # at most min(m, n) singular vectors exist
-            rank = min(rank, *shape)
-        proj = _build_projector(G, side, rank, proj_type, state)
-        state["proj"] = proj if proj.dtype == torch.int64 else proj.to(p.dtype)
-        low_shape = (shape[0], rank) if side == "right" else (rank, shape[1])
-        if reset_statistics or "exp_avg" not in state:
-            state["step"].zero_()
-            state["exp_avg"] = torch.zeros(low_shape, dtype=p.dtype, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(low_shape, dtype=p.dtype, device=p.device)
+    # rebuild phase (eager; one opaque op when compiled), then branch-free per-step math
+    rebuild = _rebuild_op if is_compiling() else _rebuild
+    rebuild(
+        G, state["global_step"], state["proj"], state["exp_avg"], state["exp_avg_sq"],
+        state["step"], state.get("rng_state"), update_gap, proj_type, side, seed,
+        reset_statistics,
+    )  # fmt: skip
     state["global_step"] += 1
     state["step"] += 1
     step = get_value(state["step"])
