@@ -627,7 +627,7 @@ FRUGAL_CASE = OptimCase(
         ({"proj_type": "block", "density": 0.3, "block_order": "mirror"}, "block_order"),
     ],
     train_hp={"lr": 1e-2, "update_gap": 20},
-    compile_variants=[0, 2, 3],  # svd, random, randperm; the block variant is eager (see frugal.py)
+    compile_variants=[0, 2, 3, 6, 7, 8, 9, 10],  # svd, random, randperm, the block variants
     has_foreach=False,  # per-matrix work (SVD/QR projectors): no multi-tensor path
 )
 

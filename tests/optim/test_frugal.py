@@ -138,7 +138,15 @@ def _state_floats(opt) -> int:
         t.numel()
         for st in opt.state.values()
         for k, t in st.items()
-        if k in ("exp_avg", "exp_avg_sq")
+        if k in ("exp_avg", "exp_avg_sq", "exp_avg_pool", "exp_avg_sq_pool")
+    )
+
+
+def _regions(opt, ws, indices) -> list[tuple[int, int]]:
+    """[start, end) of the given blocks' moments in their (single) pool."""
+    return sorted(
+        (int(opt.state[ws[i]]["offset"]), int(opt.state[ws[i]]["offset"]) + ws[i].numel())
+        for i in indices
     )
 
 
@@ -229,7 +237,7 @@ def _blocks(n: int, seed: int = 0) -> list[nn.Parameter]:
 
 def _set_grads(ws, gen) -> None:
     for w in ws:
-        w.grad = torch.randn(w.shape, generator=gen, dtype=torch.float64)
+        w.grad = torch.randn(w.shape, generator=gen, dtype=torch.float64).to(w.dtype)
 
 
 @pytest.mark.parametrize("n,order", list(_ORDERS))
@@ -247,8 +255,11 @@ def test_block_order_active_sets(n, order) -> None:
             seen.append(active)
         else:  # fixed between re-selections
             assert active == seen[-1]
-        # with reset_statistics only the active blocks carry moments
-        assert {i for i, w in enumerate(ws) if "exp_avg" in opt.state[w]} == active
+        # with reset_statistics the pool holds the k largest blocks: the active ones get
+        # disjoint regions of it
+        regions = _regions(opt, ws, active)
+        assert all(a[1] <= b[0] for a, b in zip(regions, regions[1:]))
+        assert regions[-1][1] <= opt.state[ws[0]]["exp_avg_pool"].numel()
     assert seen == _ORDERS[(n, order)]
 
 
@@ -325,10 +336,62 @@ def test_compiled_state_layout_is_fixed_across_rebuilds() -> None:
     assert not torch.equal(projs[1], projs[2]) and torch.equal(projs[2], projs[3])
 
 
-def test_block_variant_refuses_fullgraph_compile_with_a_clear_message() -> None:
+def test_block_pool_holds_the_k_largest_blocks_per_kind() -> None:
+    """Unequal blocks and two dtypes: one pool per (device, dtype) in its first block's state,
+    sized to the k largest blocks of that kind (with reset_statistics), all blocks without."""
+    gen = torch.Generator().manual_seed(0)
+    ws = [nn.Parameter(torch.randn(2 + i, 3, generator=gen, dtype=torch.float64)) for i in range(5)]
+    ws.insert(1, nn.Parameter(torch.randn(7, 2, generator=gen)))  # float32: its own pool
+    for reset, f64_size, f32_size in ((True, 18 + 15, 14), (False, 6 + 9 + 12 + 15 + 18, 14)):
+        opt = bo.FRUGAL(ws, proj_type="block", density=1 / 3, reset_statistics=reset)  # k = 2
+        _set_grads(ws, gen)
+        opt.step()
+        assert opt.state[ws[0]]["exp_avg_pool"].numel() == f64_size
+        assert opt.state[ws[1]]["exp_avg_sq_pool"].dtype == torch.float32
+        assert opt.state[ws[1]]["exp_avg_sq_pool"].numel() == f32_size
+        assert _state_floats(opt) == 2 * (f64_size + f32_size)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("order,reset", [("random", True), ("mirror", False)])
+def test_block_compiled_continues_an_eager_state_dict(order, reset) -> None:
+    """Unequal float64 blocks plus a float32 one (two pools), 6 active of 8, re-selected every
+    2 steps: eager steps, then a state_dict round trip into a fullgraph-compiled step, which
+    crosses re-selections with no recompile and follows the eager run."""
+
+    def blocks():
+        ws = _blocks(7, seed=4)
+        ws.append(nn.Parameter(torch.randn(5, 3, generator=torch.Generator().manual_seed(5))))
+        return ws
+
+    hp = dict(proj_type="block", density=0.75, update_gap=2, block_order=order,
+              reset_statistics=reset, weight_decay=0.1, lr=1e-2, seed=1)  # fmt: skip
     torch._dynamo.reset()
-    ws = _blocks(3)
-    opt = bo.FRUGAL(ws, proj_type="block", density=0.5)
-    _set_grads(ws, torch.Generator().manual_seed(0))
-    with pytest.raises(Exception, match="proj_type='block' cannot run inside torch.compile"):
-        torch.compile(opt.step, fullgraph=True)()
+    ws, ws2 = blocks(), blocks()
+    opt, opt2 = bo.FRUGAL(ws, **hp), bo.FRUGAL(ws2, **hp)
+    gen = torch.Generator().manual_seed(6)
+
+    def step(compiled_step=None):
+        _set_grads(ws, gen)
+        for w, w2 in zip(ws, ws2):
+            w2.grad = w.grad.clone()
+        opt.step()
+        if compiled_step is not None:
+            compiled_step()
+
+    for _ in range(5):  # ws2 follows ws through an eager twin up to the round trip
+        step()
+        opt2.step()
+    opt2 = bo.FRUGAL(ws2, **hp)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    compiled = torch.compile(opt2.step, fullgraph=True)
+    for _ in range(3):
+        step(compiled)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(6):
+            step(compiled)
+            assert [int(opt.state[w]["active"]) for w in ws] == [
+                int(opt2.state[w]["active"]) for w in ws2
+            ]
+    for w, w2 in zip(ws, ws2):
+        torch.testing.assert_close(w2, w, rtol=1e-9, atol=1e-12)

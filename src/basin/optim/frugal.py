@@ -73,11 +73,17 @@ class FRUGAL(MatrixOptimizer):
     ``state_dict`` round trip continues the cycle. Each block's ``"active"`` flag is in its
     state. Active blocks take the AdamW step (:func:`basin.optim._matrix.adamw_fallback`,
     scaled by ``proj_params_lr_scale``); inactive ones take the residual rule on their whole
-    gradient. With ``reset_statistics`` the moments of a block are allocated (zeroed, step
-    count restarted) when it becomes active and dropped when it becomes inactive, so the state
-    is ``2 * density`` of the projected parameters for equal-sized blocks; without it, a block
-    keeps (frozen) moments while inactive and continues them when chosen again. ``proj_side``
-    is ignored.
+    gradient. With ``reset_statistics`` a block's moments are zeroed (step count restarted)
+    when it becomes active and are not kept when it leaves; without it, a block keeps (frozen)
+    moments while inactive and continues them when chosen again. ``proj_side`` is ignored.
+
+    Block state layout (fixed in size, so that a compiled step never sees it change): the
+    moments live in flat pools, one per (device, dtype) of the group's blocks, held in the
+    state of the first block of that kind (``"exp_avg_pool"``, ``"exp_avg_sq_pool"``); each
+    block has an ``"offset"`` into its pool and its own ``"step"``. With ``reset_statistics``
+    a pool holds the ``k`` largest blocks of its kind, and each re-selection packs the active
+    blocks into it in parameter order; without it every block has a fixed region (the whole
+    size of its kind).
 
     Routing (shared by the matrix optimizers, :mod:`basin.optim._matrix`): a parameter group's
     ``matrix_rule`` decides who is projected: ``None`` (default) projects every 2-D parameter;
@@ -90,7 +96,11 @@ class FRUGAL(MatrixOptimizer):
 
     Memory of a projected ``m x n`` matrix: ``2 r x (other side)`` floats of AdamW state, i.e.
     ``2 * density`` times the parameter (0.5 at the default), plus the projector (``r * dim``
-    floats for svd/random, ``r`` indices for randperm).
+    floats for svd/random, ``r`` indices for randperm). Block variant with
+    ``reset_statistics``: ``2 x (sum of the k largest blocks)`` floats per group (per kind),
+    the most any selection can need: ``2 * density`` of the blocks when they are equal-sized,
+    more when they are not (e.g. 0.67 of a GPT-like stack of qkv/proj/fc1/fc2 at density 0.25,
+    whose selections need 0.5 on average); without ``reset_statistics``, twice all blocks.
 
     ``torch.compile(opt.step, fullgraph=True)``: the projected variants (svd, random,
     randperm) compile with no graph break and no recompile across rebuilds. Their state is
@@ -100,9 +110,12 @@ class FRUGAL(MatrixOptimizer):
     rebuild phase is the opaque custom op ``basin::frugal_rebuild`` (``torch.library``, with its
     in-place mutations declared): one extern call in the graph that decides at run time, while
     Inductor compiles the rest. Eager and compiled steps run the same rebuild code. The block
-    variant steps eagerly only: a re-selection adds and drops moment tensors, so its state
-    changes shape; inside ``torch.compile`` it raises a ``RuntimeError`` saying so (fullgraph)
-    or runs eagerly behind a graph break (compile the model instead).
+    variant compiles the same way: its re-selection (the draw, the ``active`` flags, the
+    offsets, zeroing the pools) is the opaque op ``basin::frugal_reselect``, and under
+    compile each block's step gathers its moments from the pool at its run-time offset,
+    computes both the AdamW and the residual step and keeps one with ``torch.where`` on its
+    flag (:func:`_block_update_branch_free`: the inactive blocks' AdamW is wasted work);
+    eagerly only the active blocks' AdamW runs, on views of the pool.
 
     Args:
         params: iterable of parameters or parameter groups.
@@ -283,41 +296,39 @@ class FRUGAL(MatrixOptimizer):
 
     def _block_step(self, group: dict[str, Any], blocks: list[Tensor]) -> None:
         """Block variant: re-select the active tensors every ``update_gap`` group steps, AdamW on
-        the active ones, the residual rule on the others."""
-        if is_compiling():
-            raise RuntimeError(
-                "FRUGAL with proj_type='block' cannot run inside torch.compile: re-selecting "
-                "the active blocks allocates and drops their moments, so the state changes shape "
-                "at every re-selection. Step it eagerly (compile the model instead), or use "
-                "proj_type='svd', 'random' or 'randperm', whose step compiles with fullgraph=True."
-            )
+        the active ones, the residual rule on the others (see :func:`_block_pools`)."""
+        owners, pool_of = _block_pools(blocks)
         head = self.state[blocks[0]]  # group-level counters and generator
-        if "block_step" not in head:
-            head["block_step"] = torch.tensor(0, dtype=torch.int64)
-            gen = torch.Generator().manual_seed(group["seed"] + self._param_index(blocks[0]))
-            head["rng_state"] = gen.get_state()
-        if "block_draws" not in head:  # number of re-selections so far
-            head["block_draws"] = head["block_step"] // group["update_gap"]
-        if int(head["block_step"]) % group["update_gap"] == 0:
-            gen = torch.Generator()
-            gen.set_state(head["rng_state"].cpu())
-            n = len(blocks)
-            chosen = set(
-                _block_selection(group["block_order"], n, _num_active(group["density"], n),
-                                 int(head["block_draws"]), gen)
+        if "block_step" not in head:  # steps and re-selections so far; the generator is
+            head["block_step"] = torch.tensor(0, dtype=torch.int64)  # seeded at the first one
+            head["block_draws"] = torch.tensor(0, dtype=torch.int64)
+            head["rng_state"] = torch.zeros(_RNG_STATE_BYTES, dtype=torch.uint8)
+        numels = [p.numel() for p in blocks]
+        k = _num_active(group["density"], len(blocks))
+        if "offset" not in self.state[blocks[-1]]:
+            if any("exp_avg" in self.state[p] for p in blocks):
+                raise ValueError(
+                    "this FRUGAL proj_type='block' state has per-block moments (saved before "
+                    "the pooled layout): it cannot be continued; start the optimizer afresh"
+                )
+            _init_block_state(
+                [self.state[p] for p in blocks], blocks, owners, pool_of, numels, k,
+                group["reset_statistics"],
             )  # fmt: skip
-            head["rng_state"] = gen.get_state()
-            head["block_draws"] += 1
-            for i, p in enumerate(blocks):
-                state = self.state[p]
-                state["active"] = torch.tensor(int(i in chosen), dtype=torch.int64)
-                if i in chosen and (group["reset_statistics"] or "exp_avg" not in state):
-                    state["step"] = self._new_step()
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                elif i not in chosen and group["reset_statistics"]:
-                    for key in ("step", "exp_avg", "exp_avg_sq"):
-                        state.pop(key, None)
+        states = [self.state[p] for p in blocks]
+        pools = [self.state[blocks[o]][key] for o in owners for key in _POOL_KEYS]
+        reselect = _reselect_op if is_compiling() else _reselect
+        reselect(
+            head["block_step"], head["block_draws"], head["rng_state"],
+            [st["active"] for st in states], [st["offset"] for st in states],
+            pools, pool_of, numels, group["update_gap"], k,
+            group["block_order"], group["reset_statistics"],
+            group["seed"] + self._param_index(blocks[0]),
+        )  # fmt: skip
+        if group["reset_statistics"]:  # (re)activated blocks restart their step count
+            fresh = head["block_step"] % group["update_gap"] == 0
+            for st in states:
+                st["step"] *= (~fresh).to(st["step"].dtype)
         head["block_step"] += 1
 
         lr, wd = group["lr"], group["weight_decay"]
@@ -326,14 +337,34 @@ class FRUGAL(MatrixOptimizer):
         if wd != 0:  # decay with the plain lr, as the projected variants
             for p in stepped:
                 p.mul_(1 - lr * wd)
+        index = {id(p): i for i, p in enumerate(blocks)}
+        if is_compiling():
+            for p in stepped:
+                i = index[id(p)]
+                owner = self.state[blocks[owners[pool_of[i]]]]
+                _block_update_branch_free(
+                    p, p.grad, states[i], owner["exp_avg_pool"], owner["exp_avg_sq_pool"],
+                    scale=scale, betas=group["betas"], eps=group["eps"],
+                    inactive_update_rule=group["inactive_update_rule"],
+                    inactive_lr_scale=group["inactive_lr_scale"], maximize=group["maximize"],
+                )  # fmt: skip
+            return
+        # eager: the active blocks' moments as views of the pools, the shared AdamW on them
         active = [p for p in stepped if int(self.state[p]["active"])]
         if active:
+            moments = {key: [] for key in _POOL_KEYS}
+            for p in active:
+                i = index[id(p)]
+                owner = self.state[blocks[owners[pool_of[i]]]]
+                off = int(states[i]["offset"])
+                for key in _POOL_KEYS:
+                    moments[key].append(owner[key].narrow(0, off, numels[i]).view(p.shape))
             beta1, beta2 = group["betas"]
             adamw_fallback(
                 active,
                 [p.grad for p in active],
-                [self.state[p]["exp_avg"] for p in active],
-                [self.state[p]["exp_avg_sq"] for p in active],
+                moments["exp_avg_pool"],
+                moments["exp_avg_sq_pool"],
                 [self.state[p]["step"] for p in active],
                 lr=scale,
                 beta1=beta1,
@@ -350,6 +381,151 @@ class FRUGAL(MatrixOptimizer):
             step = _inactive_direction(g, group["inactive_update_rule"])
             if step is not None:
                 p.sub_(step * (scale * group["inactive_lr_scale"]))
+
+
+_POOL_KEYS = ("exp_avg_pool", "exp_avg_sq_pool")
+
+
+def _block_pools(blocks: list[Tensor]) -> tuple[list[int], list[int]]:
+    """The blocks' moment pools, one per (device, dtype) among them: (index of the block whose
+    state holds each pool, the first block of that kind; pool index of every block)."""
+    kinds: dict[tuple[torch.device, torch.dtype], int] = {}
+    owners, pool_of = [], []
+    for i, p in enumerate(blocks):
+        kind = (p.device, p.dtype)
+        if kind not in kinds:
+            kinds[kind] = len(owners)
+            owners.append(i)
+        pool_of.append(kinds[kind])
+    return owners, pool_of
+
+
+def _init_block_state(
+    states: list[dict[str, Any]],
+    blocks: list[Tensor],
+    owners: list[int],
+    pool_of: list[int],
+    numels: list[int],
+    k: int,
+    reset_statistics: bool,
+) -> None:
+    """Allocate the block variant's state once, at its final size (a compiled step never sees it
+    change): per block its ``active`` flag, the ``offset`` of its moments in its pool and its
+    AdamW ``step``; per pool (in the state of its first block) ``exp_avg_pool`` and
+    ``exp_avg_sq_pool``, flat. With ``reset_statistics`` only active blocks own moments, so a
+    pool holds the ``min(k, count)`` largest blocks of its kind; without it every block keeps
+    its own moments at a fixed offset."""
+    sizes = [0] * len(owners)
+    for j in range(len(owners)):
+        mine = sorted((numels[i] for i in range(len(blocks)) if pool_of[i] == j), reverse=True)
+        sizes[j] = sum(mine[:k]) if reset_statistics else sum(mine)
+    for j, o in enumerate(owners):
+        for key in _POOL_KEYS:
+            states[o][key] = torch.zeros(sizes[j], dtype=blocks[o].dtype, device=blocks[o].device)
+    ends = [0] * len(owners)
+    for i, st in enumerate(states):
+        st["active"] = torch.tensor(0, dtype=torch.int64)
+        st["offset"] = torch.tensor(0 if reset_statistics else ends[pool_of[i]], dtype=torch.int64)
+        ends[pool_of[i]] += numels[i]
+        st["step"] = MatrixOptimizer._new_step()
+
+
+def _reselect(
+    block_step: Tensor,
+    block_draws: Tensor,
+    rng_state: Tensor,
+    active: list[Tensor],
+    offset: list[Tensor],
+    pools: list[Tensor],
+    pool_of: list[int],
+    numels: list[int],
+    update_gap: int,
+    k: int,
+    block_order: str,
+    reset_statistics: bool,
+    seed: int,
+) -> None:
+    """The re-selection phase of a block step, in place: when ``block_step`` is a multiple of
+    ``update_gap``, draw the active set, write the ``active`` flags and, with
+    ``reset_statistics``, pack the active blocks' moments into their pools (``offset``, in
+    block order; inactive blocks point at 0 and are never read) and zero them and their step
+    counts (``pools``: exp_avg and exp_avg_sq pool of each kind, interleaved). Eager by design,
+    as :func:`_rebuild`: under ``torch.compile`` it is the opaque op ``basin::frugal_reselect``."""
+    t = int(block_step)
+    if t % update_gap:
+        return
+    gen = torch.Generator()
+    if t == 0:  # the generator of "random" starts from seed
+        gen.manual_seed(seed)
+    else:
+        gen.set_state(rng_state.cpu())
+    n = len(active)
+    chosen = set(_block_selection(block_order, n, k, int(block_draws), gen))
+    rng_state.copy_(gen.get_state())
+    block_draws += 1
+    ends = [0] * (len(pools) // 2)
+    for i in range(n):
+        active[i].fill_(int(i in chosen))
+        if i in chosen and reset_statistics:
+            j = pool_of[i]
+            offset[i].fill_(ends[j])
+            ends[j] += numels[i]
+        elif reset_statistics:
+            offset[i].zero_()
+    if reset_statistics:
+        for pool in pools:
+            pool.zero_()
+
+
+_reselect_op = torch.library.custom_op(
+    "basin::frugal_reselect",
+    _reselect,
+    mutates_args=("block_draws", "rng_state", "active", "offset", "pools"),
+)
+
+
+@_reselect_op.register_fake
+def _reselect_fake(*args: Any) -> None:
+    return None
+
+
+def _block_update_branch_free(
+    p: Tensor,
+    grad: Tensor,
+    state: dict[str, Any],
+    exp_avg_pool: Tensor,
+    exp_avg_sq_pool: Tensor,
+    *,
+    scale: float | Tensor,
+    betas: tuple[float, float],
+    eps: float,
+    inactive_update_rule: str,
+    inactive_lr_scale: float,
+    maximize: bool,
+) -> None:
+    """One block's step under ``torch.compile``, without branching on its ``active`` flag: the
+    AdamW step on its moments (gathered from the pool at its run-time ``offset``) and the
+    residual step are both computed and ``torch.where`` keeps one; the moments and step count
+    are written back unchanged for an inactive block (its offset may alias an active block's
+    region: it rewrites what it read, after that block's update). The same arithmetic as the
+    eager path (:func:`basin.optim._matrix.adamw_fallback`) up to compiler rounding."""
+    beta1, beta2 = betas
+    on = state["active"].to(p.device) != 0
+    g = -grad if maximize else grad
+    idx = state["offset"].to(p.device) + torch.arange(p.numel(), device=p.device)
+    m_old = exp_avg_pool[idx].view(p.shape)
+    v_old = exp_avg_sq_pool[idx].view(p.shape)
+    state["step"] += state["active"].to(state["step"].dtype)
+    step = state["step"]
+    m = m_old.lerp(g, 1 - beta1)
+    v = v_old.lerp(g.square(), 1 - beta2)
+    adam = (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt() + eps)
+    adam_p = p - adam * scale
+    direction = _inactive_direction(g, inactive_update_rule)
+    other_p = p if direction is None else p - direction * (scale * inactive_lr_scale)
+    p.copy_(torch.where(on, adam_p, other_p))
+    exp_avg_pool.index_copy_(0, idx, torch.where(on, m, m_old).reshape(-1))
+    exp_avg_sq_pool.index_copy_(0, idx, torch.where(on, v, v_old).reshape(-1))
 
 
 def _num_active(density: float, n: int) -> int:
