@@ -142,10 +142,15 @@ def check_grad(p: Tensor, optimizer: str) -> None:
 
 # ---------------------------------------------------------------- base class
 
+# keys of ``defaults`` that are not a functional's keyword: ``betas`` (passed as beta1, beta2)
+# and ``differentiable``, which torch's Optimizer.__setstate__ (load_state_dict) adds
+_NOT_KEYWORDS = frozenset({"betas", "differentiable"})
+
 
 class BasinOptimizer(Optimizer):
     """Base class: closure handling and state-dict compatibility; subclasses implement
-    ``_step_group(group)`` which gathers tensors and calls the module-level functional."""
+    ``_step_group(group)``, which gathers tensors (:meth:`_gather`) and calls the module-level
+    functional with the group's hyperparameters (:meth:`_hyperparameters`)."""
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         check_foreach(defaults.get("foreach"))
@@ -166,16 +171,25 @@ class BasinOptimizer(Optimizer):
             self._step_group(group)
         return loss
 
+    def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group's hyperparameters as the functional's keyword arguments: the value of every
+        key the subclass put in ``defaults``, with ``betas`` passed as ``beta1`` and ``beta2``."""
+        kwargs = {key: group[key] for key in self.defaults if key not in _NOT_KEYWORDS}
+        if "betas" in self.defaults:
+            kwargs["beta1"], kwargs["beta2"] = group["betas"]
+        return kwargs
+
     def _gather(
-        self, group: dict[str, Any], zeros: Sequence[str] = (), *, step: bool = True
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[list[Tensor]]]:
+        self, group: dict[str, Any], zeros: Sequence[str | None] = (), *, step: bool = True
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[list[Tensor | None]]]:
         """The parameters of ``group`` that have a gradient, their gradients, their step
         counters (if ``step``) and, for each name in ``zeros``, that state buffer, created as
-        zeros on first use (lazy state, as in torch.optim)."""
+        zeros on first use (lazy state, as in torch.optim); a ``None`` name (an optional
+        buffer that this group does not use) gives a list of ``None``."""
         params: list[Tensor] = []
         grads: list[Tensor] = []
         steps: list[Tensor] = []
-        buffers: list[list[Tensor]] = [[] for _ in zeros]
+        buffers: list[list[Tensor | None]] = [[] for _ in zeros]
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -184,6 +198,9 @@ class BasinOptimizer(Optimizer):
             if step and "step" not in state:
                 state["step"] = self._new_step()
             for key, found in zip(zeros, buffers):
+                if key is None:
+                    found.append(None)
+                    continue
                 if key not in state:
                     state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 found.append(state[key])

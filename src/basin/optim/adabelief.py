@@ -112,34 +112,10 @@ class AdaBelief(BasinOptimizer):
         super().__init__(params, defaults)
 
     def _step_group(self, group: dict[str, Any]) -> None:
-        amsgrad = group["amsgrad"]
-        names = ("exp_avg", "exp_avg_var") + (("max_exp_avg_var",) if amsgrad else ())
-        params, grads, steps, buffers = self._gather(group, names)
-        if not params:
-            return
-        exp_avgs, exp_avg_vars = buffers[0], buffers[1]
-        max_vars = buffers[2] if amsgrad else [None] * len(params)
-        beta1, beta2 = group["betas"]
-        adabelief(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_vars,
-            max_vars,
-            steps,
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            amsgrad=group["amsgrad"],
-            weight_decouple=group["weight_decouple"],
-            fixed_decay=group["fixed_decay"],
-            rectify=group["rectify"],
-            degenerated_to_sgd=group["degenerated_to_sgd"],
-            maximize=group["maximize"],
-            foreach=group["foreach"],
-        )
+        max_var = "max_exp_avg_var" if group["amsgrad"] else None
+        params, grads, steps, buffers = self._gather(group, ("exp_avg", "exp_avg_var", max_var))
+        if params:
+            adabelief(params, grads, *buffers, steps, **self._hyperparameters(group))
 
 
 def _rectification(step: Any, beta1: float, beta2: float, degenerated_to_sgd: bool) -> tuple:

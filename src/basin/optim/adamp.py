@@ -118,26 +118,8 @@ class AdamP(BasinOptimizer):
         params, grads, steps, (exp_avgs, exp_avg_sqs) = self._gather(
             group, ("exp_avg", "exp_avg_sq")
         )
-        if not params:
-            return
-        beta1, beta2 = group["betas"]
-        adamp(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            steps,
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            delta=group["delta"],
-            wd_ratio=group["wd_ratio"],
-            nesterov=group["nesterov"],
-            maximize=group["maximize"],
-            foreach=group["foreach"],
-        )
+        if params:
+            adamp(params, grads, exp_avgs, exp_avg_sqs, steps, **self._hyperparameters(group))
 
 
 def adamp(
@@ -326,27 +308,10 @@ class SGDP(BasinOptimizer):
         super().__init__(params, defaults)
 
     def _step_group(self, group: dict[str, Any]) -> None:
-        momentum = group["momentum"]
-        names = ("momentum_buffer",) if momentum != 0 else ()
-        params, grads, _, buffers = self._gather(group, names, step=False)
-        if not params:
-            return
-        bufs = buffers[0] if momentum != 0 else [None] * len(params)
-        sgdp(
-            params,
-            grads,
-            bufs,
-            lr=group["lr"],
-            momentum=momentum,
-            dampening=group["dampening"],
-            weight_decay=group["weight_decay"],
-            nesterov=group["nesterov"],
-            eps=group["eps"],
-            delta=group["delta"],
-            wd_ratio=group["wd_ratio"],
-            maximize=group["maximize"],
-            foreach=group["foreach"],
-        )
+        buf = "momentum_buffer" if group["momentum"] != 0 else None
+        params, grads, _, (bufs,) = self._gather(group, (buf,), step=False)
+        if params:
+            sgdp(params, grads, bufs, **self._hyperparameters(group))
 
 
 def sgdp(

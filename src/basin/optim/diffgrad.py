@@ -93,24 +93,9 @@ class DiffGrad(BasinOptimizer):
         params, grads, steps, (exp_avgs, exp_avg_sqs, prev_grads) = self._gather(
             group, ("exp_avg", "exp_avg_sq", "previous_grad")
         )
-        if not params:
-            return
-        beta1, beta2 = group["betas"]
-        diffgrad(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            prev_grads,
-            steps,
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            maximize=group["maximize"],
-            foreach=group["foreach"],
-        )
+        if params:
+            hyperparameters = self._hyperparameters(group)
+            diffgrad(params, grads, exp_avgs, exp_avg_sqs, prev_grads, steps, **hyperparameters)
 
 
 def diffgrad(

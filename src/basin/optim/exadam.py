@@ -95,24 +95,8 @@ class EXAdam(BasinOptimizer):
         params, grads, steps, (exp_avgs, exp_avg_sqs) = self._gather(
             group, ("exp_avg", "exp_avg_sq")
         )
-        if not params:
-            return
-        beta1, beta2 = group["betas"]
-        exadam(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            steps,
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            dynamic_step_size=group["dynamic_step_size"],
-            maximize=group["maximize"],
-            foreach=group["foreach"],
-        )
+        if params:
+            exadam(params, grads, exp_avgs, exp_avg_sqs, steps, **self._hyperparameters(group))
 
 
 def exadam(
