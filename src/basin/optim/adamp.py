@@ -164,17 +164,19 @@ def _single_tensor_adamp(
     params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
     delta, wd_ratio, nesterov, maximize,
 ):  # fmt: skip
+    torch._foreach_add_(state_steps, 1)  # one dispatch instead of one per parameter
+    corrections: dict[Any, tuple] = {}  # (bc1, sqrt(bc2)) per distinct step (usually just one)
     for i, p in enumerate(params):
         g = -grads[i] if maximize else grads[i]
         m, v = exp_avgs[i], exp_avg_sqs[i]
-        state_steps[i] += 1
         step = get_value(state_steps[i])
-        bc1 = 1 - beta1**step
-        bc2 = 1 - beta2**step
+        if step not in corrections:
+            corrections[step] = (1 - beta1**step, (1 - beta2**step) ** 0.5)
+        bc1, sqrt_bc2 = corrections[step]
 
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = v.sqrt().div_(bc2**0.5).add_(eps)
+        denom = v.sqrt().div_(sqrt_bc2).add_(eps)
 
         if p.ndim <= 1 and not nesterov:  # never projected: fuse the division into the step
             if weight_decay != 0:
