@@ -324,14 +324,10 @@ class FRUGAL(MatrixOptimizer):
         reselect(
             head["block_step"], head["block_draws"], head["rng_state"],
             [st["active"] for st in states], [st["offset"] for st in states],
-            pools, pool_of, numels, group["update_gap"], k,
+            [st["step"] for st in states], pools, pool_of, numels, group["update_gap"], k,
             group["block_order"], group["reset_statistics"],
             group["seed"] + self._param_index(blocks[0]),
         )  # fmt: skip
-        if group["reset_statistics"]:  # (re)activated blocks restart their step count
-            fresh = head["block_step"] % group["update_gap"] == 0
-            for st in states:
-                st["step"] *= (~fresh).to(st["step"].dtype)
         head["block_step"] += 1
 
         lr, wd = group["lr"], group["weight_decay"]
@@ -439,6 +435,7 @@ def _reselect(
     rng_state: Tensor,
     active: list[Tensor],
     offset: list[Tensor],
+    steps: list[Tensor],
     pools: list[Tensor],
     pool_of: list[int],
     numels: list[int],
@@ -478,12 +475,14 @@ def _reselect(
     if reset_statistics:
         for pool in pools:
             pool.zero_()
+        for s in steps:
+            s.zero_()
 
 
 _reselect_op = torch.library.custom_op(
     "basin::frugal_reselect",
     _reselect,
-    mutates_args=("block_draws", "rng_state", "active", "offset", "pools"),
+    mutates_args=("block_draws", "rng_state", "active", "offset", "steps", "pools"),
 )
 
 
