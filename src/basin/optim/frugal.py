@@ -429,6 +429,26 @@ def _init_block_state(
         st["step"] = MatrixOptimizer._new_step()
 
 
+def _generator(rng_state: Tensor, seed: int, first: bool) -> torch.Generator:
+    """The CPU generator of a random draw: seeded with ``seed`` at the first draw, else restored
+    from ``rng_state`` (the caller writes ``get_state()`` back after drawing)."""
+    gen = torch.Generator()
+    if first:
+        gen.manual_seed(seed)
+    else:
+        gen.set_state(rng_state.cpu())
+    return gen
+
+
+def _opaque_op(name: str, fn: Any, mutates_args: tuple[str, ...]) -> Any:
+    """``fn`` (in place, returns None) as the custom op ``basin::<name>``: one extern call in a
+    compiled graph, so no graph break and no recompile; its Python control flow reads the
+    counters at run time, eagerly. Eager steps call ``fn`` itself."""
+    op = torch.library.custom_op(f"basin::{name}", fn, mutates_args=mutates_args)
+    op.register_fake(lambda *args: None)
+    return op
+
+
 def _reselect(
     block_step: Tensor,
     block_draws: Tensor,
@@ -454,11 +474,7 @@ def _reselect(
     t = int(block_step)
     if t % update_gap:
         return
-    gen = torch.Generator()
-    if t == 0:  # the generator of "random" starts from seed
-        gen.manual_seed(seed)
-    else:
-        gen.set_state(rng_state.cpu())
+    gen = _generator(rng_state, seed, t == 0)  # the generator of "random" starts from seed
     n = len(active)
     chosen = set(_block_selection(block_order, n, k, int(block_draws), gen))
     rng_state.copy_(gen.get_state())
@@ -479,16 +495,11 @@ def _reselect(
             s.zero_()
 
 
-_reselect_op = torch.library.custom_op(
-    "basin::frugal_reselect",
+_reselect_op = _opaque_op(
+    "frugal_reselect",
     _reselect,
-    mutates_args=("block_draws", "rng_state", "active", "offset", "steps", "pools"),
+    ("block_draws", "rng_state", "active", "offset", "steps", "pools"),
 )
-
-
-@_reselect_op.register_fake
-def _reselect_fake(*args: Any) -> None:
-    return None
 
 
 def _block_update_branch_free(
@@ -609,11 +620,7 @@ def _build_projector(
         Q = Vh[:rank].mT if side == "right" else U[:, :rank]
         return _canonical_signs(Q)
     assert rng_state is not None
-    gen = torch.Generator()
-    if first:
-        gen.manual_seed(seed)
-    else:
-        gen.set_state(rng_state.cpu())
+    gen = _generator(rng_state, seed, first)
     if proj_type == "random":
         gauss = torch.randn(dim, rank, generator=gen, dtype=torch.float64)
         Q, R = torch.linalg.qr(gauss)
@@ -655,18 +662,9 @@ def _rebuild(
         exp_avg_sq.zero_()
 
 
-# One extern call in a compiled graph: no graph break, no recompile at a rebuild (the decision
-# reads the counter's value at run time, not at trace time); its body is _rebuild, eager.
-_rebuild_op = torch.library.custom_op(
-    "basin::frugal_rebuild",
-    _rebuild,
-    mutates_args=("proj", "exp_avg", "exp_avg_sq", "step", "rng_state"),
+_rebuild_op = _opaque_op(
+    "frugal_rebuild", _rebuild, ("proj", "exp_avg", "exp_avg_sq", "step", "rng_state")
 )
-
-
-@_rebuild_op.register_fake
-def _rebuild_fake(*args: Any) -> None:
-    return None
 
 
 def _projected_shapes(
