@@ -258,22 +258,23 @@ class FRUGAL(MatrixOptimizer):
             for k, v in integral.get(pid, {}).items():
                 self.state[p][k] = v.clone().cpu() if k == "rng_state" else v.to(p.device)
 
-    def _param_index(self, p: Tensor) -> int:
-        i = 0
-        for group in self.param_groups:
-            for q in group["params"]:
-                if q is p:
-                    return i
-                i += 1
-        raise KeyError("parameter not in this optimizer")  # pragma: no cover
+    def _seeds(self, group: dict[str, Any]) -> dict[int, int]:
+        """Generator seed of each parameter of ``group`` (by id): ``seed`` plus the parameter's
+        index in param-group order. One pass per group step, not one scan per parameter."""
+        start = 0
+        for g in self.param_groups:
+            if g is group:
+                break
+            start += len(g["params"])
+        return {id(q): group["seed"] + start + i for i, q in enumerate(group["params"])}
 
     def _matrix_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         if group["proj_type"] == "block":
             self._block_step(group, params)
             return
+        seeds = self._seeds(group)
         for p in self._with_grad(params):
             state = self.state[p]
-            seed = group["seed"] + self._param_index(p)
             if len(state) == 0:
                 init_frugal_state(
                     p, state, group["density"], group["proj_type"], group["proj_side"]
@@ -293,7 +294,7 @@ class FRUGAL(MatrixOptimizer):
                 inactive_lr_scale=group["inactive_lr_scale"],
                 proj_params_lr_scale=group["proj_params_lr_scale"],
                 reset_statistics=group["reset_statistics"],
-                seed=seed,
+                seed=seeds[id(p)],
                 maximize=group["maximize"],
             )
 
@@ -326,7 +327,7 @@ class FRUGAL(MatrixOptimizer):
             [st["active"] for st in states], [st["offset"] for st in states],
             [st["step"] for st in states], pools, pool_of, numels, group["update_gap"], k,
             group["block_order"], group["reset_statistics"],
-            group["seed"] + self._param_index(blocks[0]),
+            self._seeds(group)[id(blocks[0])],
         )  # fmt: skip
         head["block_step"] += 1
 
