@@ -57,6 +57,26 @@ def mlp() -> nn.Module:
     )
 
 
+def classification_batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` seeded float64 batches (32 x 8 inputs, 4 classes) for :func:`mlp`-sized models."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(32, 8, generator=gen, dtype=torch.float64),
+            torch.randint(0, 4, (32,), generator=gen),
+        )
+        for _ in range(n)
+    ]
+
+
+def train(model: nn.Module, opt: Optimizer, batches: list) -> None:
+    """One cross-entropy step of ``opt`` per batch."""
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
 def quiet(factory: Callable[..., Optimizer]) -> Callable[..., Optimizer]:
     """Reference packages print banners and warnings on construction; silence them."""
     import contextlib

@@ -6,30 +6,12 @@ import copy
 
 import pytest
 import torch
-from optim_db import _cosmos_mlp
+from optim_db import _cosmos_mlp, classification_batches, train
 from references.cosmos_paper import COSMOSPaper, quintic_polar_via_svd
 from torch import nn
 
 import basin.optim as bo
 from basin.optim._kernels import newton_schulz5
-
-
-def _batches(n: int, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        (
-            torch.randn(32, 8, generator=gen, dtype=torch.float64),
-            torch.randint(0, 4, (32,), generator=gen),
-        )
-        for _ in range(n)
-    ]
-
-
-def _run(model, opt, batches):
-    for x, y in batches:
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
 
 
 def test_subspace_state_matches_reference_up_to_column_signs() -> None:
@@ -40,9 +22,9 @@ def test_subspace_state_matches_reference_up_to_column_signs() -> None:
     ref_model = copy.deepcopy(model)
     opt = bo.COSMOS(model.parameters(), rank=2, ns_dtype=None)
     ref = COSMOSPaper(list(ref_model.parameters()), rank=2)
-    batches = _batches(30)
-    _run(model, opt, batches)
-    _run(ref_model, ref, batches)
+    batches = classification_batches(30)
+    train(model, opt, batches)
+    train(ref_model, ref, batches)
     n_signs_differ = 0
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12 * q.abs().max().item())
@@ -67,17 +49,17 @@ def test_trajectory_is_invariant_to_subspace_column_signs() -> None:
     model2 = copy.deepcopy(model)
     opt = bo.COSMOS(model.parameters(), rank=2, ns_dtype=None)
     opt2 = bo.COSMOS(model2.parameters(), rank=2, ns_dtype=None)
-    batches = _batches(20)
-    _run(model, opt, batches[:1])
-    _run(model2, opt2, batches[:1])
+    batches = classification_batches(20)
+    train(model, opt, batches[:1])
+    train(model2, opt2, batches[:1])
     flip = torch.tensor([-1.0, 1.0], dtype=torch.float64)
     for p in model2.parameters():
         if p.ndim == 2:
             st = opt2.state[p]
             st["subspace"].mul_(flip)
             st["subspace_cov"].mul_(flip[:, None] * flip[None, :])
-    _run(model, opt, batches[1:])
-    _run(model2, opt2, batches[1:])
+    train(model, opt, batches[1:])
+    train(model2, opt2, batches[1:])
     for p, q in zip(model.parameters(), model2.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-13)
 
@@ -120,9 +102,9 @@ def test_adamw_fallback_equals_torch_adamw() -> None:
     hp = dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-7, weight_decay=0.1)
     opt = bo.COSMOS([{"params": model.parameters(), "matrix_rule": False}], **hp)
     ref = torch.optim.AdamW(ref_model.parameters(), **hp)
-    batches = _batches(25)
-    _run(model, opt, batches)
-    _run(ref_model, ref, batches)
+    batches = classification_batches(25)
+    train(model, opt, batches)
+    train(ref_model, ref, batches)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
@@ -150,7 +132,7 @@ def test_tall_matrix_beyond_max_rows_uses_adamw() -> None:
 def _final_params(seed_model: nn.Module, steps: int = 15, **hp):
     model = copy.deepcopy(seed_model)
     opt = bo.COSMOS(model.parameters(), rank=2, ns_dtype=None, **hp)
-    _run(model, opt, _batches(steps))
+    train(model, opt, classification_batches(steps))
     return model, opt
 
 

@@ -7,28 +7,10 @@ import copy
 import pytest
 import torch
 import torch._dynamo
-from optim_db import mlp
+from optim_db import classification_batches, mlp, train
 from torch import nn
 
 import basin.optim as bo
-
-
-def _batches(n: int, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        (
-            torch.randn(32, 8, generator=gen, dtype=torch.float64),
-            torch.randint(0, 4, (32,), generator=gen),
-        )
-        for _ in range(n)
-    ]
-
-
-def _run(model, opt, batches):
-    for x, y in batches:
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
 
 
 @pytest.mark.parametrize("proj_type", ["svd", "random", "randperm"])
@@ -57,9 +39,9 @@ def test_non_projected_params_follow_torch_adamw() -> None:
     hp = dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-7, weight_decay=0.1)
     opt = bo.FRUGAL([{"params": model.parameters(), "matrix_rule": False}], **hp)
     ref = torch.optim.AdamW(ref_model.parameters(), **hp)
-    batches = _batches(25)
-    _run(model, opt, batches)
-    _run(ref_model, ref, batches)
+    batches = classification_batches(25)
+    train(model, opt, batches)
+    train(ref_model, ref, batches)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
@@ -73,9 +55,9 @@ def test_density_one_without_residual_is_adamw() -> None:
     ref_model = copy.deepcopy(model)
     opt = bo.FRUGAL(model.parameters(), density=1.0, proj_type="randperm", weight_decay=0.0)
     ref = torch.optim.AdamW(ref_model.parameters(), weight_decay=0.0)
-    batches = _batches(15)
-    _run(model, opt, batches)
-    _run(ref_model, ref, batches)
+    batches = classification_batches(15)
+    train(model, opt, batches)
+    train(ref_model, ref, batches)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
@@ -178,15 +160,15 @@ def test_block_state_dict_round_trip_continues_the_draw() -> None:
     torch.manual_seed(0)
     model = mlp().double()
     opt = bo.FRUGAL(model.parameters(), proj_type="block", density=0.5, update_gap=3, seed=4)
-    batches = _batches(20)
-    _run(model, opt, batches[:7])
+    batches = classification_batches(20)
+    train(model, opt, batches[:7])
     model2 = copy.deepcopy(model)
     opt2 = bo.FRUGAL(model2.parameters(), proj_type="block", density=0.5, update_gap=3, seed=9)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     seen = set()
     for batch in batches[7:]:
-        _run(model, opt, [batch])
-        _run(model2, opt2, [batch])
+        train(model, opt, [batch])
+        train(model2, opt2, [batch])
         flags = [int(opt.state[p]["active"]) for p in model.parameters() if p.ndim == 2]
         flags2 = [int(opt2.state[p]["active"]) for p in model2.parameters() if p.ndim == 2]
         assert flags == flags2
@@ -201,12 +183,12 @@ def test_block_foreach_equals_single_tensor() -> None:
     torch.manual_seed(0)
     models = [mlp().double() for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    batches = _batches(30)
+    batches = classification_batches(30)
     for model, foreach in zip(models, (False, True)):
         opt = bo.FRUGAL(
             model.parameters(), proj_type="block", density=0.5, update_gap=3, foreach=foreach
         )
-        _run(model, opt, batches)
+        train(model, opt, batches)
     for a, b in zip(*(m.parameters() for m in models)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 

@@ -258,22 +258,23 @@ class FRUGAL(MatrixOptimizer):
             for k, v in integral.get(pid, {}).items():
                 self.state[p][k] = v.clone().cpu() if k == "rng_state" else v.to(p.device)
 
-    def _param_index(self, p: Tensor) -> int:
-        i = 0
-        for group in self.param_groups:
-            for q in group["params"]:
-                if q is p:
-                    return i
-                i += 1
-        raise KeyError("parameter not in this optimizer")  # pragma: no cover
+    def _seeds(self, group: dict[str, Any]) -> dict[int, int]:
+        """Generator seed of each parameter of ``group`` (by id): ``seed`` plus the parameter's
+        index in param-group order. One pass per group step, not one scan per parameter."""
+        start = 0
+        for g in self.param_groups:
+            if g is group:
+                break
+            start += len(g["params"])
+        return {id(q): group["seed"] + start + i for i, q in enumerate(group["params"])}
 
     def _matrix_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         if group["proj_type"] == "block":
             self._block_step(group, params)
             return
+        seeds = self._seeds(group)
         for p in self._with_grad(params):
             state = self.state[p]
-            seed = group["seed"] + self._param_index(p)
             if len(state) == 0:
                 init_frugal_state(
                     p, state, group["density"], group["proj_type"], group["proj_side"]
@@ -293,7 +294,7 @@ class FRUGAL(MatrixOptimizer):
                 inactive_lr_scale=group["inactive_lr_scale"],
                 proj_params_lr_scale=group["proj_params_lr_scale"],
                 reset_statistics=group["reset_statistics"],
-                seed=seed,
+                seed=seeds[id(p)],
                 maximize=group["maximize"],
             )
 
@@ -324,14 +325,10 @@ class FRUGAL(MatrixOptimizer):
         reselect(
             head["block_step"], head["block_draws"], head["rng_state"],
             [st["active"] for st in states], [st["offset"] for st in states],
-            pools, pool_of, numels, group["update_gap"], k,
+            [st["step"] for st in states], pools, pool_of, numels, group["update_gap"], k,
             group["block_order"], group["reset_statistics"],
-            group["seed"] + self._param_index(blocks[0]),
+            self._seeds(group)[id(blocks[0])],
         )  # fmt: skip
-        if group["reset_statistics"]:  # (re)activated blocks restart their step count
-            fresh = head["block_step"] % group["update_gap"] == 0
-            for st in states:
-                st["step"] *= (~fresh).to(st["step"].dtype)
         head["block_step"] += 1
 
         lr, wd = group["lr"], group["weight_decay"]
@@ -433,12 +430,33 @@ def _init_block_state(
         st["step"] = MatrixOptimizer._new_step()
 
 
+def _generator(rng_state: Tensor, seed: int, first: bool) -> torch.Generator:
+    """The CPU generator of a random draw: seeded with ``seed`` at the first draw, else restored
+    from ``rng_state`` (the caller writes ``get_state()`` back after drawing)."""
+    gen = torch.Generator()
+    if first:
+        gen.manual_seed(seed)
+    else:
+        gen.set_state(rng_state.cpu())
+    return gen
+
+
+def _opaque_op(name: str, fn: Any, mutates_args: tuple[str, ...]) -> Any:
+    """``fn`` (in place, returns None) as the custom op ``basin::<name>``: one extern call in a
+    compiled graph, so no graph break and no recompile; its Python control flow reads the
+    counters at run time, eagerly. Eager steps call ``fn`` itself."""
+    op = torch.library.custom_op(f"basin::{name}", fn, mutates_args=mutates_args)
+    op.register_fake(lambda *args: None)
+    return op
+
+
 def _reselect(
     block_step: Tensor,
     block_draws: Tensor,
     rng_state: Tensor,
     active: list[Tensor],
     offset: list[Tensor],
+    steps: list[Tensor],
     pools: list[Tensor],
     pool_of: list[int],
     numels: list[int],
@@ -457,11 +475,7 @@ def _reselect(
     t = int(block_step)
     if t % update_gap:
         return
-    gen = torch.Generator()
-    if t == 0:  # the generator of "random" starts from seed
-        gen.manual_seed(seed)
-    else:
-        gen.set_state(rng_state.cpu())
+    gen = _generator(rng_state, seed, t == 0)  # the generator of "random" starts from seed
     n = len(active)
     chosen = set(_block_selection(block_order, n, k, int(block_draws), gen))
     rng_state.copy_(gen.get_state())
@@ -478,18 +492,15 @@ def _reselect(
     if reset_statistics:
         for pool in pools:
             pool.zero_()
+        for s in steps:
+            s.zero_()
 
 
-_reselect_op = torch.library.custom_op(
-    "basin::frugal_reselect",
+_reselect_op = _opaque_op(
+    "frugal_reselect",
     _reselect,
-    mutates_args=("block_draws", "rng_state", "active", "offset", "pools"),
+    ("block_draws", "rng_state", "active", "offset", "steps", "pools"),
 )
-
-
-@_reselect_op.register_fake
-def _reselect_fake(*args: Any) -> None:
-    return None
 
 
 def _block_update_branch_free(
@@ -610,11 +621,7 @@ def _build_projector(
         Q = Vh[:rank].mT if side == "right" else U[:, :rank]
         return _canonical_signs(Q)
     assert rng_state is not None
-    gen = torch.Generator()
-    if first:
-        gen.manual_seed(seed)
-    else:
-        gen.set_state(rng_state.cpu())
+    gen = _generator(rng_state, seed, first)
     if proj_type == "random":
         gauss = torch.randn(dim, rank, generator=gen, dtype=torch.float64)
         Q, R = torch.linalg.qr(gauss)
@@ -656,18 +663,9 @@ def _rebuild(
         exp_avg_sq.zero_()
 
 
-# One extern call in a compiled graph: no graph break, no recompile at a rebuild (the decision
-# reads the counter's value at run time, not at trace time); its body is _rebuild, eager.
-_rebuild_op = torch.library.custom_op(
-    "basin::frugal_rebuild",
-    _rebuild,
-    mutates_args=("proj", "exp_avg", "exp_avg_sq", "step", "rng_state"),
+_rebuild_op = _opaque_op(
+    "frugal_rebuild", _rebuild, ("proj", "exp_avg", "exp_avg_sq", "step", "rng_state")
 )
-
-
-@_rebuild_op.register_fake
-def _rebuild_fake(*args: Any) -> None:
-    return None
 
 
 def _projected_shapes(
