@@ -79,7 +79,8 @@ def _resolve_workload(name: str, seed: int):
     try:
         w = workloads.get(name)
     except (KeyError, ValueError) as exc:
-        raise UserError(f"unknown workload {name!r}: {exc}") from None
+        msg = exc.args[0] if exc.args else f"unknown workload {name!r}"
+        raise UserError(f"{msg}; built in: demo-mlp") from None
     if hasattr(w, "build") and not hasattr(w, "model"):
         w = w.build(seed=seed)
     loss_fn = getattr(w, "loss_fn", None) or getattr(w, "loss", None)
@@ -109,6 +110,13 @@ def landscape(
 
     from basin.landscape.report import run_landscape
 
+    # option mistakes before the workload is built and the first products are spent
+    if k < 1:
+        raise UserError(f"--k must be >= 1, got {k}")
+    if trace_hvp < 3:
+        raise UserError(f"--trace-hvp must be >= 3 (Hutch++), got {trace_hvp}")
+    if probes < 0 or surface_steps < 0 or surface_steps == 1:
+        raise UserError("--probes must be >= 0 and --surface-steps 0 or >= 2")
     model, loss_fn, data = _resolve_workload(workload, seed)
     if checkpoint is not None:
         try:
@@ -126,8 +134,6 @@ def landscape(
             raise UserError(
                 f"checkpoint {checkpoint!r} does not fit workload {workload!r}: {first}"
             ) from None
-    if probes < 0 or surface_steps < 0 or surface_steps == 1:
-        raise UserError("--probes must be >= 0 and --surface-steps 0 or >= 2")
     run_landscape(
         model,
         loss_fn,

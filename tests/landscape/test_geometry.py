@@ -160,6 +160,22 @@ def test_lmc_recomputes_batchnorm_statistics():
     assert not a.training and b.training
 
 
+def test_lmc_recompute_bn_keeps_every_submodule_mode():
+    # model_a evaluated in train mode (batch statistics) with its Dropout switched off: the
+    # BatchNorm re-estimation must not switch that Dropout back on for the evaluation
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+    a = a.double().train()
+    a[2].eval()
+    x = torch.randn(40, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (40,))
+    res = lmc_barrier(a, a, nn.functional.cross_entropy, (x, y), n_points=3, recompute_bn=True)
+    with torch.no_grad():  # train-mode BN uses batch statistics: every point is model_a's loss
+        want = float(nn.functional.cross_entropy(a(x), y))
+    np.testing.assert_allclose(res.losses, want, rtol=0, atol=1e-12)
+    assert a.training and not a[2].training
+
+
 def test_direction_to_and_errors():
     a, b = nn.Linear(3, 2), nn.Linear(3, 2)
     d = direction_to(a, b)

@@ -135,3 +135,12 @@ def test_cli_landscape_user_errors_exit_2(tmp_path, capsys):
     assert err.count("\n") == 1 and "does not fit" in err
     assert main(["landscape", "--workload", "no-such-workload"]) == 2
     assert "unknown workload" in capsys.readouterr().err
+    # option mistakes are caught before the workload is built or any product computed
+    for args, msg in (
+        (["--k", "0"], "--k must be >= 1"),
+        (["--trace-hvp", "2"], "--trace-hvp must be >= 3"),
+        (["--surface-steps", "1"], "--surface-steps 0 or >= 2"),
+    ):
+        assert main(["landscape", *args, "--out", str(tmp_path)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and msg in err

@@ -7,9 +7,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from ._hvp import normalize_batches
+from ._hvp import functional_forward, normalize_batches
 
 
 def params_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -22,26 +21,17 @@ def evaluate(
     data: Any,
     params: Mapping[str, Tensor] | None = None,
     metric: Callable | None = None,
-    buffers: Mapping[str, Tensor] | None = None,
 ) -> tuple[float, float | None]:
     """Batch-size-weighted mean loss (and metric) of ``model`` at ``params`` (default: its own),
     computed on copies of the buffers so running statistics are not updated."""
     batches = normalize_batches(data)
     total = sum(n for _, _, n in batches)
-    p = dict(params) if params is not None else params_dict(model)
+    forward = functional_forward(model)
+    p = params if params is not None else {}
     loss_sum, metric_sum = 0.0, 0.0
     with torch.no_grad():
         for x, y, nb in batches:
-            bufs = {
-                n: b.detach().clone()
-                for n, b in (buffers.items() if buffers else model.named_buffers())
-            }
-            try:
-                out = functional_call(model, (p, bufs), (x,))
-            except RuntimeError as exc:
-                if "shape" in str(exc) or "size" in str(exc):
-                    raise ValueError(f"the data does not fit the model: {exc}") from exc
-                raise
+            out = forward(p, x)
             loss = loss_fn(out, y)
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise ValueError("loss_fn must return a scalar")

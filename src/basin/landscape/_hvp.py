@@ -28,7 +28,7 @@ GGN products use the output ``z = f(w)``: ``J v`` by the double-vjp trick (a rev
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ from torch.func import functional_call
 
 __all__ = [
     "CurvatureOperator",
+    "functional_forward",
     "ggn_vector_product",
     "hessian_vector_product",
     "normalize_batches",
@@ -122,6 +123,26 @@ def select_parameters(
     return chosen
 
 
+def functional_forward(model: nn.Module) -> Callable[[Mapping[str, Tensor], Any], Tensor]:
+    """``f(params, x)``: ``model(x)`` through ``functional_call`` with the tensors of ``params``
+    in place of the parameters they name, detached copies of the other parameters and fresh
+    clones of the buffers at every call (running statistics are never updated), in the model's
+    own train/eval mode. Works under ``torch.func`` transforms. A shape mismatch between the
+    data and the model raises ``ValueError``."""
+    frozen = {n: p.detach() for n, p in model.named_parameters()}
+
+    def forward(params: Mapping[str, Tensor], x: Any) -> Tensor:
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        try:
+            return functional_call(model, ({**frozen, **params}, buffers), (x,))
+        except RuntimeError as exc:
+            if "shape" in str(exc) or "size" in str(exc):
+                raise ValueError(f"the data does not fit the model: {exc}") from exc
+            raise
+
+    return forward
+
+
 class CurvatureOperator:
     """The Hessian or GGN of the data-averaged loss as a linear operator on a flat vector.
 
@@ -167,6 +188,7 @@ class CurvatureOperator:
         self.n_products = 0
         self._cache: list | None = [] if len(self.batches) <= cache_batches else None
         self._leaves = {n: p.detach().requires_grad_(True) for n, p in chosen}
+        self._forward = functional_forward(model)
 
     # ------------------------------------------------------------------ vectors
     def flatten(self, parts: Sequence[Tensor] | Mapping[str, Tensor]) -> Tensor:
@@ -184,16 +206,7 @@ class CurvatureOperator:
 
     # ------------------------------------------------------------------ graphs
     def _call(self, x: Any) -> Tensor:
-        params = {}
-        for n, p in self.model.named_parameters():
-            params[n] = self._leaves[n] if n in self._chosen else p.detach()
-        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
-        try:
-            return functional_call(self.model, (params, buffers), (x,))
-        except RuntimeError as exc:
-            if "shape" in str(exc) or "size" in str(exc):
-                raise ValueError(f"the data does not fit the model: {exc}") from exc
-            raise
+        return self._forward(self._leaves, x)
 
     def _loss(self, out: Tensor, y: Tensor) -> Tensor:
         loss = self.loss_fn(out, y)

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ._hvp import CurvatureOperator
 from .eigen import hessian_eigenvalues
 from .trace import METHODS, hessian_trace
 
@@ -96,28 +97,15 @@ class SharpnessTracker:
 
     def measure(self, step: int) -> SharpnessRecord:
         t0 = time.perf_counter()
-        eig = hessian_eigenvalues(
-            self.model,
-            self.loss_fn,
-            self.data,
-            k=1,
-            tol=self.tol,
-            params=self.params,
-            seed=self.seed,
-            init=self._vec,
-        )
+        # one operator for both estimates: the trace reuses the eigen-solver's cached graphs
+        op = CurvatureOperator(self.model, self.loss_fn, self.data, params=self.params)
+        eig = hessian_eigenvalues(op, k=1, tol=self.tol, seed=self.seed, init=self._vec)
         self._vec = eig.eigenvectors[0]
         n = eig.n_hvp
         tr, se = math.nan, math.nan
         if self.trace_hvp:
             t = hessian_trace(
-                self.model,
-                self.loss_fn,
-                self.data,
-                n_hvp=self.trace_hvp,
-                method=self.trace_method,
-                params=self.params,
-                seed=self.seed + step,
+                op, n_hvp=self.trace_hvp, method=self.trace_method, seed=self.seed + step
             )
             tr, se, n = t.trace, t.stderr, n + t.n_hvp
         rec = SharpnessRecord(

@@ -53,19 +53,20 @@ def _recompute_bn(model: nn.Module, data: Any) -> None:
     bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
     if not bns:
         return
-    saved = [(m, m.momentum, m.training) for m in bns]
+    momenta = [m.momentum for m in bns]
+    # every submodule's own mode, not just the root's: model.train(was) would reset them all
+    modes = [(m, m.training) for m in model.modules()]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
-    was = model.training
     model.train()
     with torch.no_grad():
         for x, _, _ in normalize_batches(data):
             model(x)
-    model.train(was)
-    for m, mom, tr in saved:
+    for m, tr in modes:
+        m.training = tr
+    for m, mom in zip(bns, momenta):
         m.momentum = mom
-        m.train(tr)
 
 
 def lmc_barrier(

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
-from ._hvp import normalize_batches, select_parameters
+from ._hvp import functional_forward, normalize_batches, select_parameters
 
 __all__ = [
     "CoherenceResult",
@@ -57,11 +57,9 @@ class NoiseScaleResult:
     seconds: float
 
 
-def _flat_grad(model, loss_fn, x, y, leaves, names) -> Tensor:
-    params = {n: (leaves[n] if n in leaves else p.detach()) for n, p in model.named_parameters()}
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+def _flat_grad(forward, loss_fn, x, y, leaves, names) -> Tensor:
     with torch.enable_grad():
-        loss = loss_fn(functional_call(model, (params, buffers), (x,)), y)
+        loss = loss_fn(forward(leaves, x), y)
         if loss.numel() != 1:
             raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
         g = torch.autograd.grad(
@@ -97,6 +95,7 @@ def gradient_noise_scale(
     chosen = select_parameters(model, params)
     names = [n for n, _ in chosen]
     leaves = {n: p.detach().requires_grad_(True) for n, p in chosen}
+    forward = functional_forward(model)
     k = b_big // b_small
     used = k * b_small
     small_sq, big_sq, all_small = [], [], []
@@ -104,7 +103,7 @@ def gradient_noise_scale(
         gs = torch.stack(
             [
                 _flat_grad(
-                    model,
+                    forward,
                     loss_fn,
                     x[i * b_small : (i + 1) * b_small],
                     y[i * b_small : (i + 1) * b_small],
@@ -162,11 +161,10 @@ def per_example_gradients(
     does: use eval mode)."""
     chosen = select_parameters(model, params)
     names = [n for n, _ in chosen]
-    others = {n: p.detach() for n, p in model.named_parameters() if n not in set(names)}
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    forward = functional_forward(model)
 
     def one(p, x, y):
-        out = functional_call(model, ({**others, **p}, buffers), (x.unsqueeze(0),))
+        out = forward(p, x.unsqueeze(0))
         loss = loss_fn(out, y.unsqueeze(0))
         if loss.numel() != 1:
             raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
@@ -226,11 +224,10 @@ def example_scores(
     g = per_example_gradients(model, loss_fn, data, params)
     grand = torch.linalg.vector_norm(g, dim=1)
     el2n_rows, loss_rows, ok = [], [], True
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    params_all = {n: p.detach() for n, p in model.named_parameters()}
+    forward = functional_forward(model)
     with torch.no_grad():
         for x, y, _ in normalize_batches(data):
-            out = functional_call(model, (params_all, buffers), (x,))
+            out = forward({}, x)
             loss_rows.append(
                 torch.stack(
                     [loss_fn(out[i : i + 1], y[i : i + 1]).reshape(()) for i in range(out.shape[0])]

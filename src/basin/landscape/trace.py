@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import vjp, vmap
 from torch.utils._pytree import tree_map
 
 from ._hvp import CurvatureOperator, make_operator
@@ -279,16 +279,13 @@ def _exact_ggn_trace(op: CurvatureOperator, max_outputs: int, memory: int = 2**2
 
 def _per_example_sq(op: CurvatureOperator, names, x, vecs: Tensor, memory: int) -> Tensor:
     """(N, C): ``|J_n^T u_nk|^2`` restricted to ``names``, by vmapped per-example vjps."""
-    model = op.model
     chosen = {n: op._leaves[n].detach() for n in names}
-    others = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     size = sum(t.numel() for t in chosen.values())
 
     def one(x_n, u_n):  # u_n: (C, C), row k = k-th unit eigenvector of this example's block
         def f(p):
             x1 = tree_map(lambda t: t.unsqueeze(0), x_n)
-            return functional_call(model, ({**others, **p}, buffers), (x1,)).reshape(-1)
+            return op._forward(p, x1).reshape(-1)
 
         _, pull = vjp(f, chosen)
         g = vmap(pull)(u_n)[0]
