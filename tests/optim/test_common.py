@@ -201,6 +201,26 @@ def test_invalid_hyperparameters_raise(case: OptimCase, hp: dict[str, Any], need
     assert needle in str(info.value), str(info.value)
 
 
+@pytest.mark.parametrize(
+    "case,hp,needle",
+    [pytest.param(c, hp, n, id=f"{c.name}-{n}-{hp}") for c in CASES for hp, n in c.errors],
+)
+def test_invalid_hyperparameters_of_a_param_group_raise(
+    case: OptimCase, hp: dict[str, Any], needle: str
+) -> None:
+    """The same checks hold for a group's own hyperparameters, and the invalid group is not
+    kept (a caught error leaves the optimizer as it was)."""
+    params = list(make_model(case).parameters())
+    opt = case.cls(params[:2], **case.variants[0])
+    if not hp or not set(hp) <= set(opt.defaults):
+        pytest.skip("not about a param-group hyperparameter")
+    before = len(opt.param_groups)
+    with pytest.raises(ValueError) as info:
+        opt.add_param_group({"params": params[2:], **hp})
+    assert needle in str(info.value) and "param group" in str(info.value), str(info.value)
+    assert len(opt.param_groups) == before
+
+
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_maximize_equals_minimizing_the_negation(case: OptimCase) -> None:
     batches = make_data(10)

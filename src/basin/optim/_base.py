@@ -153,9 +153,37 @@ class BasinOptimizer(Optimizer):
     functional with the group's hyperparameters (:meth:`_hyperparameters`)."""
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
-        check_foreach(defaults.get("foreach"))
-        check_bool("maximize", defaults.get("maximize", False))
+        self._check_common(defaults)
+        self._check_hparams(defaults)
         super().__init__(params, defaults)
+
+    @staticmethod
+    def _check_common(group: dict[str, Any]) -> None:
+        check_foreach(group.get("foreach"))
+        check_bool("maximize", group.get("maximize", False))
+
+    def _check_hparams(self, group: dict[str, Any]) -> None:
+        """Raise ``ValueError`` naming the hyperparameter of ``group`` (the defaults, or a
+        param group with the defaults filled in) that is out of range; run on both."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, then :meth:`_validate` on the new group (which is
+        removed again if it is invalid, so a caught error leaves the optimizer as it was)."""
+        super().add_param_group(param_group)
+        gi = len(self.param_groups) - 1
+        try:
+            self._validate(self.param_groups[gi], gi)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _validate(self, group: dict[str, Any], gi: int) -> None:
+        """Every group's hyperparameters, errors prefixed with the group's index."""
+        try:
+            self._check_common(group)
+            self._check_hparams(group)
+        except ValueError as err:
+            raise ValueError(f"param group {gi}: {err}") from None
 
     def _step_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

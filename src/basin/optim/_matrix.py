@@ -65,7 +65,6 @@ class MatrixOptimizer(BasinOptimizer):
         fallback: dict[str, Any] | None = None,
         fallback_prefix: str = "",
     ) -> None:
-        self._check_hparams(defaults)
         if fallback is None:
             fallback = {k: defaults[k] for k in FALLBACK_KEYS}
         else:
@@ -114,9 +113,7 @@ class MatrixOptimizer(BasinOptimizer):
         if rule is False:
             for key in FALLBACK_KEYS:
                 group.setdefault(key, self._fallback_defaults[key])
-        super().add_param_group(group)
-        gi = len(self.param_groups) - 1
-        self._validate(self.param_groups[gi], gi)
+        super().add_param_group(group)  # validates it (BasinOptimizer.add_param_group)
 
     def _validate(self, group: dict[str, Any], gi: int) -> None:
         """The one validation path of every group: matrix-only groups hold only matrices, the
@@ -140,15 +137,13 @@ class MatrixOptimizer(BasinOptimizer):
                     f"route every parameter the matrix rule cannot take to the built-in AdamW."
                 )
         try:
+            self._check_common(group)
             self._check_hparams(group)
             if self._split(group)[1]:
                 check_fallback(group)
         except ValueError as err:
             raise ValueError(f"param group {gi}: {err}") from None
         self._check_params(group, gi)
-
-    def _check_hparams(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
 
     def _check_params(self, group: dict[str, Any], gi: int) -> None:
         """Per-parameter checks of the matrix rule (none by default)."""

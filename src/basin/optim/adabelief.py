@@ -84,21 +84,9 @@ class AdaBelief(BasinOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
     ) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        check_nonnegative("eps", eps)
-        check_nonnegative("weight_decay", weight_decay)
-        for name, flag in (
-            ("amsgrad", amsgrad),
-            ("weight_decouple", weight_decouple),
-            ("fixed_decay", fixed_decay),
-            ("rectify", rectify),
-            ("degenerated_to_sgd", degenerated_to_sgd),
-        ):
-            check_bool(name, flag)
         defaults = dict(
             lr=lr,
-            betas=tuple(betas),
+            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
             eps=eps,
             weight_decay=weight_decay,
             amsgrad=amsgrad,
@@ -110,6 +98,14 @@ class AdaBelief(BasinOptimizer):
             foreach=foreach,
         )
         super().__init__(params, defaults)
+
+    def _check_hparams(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        check_betas(group["betas"])
+        check_nonnegative("eps", group["eps"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        for name in ("amsgrad", "weight_decouple", "fixed_decay", "rectify", "degenerated_to_sgd"):
+            check_bool(name, group[name])
 
     def _step_group(self, group: dict[str, Any]) -> None:
         max_var = "max_exp_avg_var" if group["amsgrad"] else None

@@ -40,10 +40,10 @@ _PROJECTION = """
 """
 
 
-def _check_projection_args(delta: Any, wd_ratio: Any, nesterov: Any) -> None:
-    check_nonnegative("delta", delta)
-    check_range("wd_ratio", wd_ratio, 0.0, 1.0)
-    check_bool("nesterov", nesterov)
+def _check_projection_args(group: dict[str, Any]) -> None:
+    check_nonnegative("delta", group["delta"])
+    check_range("wd_ratio", group["wd_ratio"], 0.0, 1.0)
+    check_bool("nesterov", group["nesterov"])
 
 
 class AdamP(BasinOptimizer):
@@ -96,14 +96,9 @@ class AdamP(BasinOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
     ) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        check_nonnegative("eps", eps)
-        check_nonnegative("weight_decay", weight_decay)
-        _check_projection_args(delta, wd_ratio, nesterov)
         defaults = dict(
             lr=lr,
-            betas=tuple(betas),
+            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
             eps=eps,
             weight_decay=weight_decay,
             delta=delta,
@@ -113,6 +108,13 @@ class AdamP(BasinOptimizer):
             foreach=foreach,
         )
         super().__init__(params, defaults)
+
+    def _check_hparams(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        check_betas(group["betas"])
+        check_nonnegative("eps", group["eps"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        _check_projection_args(group)
 
     def _step_group(self, group: dict[str, Any]) -> None:
         params, grads, steps, (exp_avgs, exp_avg_sqs) = self._gather(
@@ -289,12 +291,6 @@ class SGDP(BasinOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
     ) -> None:
-        check_lr(lr)
-        check_range("momentum", momentum, 0.0, 1.0, high_inclusive=False)
-        check_range("dampening", dampening, 0.0, 1.0)
-        check_nonnegative("weight_decay", weight_decay)
-        check_nonnegative("eps", eps)
-        _check_projection_args(delta, wd_ratio, nesterov)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -308,6 +304,14 @@ class SGDP(BasinOptimizer):
             foreach=foreach,
         )
         super().__init__(params, defaults)
+
+    def _check_hparams(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        check_range("momentum", group["momentum"], 0.0, 1.0, high_inclusive=False)
+        check_range("dampening", group["dampening"], 0.0, 1.0)
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_nonnegative("eps", group["eps"])
+        _check_projection_args(group)
 
     def _step_group(self, group: dict[str, Any]) -> None:
         buf = "momentum_buffer" if group["momentum"] != 0 else None

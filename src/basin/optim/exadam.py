@@ -75,14 +75,9 @@ class EXAdam(BasinOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
     ) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        check_nonnegative("eps", eps)
-        check_nonnegative("weight_decay", weight_decay)
-        check_bool("dynamic_step_size", dynamic_step_size)
         defaults = dict(
             lr=lr,
-            betas=tuple(betas),
+            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
             eps=eps,
             weight_decay=weight_decay,
             dynamic_step_size=dynamic_step_size,
@@ -90,6 +85,13 @@ class EXAdam(BasinOptimizer):
             foreach=foreach,
         )
         super().__init__(params, defaults)
+
+    def _check_hparams(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        check_betas(group["betas"])
+        check_nonnegative("eps", group["eps"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_bool("dynamic_step_size", group["dynamic_step_size"])
 
     def _step_group(self, group: dict[str, Any]) -> None:
         params, grads, steps, (exp_avgs, exp_avg_sqs) = self._gather(

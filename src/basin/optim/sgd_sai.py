@@ -84,10 +84,6 @@ class SGDSaI(BasinOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
     ) -> None:
-        check_lr(lr)
-        check_range("momentum", momentum, 0.0, 1.0, high_inclusive=False)
-        check_nonnegative("eps", eps)
-        check_nonnegative("weight_decay", weight_decay)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -97,6 +93,12 @@ class SGDSaI(BasinOptimizer):
             foreach=foreach,
         )
         super().__init__(params, defaults)
+
+    def _check_hparams(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        check_range("momentum", group["momentum"], 0.0, 1.0, high_inclusive=False)
+        check_nonnegative("eps", group["eps"])
+        check_nonnegative("weight_decay", group["weight_decay"])
 
     def _step_group(self, group: dict[str, Any]) -> None:
         params, grads, bufs, gsnrs = [], [], [], []
