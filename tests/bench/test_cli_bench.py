@@ -83,6 +83,11 @@ def test_parse_hparams() -> None:
         (["--steps", "0"], "steps must be an integer >= 1"),
         (["--time-budget", "-3"], "time_budget must be a positive"),
         (["--hp", "lr=-1"], "torch:sgd: Invalid learning rate: -1"),
+        # a third-party optimizer raising its own exception type (not ValueError)
+        (
+            ["-o", "pytorch_optimizer:lion", "--hp", "lr=-1"],
+            "pytorch_optimizer:lion: learning rate",
+        ),
         (["--hp", "lr"], "expected NAME=VALUE"),
         (["--hp", "nosuch.lr=1"], "not in --optimizers"),
         (["--schedule", "wsd", "--decay", "2"], "decay must be a fraction"),

@@ -163,7 +163,7 @@ def make_config(
         create(optimizer, [probe], **hp)
     except TypeError as exc:
         raise ValueError(f"{optimizer}: invalid hyperparameters {hp}: {exc}") from None
-    except ValueError as exc:
+    except Exception as exc:  # noqa: BLE001 -- third-party optimizers raise their own types
         msg = str(exc)
         raise ValueError(msg if optimizer in msg else f"{optimizer}: {msg}") from None
     return RunConfig(
