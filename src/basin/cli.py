@@ -534,7 +534,7 @@ def tune(
     try:
         res = run_tune(spec, on_trial=on_trial, progress=progress, on_start=on_start)
     finally:
-        if prog is not None:
+        if prog is not None and prog.live.is_started:  # stop() of an unstarted one prints
             prog.stop()
     msg = (
         f"study {res.study_name!r}: {res.n_complete} complete, {res.n_pruned} pruned, "
