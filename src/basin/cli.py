@@ -192,22 +192,26 @@ def parse_hparams(items: list[str] | None, optimizers: list[str]) -> dict[str, d
     return {o: hp for o, hp in out.items() if hp}
 
 
+def _progress_display():
+    """The rich progress display (on stderr) of ``bench`` and ``tune``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    )
+
+
 def _progress(quiet: bool):
     """A rich progress display (or a no-op context) and a sweep progress callback."""
     import contextlib
 
     if quiet:
         return contextlib.nullcontext(), None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    prog = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=False,
-    )
+    prog = _progress_display()
     tasks: dict[str, int] = {}
 
     def cb(done: int, total: int, desc: str, step: int, steps: int | None) -> None:
@@ -499,21 +503,7 @@ def tune(
     torch.set_num_threads(threads)
     on_trial = progress = on_start = prog = None
     if not quiet:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        prog = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-        )
+        prog = _progress_display()
         on_start = prog.start  # only once the storage is open: errors stay one line
         all_t = prog.add_task(spec.study_name, total=trials)
         run_t = prog.add_task("  trial", total=spec.run_kwargs.get("steps") or 1)
