@@ -172,6 +172,11 @@ def _parse_value(text: str) -> object:
     return t
 
 
+def _schedule(name: str, **options: object) -> dict[str, object]:
+    """The schedule dict of the ``--schedule`` option and the options the user gave."""
+    return {"name": name, **{k: v for k, v in options.items() if v is not None}}
+
+
 def parse_hparams(items: list[str] | None, optimizers: list[str]) -> dict[str, dict[str, object]]:
     """``["lr=1e-3", "torch:sgd.momentum=0.8"]`` -> per-optimizer overrides. A bare name
     applies to every optimizer; ``OPT.name=value`` to that one."""
@@ -307,15 +312,7 @@ def bench(
         raise UserError(f"--seeds must be >= 1, got {seeds}")
     if threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
-    sched: dict[str, object] = {"name": schedule}
-    for k, v in (
-        ("warmup", warmup),
-        ("decay", decay),
-        ("decay_shape", decay_shape),
-        ("cycles", cycles),
-    ):
-        if v is not None:
-            sched[k] = v
+    sched = _schedule(schedule, warmup=warmup, decay=decay, decay_shape=decay_shape, cycles=cycles)
     overrides = parse_hparams(hp, opts)
     configs = []
     for name in names:
@@ -476,10 +473,7 @@ def tune(
 
     if threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
-    sched: dict[str, object] = {"name": schedule}
-    for k, v in (("warmup", warmup), ("decay", decay)):
-        if v is not None:
-            sched[k] = v
+    sched = _schedule(schedule, warmup=warmup, decay=decay)
     spec = prepare(
         workload,
         optimizer,
