@@ -178,6 +178,11 @@ def _parse_value(text: str) -> object:
     return t
 
 
+def _schedule(name: str, **options: object) -> dict[str, object]:
+    """The schedule dict of the ``--schedule`` option and the options the user gave."""
+    return {"name": name, **{k: v for k, v in options.items() if v is not None}}
+
+
 def parse_hparams(items: list[str] | None, optimizers: list[str]) -> dict[str, dict[str, object]]:
     """``["lr=1e-3", "torch:sgd.momentum=0.8"]`` -> per-optimizer overrides. A bare name
     applies to every optimizer; ``OPT.name=value`` to that one."""
@@ -198,22 +203,26 @@ def parse_hparams(items: list[str] | None, optimizers: list[str]) -> dict[str, d
     return {o: hp for o, hp in out.items() if hp}
 
 
+def _progress_display():
+    """The rich progress display (on stderr) of ``bench`` and ``tune``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    )
+
+
 def _progress(quiet: bool):
     """A rich progress display (or a no-op context) and a sweep progress callback."""
     import contextlib
 
     if quiet:
         return contextlib.nullcontext(), None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    prog = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=False,
-    )
+    prog = _progress_display()
     tasks: dict[str, int] = {}
 
     def cb(done: int, total: int, desc: str, step: int, steps: int | None) -> None:
@@ -309,15 +318,7 @@ def bench(
         raise UserError(f"--seeds must be >= 1, got {seeds}")
     if threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
-    sched: dict[str, object] = {"name": schedule}
-    for k, v in (
-        ("warmup", warmup),
-        ("decay", decay),
-        ("decay_shape", decay_shape),
-        ("cycles", cycles),
-    ):
-        if v is not None:
-            sched[k] = v
+    sched = _schedule(schedule, warmup=warmup, decay=decay, decay_shape=decay_shape, cycles=cycles)
     overrides = parse_hparams(hp, opts)
     configs = []
     for name in names:
@@ -478,10 +479,7 @@ def tune(
 
     if threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
-    sched: dict[str, object] = {"name": schedule}
-    for k, v in (("warmup", warmup), ("decay", decay)):
-        if v is not None:
-            sched[k] = v
+    sched = _schedule(schedule, warmup=warmup, decay=decay)
     spec = prepare(
         workload,
         optimizer,
@@ -505,21 +503,7 @@ def tune(
     torch.set_num_threads(threads)
     on_trial = progress = on_start = prog = None
     if not quiet:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        prog = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-        )
+        prog = _progress_display()
         on_start = prog.start  # only once the storage is open: errors stay one line
         all_t = prog.add_task(spec.study_name, total=trials)
         run_t = prog.add_task("  trial", total=spec.run_kwargs.get("steps") or 1)
@@ -540,7 +524,7 @@ def tune(
     try:
         res = run_tune(spec, on_trial=on_trial, progress=progress, on_start=on_start)
     finally:
-        if prog is not None:
+        if prog is not None and prog.live.is_started:  # stop() of an unstarted one prints
             prog.stop()
     msg = (
         f"study {res.study_name!r}: {res.n_complete} complete, {res.n_pruned} pruned, "

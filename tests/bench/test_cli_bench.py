@@ -83,6 +83,11 @@ def test_parse_hparams() -> None:
         (["--steps", "0"], "steps must be an integer >= 1"),
         (["--time-budget", "-3"], "time_budget must be a positive"),
         (["--hp", "lr=-1"], "torch:sgd: Invalid learning rate: -1"),
+        # a third-party optimizer raising its own exception type (not ValueError)
+        (
+            ["-o", "pytorch_optimizer:lion", "--hp", "lr=-1"],
+            "pytorch_optimizer:lion: learning rate",
+        ),
         (["--hp", "lr"], "expected NAME=VALUE"),
         (["--hp", "nosuch.lr=1"], "not in --optimizers"),
         (["--schedule", "wsd", "--decay", "2"], "decay must be a fraction"),
@@ -127,3 +132,17 @@ def test_report_bad_storage(tmp_path, capsys) -> None:
         err = capsys.readouterr().err
         assert err.startswith("basin: error: ") and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_report_unwritable_target_is_one_line(tmp_path, capsys) -> None:
+    db = tmp_path / "r.db"
+    assert main(["bench", "-w", "f1", "-o", "torch:sgd", "--seeds", "1", "--steps", "5",
+                 "--storage", str(db), "--quiet", "--no-report"]) == 0  # fmt: skip
+    capsys.readouterr()
+    out = tmp_path / "rep"
+    (out / "results.json.tmp").mkdir(parents=True)  # the file cannot be written
+    assert main(["report", str(db), "--out", str(out)]) == 2
+    cap = capsys.readouterr()
+    assert cap.err.strip() == (
+        f"basin: error: cannot write report file {str(out / 'results.json')!r}: Is a directory"
+    )

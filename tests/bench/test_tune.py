@@ -282,6 +282,10 @@ def test_cli_tune_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         rc, err = _cli(args, capsys)
         assert rc == 2 and expect in err, (args, err)
         assert len(err.strip().splitlines()) == 1, err
+    # an error once the study is open (here: a changed budget), with progress bars on,
+    # is still one line and nothing else (no stray line from the unstarted display)
+    rc, err = _cli([*base, "--trials", "3", "--steps", "50"], capsys)
+    assert rc == 2 and err.startswith("basin: error: study ") and err.count("\n") == 1, err
     # a file that is not a database is refused and left untouched
     junk = tmp_path / "junk.db"
     junk.write_bytes(b"not a database" * 100)

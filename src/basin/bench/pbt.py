@@ -228,10 +228,10 @@ def pbt(
     ``steps``: training steps per member (default: the workload's); ``interval``: steps
     between evaluations/perturbations (default: the workload's ``eval_every``). Checkpoints and
     Ray's logs go under ``out_dir/name``. ``ValueError`` on bad input or missing Ray."""
+    from .runner import _check_int
     from .tune import prepare
 
-    if isinstance(population, bool) or not isinstance(population, int) or population < 2:
-        raise ValueError(f"population must be an integer >= 2, got {population!r}")
+    _check_int("population", population, 2)
     if not (0 < quantile_fraction <= 0.5):
         raise ValueError(f"quantile_fraction must be in (0, 0.5], got {quantile_fraction!r}")
     if not (0 <= resample_probability <= 1):

@@ -500,8 +500,11 @@ def _run_row(r: dict[str, Any]) -> dict[str, Any]:
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        raise ValueError(f"cannot write report file {str(path)!r}: {exc.strerror}") from None
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -139,11 +139,11 @@ def make_config(
     if steps is not None:
         _check_int("steps", steps, 1)
     if time_budget is not None:
-        if isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)):
-            raise ValueError(
-                f"time_budget must be a positive number of seconds, got {time_budget!r}"
-            )
-        if not (math.isfinite(time_budget) and time_budget > 0):
+        if (
+            isinstance(time_budget, bool)
+            or not isinstance(time_budget, (int, float))
+            or not (math.isfinite(time_budget) and time_budget > 0)
+        ):
             raise ValueError(
                 f"time_budget must be a positive number of seconds, got {time_budget!r}"
             )
@@ -163,7 +163,7 @@ def make_config(
         create(optimizer, [probe], **hp)
     except TypeError as exc:
         raise ValueError(f"{optimizer}: invalid hyperparameters {hp}: {exc}") from None
-    except ValueError as exc:
+    except Exception as exc:  # noqa: BLE001 -- third-party optimizers raise their own types
         msg = str(exc)
         raise ValueError(msg if optimizer in msg else f"{optimizer}: {msg}") from None
     return RunConfig(
@@ -250,6 +250,18 @@ def environment() -> dict[str, Any]:
     }
 
 
+def _provenance() -> dict[str, Any]:
+    """Version, git revision, environment and creation time recorded with every run."""
+    from basin import __version__
+
+    return {
+        "version": __version__,
+        "git_rev": git_revision(),
+        "env": environment(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def _sharpness_fn() -> Callable[..., Any]:
     try:
         from basin.landscape import hessian_eigenvalues
@@ -275,7 +287,6 @@ def run(
     progress: Callable[[int, int | None], None] | None = None,
 ) -> RunResult:
     """Train one configuration and return its result (see the module docstring)."""
-    from basin import __version__
     from basin.optim import create
 
     cfg = config
@@ -344,7 +355,6 @@ def run(
                 diverged_step = step - len(pending) + 1 + first_bad
                 status = "diverged"
                 break
-            n = len(pending)
             tr["step"].append(step)
             tr["seconds"].append(train_s)
             tr["loss"].append(float(losses.mean()))
@@ -352,7 +362,6 @@ def run(
             tr["step_time"].append((train_s - window_start_s) / max(step - window_start_step, 1))
             window_start_s, window_start_step = train_s, step
             pending.clear()
-            del n
             if progress is not None:
                 progress(step, cfg.steps)
         if sharp_fn is not None and (step % cfg.sharpness_every == 0 or last):
@@ -403,10 +412,7 @@ def run(
         state_bytes=_state_bytes(opt),
         n_params=sum(p.numel() for p in model.parameters()),
         diverged_step=diverged_step,
-        version=__version__,
-        git_rev=git_revision(),
-        env=environment(),
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **_provenance(),
     )
 
 
@@ -450,8 +456,6 @@ def sweep(
 
 
 def _failed(cfg: RunConfig, exc: BaseException) -> RunResult:
-    from basin import __version__
-
     return RunResult(
         config=cfg.to_dict(),
         key=cfg.key(),
@@ -466,10 +470,7 @@ def _failed(cfg: RunConfig, exc: BaseException) -> RunResult:
         state_bytes=0,
         n_params=0,
         error=f"{type(exc).__name__}: {exc}",
-        version=__version__,
-        git_rev=git_revision(),
-        env=environment(),
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **_provenance(),
     )
 
 

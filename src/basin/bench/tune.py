@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from . import workloads as _wl
-from .runner import make_config, run
+from .runner import _check_int, make_config, run
 from .space import Param, _accepted, default_space, load_space, space_to_dict
 from .store import DEFAULT_STORAGE
 
@@ -118,12 +118,6 @@ def _optuna() -> Any:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
 
 
 def prepare(
