@@ -42,6 +42,11 @@ def test_tracker_records_sharpness_every_n_steps():
         SharpnessTracker(model, loss_fn, data, every=0)
     with pytest.raises(ValueError, match="trace_method"):
         SharpnessTracker(model, loss_fn, data, trace_hvp=4, trace_method="exact")
+    with pytest.raises(ValueError, match=r"trace_hvp must be 0 or an integer >= 3 for hutch\+\+"):
+        SharpnessTracker(model, loss_fn, data, trace_hvp=2)
+    # Hutchinson and gn-split give a standard error from 2 products, as hessian_trace does
+    rec = SharpnessTracker(model, loss_fn, data, trace_hvp=2, trace_method="hutchinson")(0)
+    assert rec.trace_stderr > 0
 
 
 def test_tracker_gn_split_trace_is_the_functions():

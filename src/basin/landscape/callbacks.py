@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ._hvp import CurvatureOperator
 from .eigen import hessian_eigenvalues
-from .trace import METHODS, hessian_trace
+from .trace import METHODS, MIN_PRODUCTS, hessian_trace
 
 __all__ = ["SharpnessRecord", "SharpnessTracker"]
 
@@ -65,15 +65,18 @@ class SharpnessTracker:
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
+        if trace_method not in METHODS:
+            raise ValueError(f"trace_method must be one of {METHODS}, got {trace_method!r}")
+        lo = MIN_PRODUCTS[trace_method]
         if (
             isinstance(trace_hvp, bool)
             or not isinstance(trace_hvp, int)
             or trace_hvp < 0
-            or 0 < trace_hvp < 3
+            or 0 < trace_hvp < lo
         ):
-            raise ValueError(f"trace_hvp must be 0 or an integer >= 3, got {trace_hvp!r}")
-        if trace_method not in METHODS:
-            raise ValueError(f"trace_method must be one of {METHODS}, got {trace_method!r}")
+            raise ValueError(
+                f"trace_hvp must be 0 or an integer >= {lo} for {trace_method}, got {trace_hvp!r}"
+            )
         self.trace_method = trace_method
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.every, self.trace_hvp, self.tol, self.params, self.seed = (

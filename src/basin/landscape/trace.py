@@ -69,6 +69,7 @@ class TraceResult:
 
 
 METHODS = ("hutch++", "hutchinson", "gn-split")
+MIN_PRODUCTS = {"hutch++": 3, "hutchinson": 2, "gn-split": 2}  # for a standard error
 
 
 def _rademacher(n: int, dtype, device, gen) -> Tensor:
@@ -322,7 +323,7 @@ def hessian_trace(
     t0 = time.perf_counter()
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    lo = {"hutch++": 3, "hutchinson": 2, "gn-split": 2}[method]
+    lo = MIN_PRODUCTS[method]
     if isinstance(n_hvp, bool) or not isinstance(n_hvp, int) or n_hvp < lo:
         raise ValueError(f"n_hvp must be an integer >= {lo} for {method}, got {n_hvp!r}")
     if method == "gn-split" and kind not in ("hessian", "ggn"):
