@@ -550,7 +550,6 @@ COSMOS_CASE = OptimCase(
     rtol=1e-10,
     errors=_ADAM_LIKE_ERRORS
     + [
-        ({"rank": 64}, "rank"),
         ({"rank": 0}, "rank"),
         ({"rank": 2.5}, "rank"),
         ({"gamma": -1.0}, "gamma"),

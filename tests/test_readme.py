@@ -22,3 +22,22 @@ def test_ci_runs_the_readme_test_command() -> None:
     test_command = _bash_blocks()[1].strip()
     ci = (ROOT / ".ci" / "run").read_text()
     assert test_command in ci.splitlines()
+
+
+def _python_block(marker: str) -> str:
+    blocks = re.findall(r"```python\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S)
+    (block,) = [b for b in blocks if marker in b]
+    return block
+
+
+def test_readme_own_model_example_runs() -> None:
+    scope: dict = {}
+    exec(_python_block("Workload.from_tensors"), scope)  # noqa: S102 -- the README's own code
+    assert scope["r"].status == "ok" and scope["r"].model is not None
+
+
+def test_readme_optim_example_runs() -> None:
+    scope: dict = {}
+    exec(_python_block('bo.create("muon", model'), scope)  # noqa: S102
+    assert type(scope["opt"]).__name__ == "Muon"
+    assert [g["matrix_rule"] for g in scope["opt"].param_groups] == [True, False]

@@ -38,7 +38,9 @@ def optimizers(
     from basin.optim import available, infos
 
     table = Table(title="basin optimizers")
-    for col in ("name", "class", "paper", "arXiv", "year", "state / param", "capabilities"):
+    cols = ("name", "class", "paper", "arXiv", "year", "family / lr rule", "state / param",
+            "searched", "capabilities")  # fmt: skip
+    for col in cols:
         table.add_column(col)
     for info in infos():
         mem = f"{info.state_memory:g}x" + (f" ({info.state_note})" if info.state_note else "")
@@ -48,7 +50,9 @@ def optimizers(
             info.paper.title,
             info.paper.arxiv,
             str(info.paper.year),
+            f"{info.family} / {info.lr_scaling}",
             mem,
+            ", ".join(info.search_space),
             ", ".join(sorted(info.capabilities)),
         )
     console = Console(width=200)
@@ -62,39 +66,82 @@ def optimizers(
 
 
 def _resolve_workload(name: str, seed: int):
-    """``(model, loss_fn, data)`` of a workload: the built-in ``demo-mlp``, else
-    ``basin.bench.workloads.get(name)`` (an object with ``model``, ``loss_fn`` and ``train_data``
-    or ``data`` attributes, or a ``build(seed=...)`` returning one)."""
+    """``(model, loss_fn, data)`` of a workload: the built-in ``demo-mlp``, else any bench
+    workload (a name, ``file.py:NAME`` or ``module:NAME``): its model built from ``seed``, its
+    loss and its probe batch of training data."""
     if name == "demo-mlp":
         from basin.landscape.report import demo_workload
 
         w = demo_workload(name, seed=seed)
         return w.model, w.loss_fn, w.data
-    try:
-        from basin.bench import workloads
-    except ImportError:
-        raise UserError(
-            f"unknown workload {name!r}: basin.bench is not available (built in: demo-mlp)"
-        ) from None
+    from basin.bench import workloads
+
     try:
         w = workloads.get(name)
-    except (KeyError, ValueError) as exc:
-        msg = exc.args[0] if exc.args else f"unknown workload {name!r}"
-        raise UserError(f"{msg}; built in: demo-mlp") from None
-    if hasattr(w, "build") and not hasattr(w, "model"):
-        w = w.build(seed=seed)
-    loss_fn = getattr(w, "loss_fn", None) or getattr(w, "loss", None)
-    data = getattr(w, "train_data", None) or getattr(w, "data", None)
-    if getattr(w, "model", None) is None or loss_fn is None or data is None:
-        raise UserError(f"workload {name!r} does not expose model, loss_fn and data")
-    return w.model, loss_fn, data
+    except ValueError as exc:
+        raise UserError(f"{exc}; built in: demo-mlp") from None
+    task = w.build(seed)
+    return task.model, task.loss_fn, task.probe_batch
+
+
+def _stored_run(storage: str, key: str):
+    """The stored run whose key starts with ``key``: its model trained again from its config
+    (runs are deterministic on CPU: the final metric is checked against the stored one), its
+    loss and its probe batch."""
+    import math
+
+    from basin.bench import RunConfig, Store, run
+    from basin.bench import workloads as wl
+
+    with Store(storage, create=False) as st:
+        hits = [r for r in st.runs() if r["key"].startswith(key)]
+    if not hits:
+        raise UserError(f"no run with key {key!r} in {storage}")
+    if len({r["key"] for r in hits}) > 1:
+        raise UserError(f"key {key!r} is ambiguous in {storage}: give more characters")
+    rec = hits[0]
+    if rec["status"] != "ok":
+        raise UserError(f"run {key!r} ended {rec['status']}: there is no trained model to diagnose")
+    cfg = RunConfig.from_dict(rec["config"])
+    source = (rec.get("workload_meta") or {}).get("source")
+    w = wl.get(source or cfg.workload)
+    if w.fingerprint() != cfg.workload_fingerprint:
+        raise UserError(
+            f"run {key!r} was trained on another version of workload {cfg.workload!r} "
+            "(its model or data changed since)"
+        )
+    res = run(cfg)
+    want, got = rec["final"].get("metric"), res.final.get("metric")
+    if want is not None and got is not None and not math.isclose(want, got, rel_tol=1e-6):
+        print(
+            f"basin: warning: retrained run {key!r} ends at metric {got:.6g}, stored {want:.6g} "
+            "(another machine or torch version)",
+            file=sys.stderr,
+        )
+    task = w.build(cfg.seed, cfg.batch_size)
+    return res.model, task.loss_fn, task.probe_batch
 
 
 @app.command()
 def landscape(
-    workload: str = typer.Option("demo-mlp", "--workload", "-w", help="Workload name."),
+    workload: str = typer.Option(
+        "demo-mlp",
+        "--workload",
+        "-w",
+        help="Workload: demo-mlp, any bench workload (basin bench --list), path/to/file.py:NAME "
+        "or package.module:NAME.",
+    ),
     checkpoint: str = typer.Option(
-        None, "--checkpoint", help="A state_dict saved with torch.save."
+        None, "--checkpoint", help="A state_dict saved with torch.save, loaded into the model."
+    ),
+    run_key: str | None = typer.Option(
+        None,
+        "--run",
+        help="Diagnose a stored bench run (its key, or a unique prefix; see runs.csv): its "
+        "model is trained again from the stored config. Needs --storage.",
+    ),
+    storage: str = typer.Option(
+        "sqlite:///results/basin.db", "--storage", help="Where --run looks the run up."
     ),
     out: str = typer.Option("landscape_out", "--out", help="Directory for the plots."),
     k: int = typer.Option(5, "--k", help="Eigenvalues per end of the spectrum."),
@@ -103,12 +150,11 @@ def landscape(
     surface_steps: int = typer.Option(
         21, "--surface-steps", help="Points of the 1-D slice (0: skip)."
     ),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the model and of the estimators."),
 ) -> None:
-    """Hessian spectrum, trace, density and a loss-surface slice of a workload; writes plots."""
+    """Hessian spectrum, trace, density and a loss-surface slice of a workload, a stored run or
+    a checkpoint; writes plots."""
     import torch
-
-    from basin.landscape.report import run_landscape
 
     # option mistakes before the workload is built and the first products are spent
     if k < 1:
@@ -117,7 +163,12 @@ def landscape(
         raise UserError(f"--trace-hvp must be >= 3 (Hutch++), got {trace_hvp}")
     if probes < 0 or surface_steps < 0 or surface_steps == 1:
         raise UserError("--probes must be >= 0 and --surface-steps 0 or >= 2")
-    model, loss_fn, data = _resolve_workload(workload, seed)
+    if run_key is not None:
+        if checkpoint is not None:
+            raise UserError("give --run or --checkpoint, not both")
+        model, loss_fn, data = _stored_run(storage, run_key)
+    else:
+        model, loss_fn, data = _resolve_workload(workload, seed)
     if checkpoint is not None:
         try:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -134,6 +185,15 @@ def landscape(
             raise UserError(
                 f"checkpoint {checkpoint!r} does not fit workload {workload!r}: {first}"
             ) from None
+    from basin.bench.runner import math_attention
+
+    with math_attention():
+        _landscape_report(model, loss_fn, data, out, k, trace_hvp, probes, surface_steps, seed)
+
+
+def _landscape_report(model, loss_fn, data, out, k, trace_hvp, probes, surface_steps, seed):  # noqa: ANN001
+    from basin.landscape.report import run_landscape
+
     run_landscape(
         model,
         loss_fn,
@@ -238,61 +298,211 @@ def _progress(quiet: bool):
     return prog, cb
 
 
+# ---------------------------------------------------------------- shared options
+# bench, tune and pbt spell the same things the same way.
+
+
+def _o_workloads(default: str):
+    return typer.Option(
+        [default],
+        "--workload",
+        "-w",
+        help="Workload(s): a built-in name (basin bench --list), path/to/file.py:NAME or "
+        "package.module:NAME (a Workload or a function returning one); comma-separated or "
+        "repeated.",
+    )
+
+
+def _o_optimizers(default: str, what: str):
+    return typer.Option(
+        default,
+        "--optimizers",
+        "--optimizer",
+        "-o",
+        help=f"Comma-separated optimizer names: basin's, torch:*, pytorch_optimizer:*, or bare "
+        f"names (adamw -> torch:adamw). {what}",
+    )
+
+
+def _o_steps(what: str = "run"):
+    return typer.Option(None, "--steps", help=f"Step budget per {what} (default: the workload's).")
+
+
+def _o_time_budget(what: str = "run"):
+    return typer.Option(
+        None, "--time-budget", help=f"Training seconds per {what} (evaluation excluded)."
+    )
+
+
+def _o_batch_size():
+    return typer.Option(None, "--batch-size", help="Batch size (default: the workload's).")
+
+
+def _o_hp():
+    return typer.Option(
+        [],
+        "--hp",
+        help="Hyperparameter NAME=VALUE (every optimizer) or OPTIMIZER.NAME=VALUE; repeatable.",
+    )
+
+
+def _o_schedule():
+    return typer.Option("constant", "--schedule", help="constant | cosine | warmup | wsd | wsd-s")
+
+
+def _o_warmup():
+    return typer.Option(None, "--warmup", help="Warmup fraction of the budget.")
+
+
+def _o_decay():
+    return typer.Option(None, "--decay", help="WSD / WSD-S decay fraction.")
+
+
+def _o_decay_shape():
+    return typer.Option(None, "--decay-shape", help="WSD decay shape: linear | cosine | 1-sqrt.")
+
+
+def _o_cycles():
+    return typer.Option(None, "--cycles", help="WSD-S cycles.")
+
+
+def _o_eval_every():
+    return typer.Option(
+        None, "--eval-every", help="Evaluate (and report to a pruner) every N steps."
+    )
+
+
+def _o_threads():
+    return typer.Option(1, "--threads", help="torch CPU threads (small workloads: 1 is fastest).")
+
+
+def _o_storage(what: str):
+    return typer.Option("sqlite:///results/basin.db", "--storage", help=what)
+
+
+def _o_quiet():
+    return typer.Option(False, "--quiet", "-q", help="No progress bars or tables.")
+
+
+class Interrupted(Exception):
+    """Ctrl-C: reported as one line, exit status 130."""
+
+
+def _optimizer_list(text: str, default: list[str] | None = None) -> list[str]:
+    from basin.optim import resolve
+
+    names = _split([text]) or list(default or [])
+    if not names:
+        raise UserError("--optimizers: give at least one optimizer name")
+    resolved = [resolve(n) for n in names]
+    if len(set(resolved)) != len(resolved):
+        raise UserError("--optimizers lists an optimizer twice")
+    return resolved
+
+
+def _overrides(hp: list[str], typed: str, resolved: list[str]) -> dict[str, dict[str, object]]:
+    """``--hp`` per canonical optimizer name (``--hp adamw.lr=...`` for ``torch:adamw``)."""
+    from basin.optim import resolve
+
+    typed_names = _split([typed]) or resolved
+    aliases = {t: r for t, r in zip(typed_names, resolved)} | {r: r for r in resolved}
+    items = []
+    for item in hp or []:
+        name = item.split("=", 1)[0]
+        if "." in name:
+            opt, rest = name.rsplit(".", 1)
+            if opt not in aliases:
+                try:
+                    canon = resolve(opt)
+                except ValueError:
+                    canon = None
+                if canon not in resolved:
+                    raise UserError(f"--hp {item!r}: optimizer {opt!r} is not in --optimizers")
+                aliases[opt] = canon
+            item = f"{aliases[opt]}.{rest}={item.split('=', 1)[1]}" if "=" in item else item
+        items.append(item)
+    return parse_hparams(items, resolved)
+
+
+def _report_dir(storage: str, report: str | None) -> object:
+    """Where the report goes (``<db stem>-report/`` next to the database by default, so two
+    databases in one folder keep their own reports), checked writable before any training."""
+    import os
+    from pathlib import Path
+
+    from basin.bench.store import sqlite_path
+
+    if report is not None:
+        out = Path(report)
+    else:
+        path = sqlite_path(storage)
+        if path == ":memory:":
+            out = Path("basin-report")
+        else:
+            out = Path(path).parent / f"{Path(path).stem}-report"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"report directory {str(out)!r} is a file")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"report directory {str(out)!r} is not writable")
+    return out
+
+
 @app.command()
 def bench(
-    workload: list[str] = typer.Option(  # noqa: B008
-        ["mnist1d_mlp"], "--workload", "-w", help="Workload name(s), comma-separated or repeated."
-    ),
-    optimizers: str = typer.Option(
-        "",
-        "--optimizers",
-        "-o",
-        help="Comma-separated optimizer names (any registry name, torch:*, pytorch_optimizer:*). "
-        "Default: torch:adamw, torch:sgd, adabelief, diffgrad, sgdsai.",
+    workload: list[str] = _o_workloads("mnist1d_mlp"),  # noqa: B008
+    optimizers: str = _o_optimizers(
+        "", "Default: torch:adamw, torch:sgd, adabelief, diffgrad, sgdsai."
     ),
     seeds: int = typer.Option(3, "--seeds", "-s", help="Seeds 0..N-1 per optimizer."),
-    steps: int | None = typer.Option(None, help="Step budget (default: the workload's)."),
-    time_budget: float | None = typer.Option(
-        None, "--time-budget", help="Training seconds per run (evaluation excluded)."
+    tune_trials: int = typer.Option(
+        0,
+        "--tune",
+        help="Tuned comparison (AlgoPerf external tuning): N quasi-random trials per optimizer "
+        "from its search space under the same budget, then the best configuration over the "
+        "seeds. 0: the optimizers' default hyperparameters.",
     ),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Default: the workload's."),
+    steps: int | None = _o_steps(),
+    time_budget: float | None = _o_time_budget(),
+    batch_size: int | None = _o_batch_size(),
     scale_lr: bool = typer.Option(
         False,
         "--scale-lr",
-        help="Rescale each default lr to --batch-size (linear rule for SGD, square root for "
-        "adaptive methods).",
+        help="Rescale each default lr to --batch-size (each optimizer's registry rule: linear "
+        "for SGD, square root for adaptive methods).",
     ),
-    hp: list[str] = typer.Option(  # noqa: B008
-        [], "--hp", help="Hyperparameter override NAME=VALUE (all) or OPT.NAME=VALUE; repeatable."
-    ),
-    schedule: str = typer.Option("constant", help="constant | cosine | warmup | wsd | wsd-s"),
-    warmup: float | None = typer.Option(None, help="Warmup fraction of the budget."),
-    decay: float | None = typer.Option(None, help="WSD decay fraction."),
-    decay_shape: str | None = typer.Option(None, "--decay-shape", help="linear | cosine | 1-sqrt"),
-    cycles: int | None = typer.Option(None, help="WSD-S cycles."),
-    eval_every: int | None = typer.Option(None, "--eval-every"),
+    hp: list[str] = _o_hp(),  # noqa: B008
+    schedule: str = _o_schedule(),
+    warmup: float | None = _o_warmup(),
+    decay: float | None = _o_decay(),
+    decay_shape: str | None = _o_decay_shape(),
+    cycles: int | None = _o_cycles(),
+    eval_every: int | None = _o_eval_every(),
     sharpness_every: int = typer.Option(
-        0, "--sharpness-every", help="Top Hessian eigenvalue every N steps (needs basin.landscape)."
+        0, "--sharpness-every", help="Top Hessian eigenvalue every N steps during training."
     ),
-    threads: int = typer.Option(1, help="torch CPU threads (small workloads run fastest on one)."),
-    storage: str = typer.Option("sqlite:///results/basin.db", help="Where runs are stored."),
+    landscape_final: bool = typer.Option(
+        False,
+        "--landscape",
+        help="Record the final top Hessian eigenvalue and Hessian trace of every run.",
+    ),
+    threads: int = _o_threads(),
+    storage: str = _o_storage("Where runs (and tuning studies) are stored."),
     report: str | None = typer.Option(
-        None, help="Report directory (default: next to the storage file)."
+        None, "--report", help="Report directory (default: <db name>-report/ next to the db)."
     ),
     no_report: bool = typer.Option(False, "--no-report", help="Do not write a report."),
     list_workloads: bool = typer.Option(False, "--list", help="List workloads and exit."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
+    quiet: bool = _o_quiet(),
 ) -> None:
     """Run every optimizer x seed on the workload(s); skip runs already stored; write a report."""
-    from pathlib import Path
-
     import torch
 
     from basin.bench import workloads as wl
     from basin.bench.runner import DEFAULT_OPTIMIZERS, configs_for, sweep
-    from basin.bench.schedules import scale_lr as _scale
-    from basin.bench.schedules import scaling_rule
-    from basin.bench.store import Store, sqlite_path
+    from basin.bench.store import Store
 
     console = Console(width=160)
     if list_workloads:
@@ -303,7 +513,7 @@ def bench(
             table.add_row(
                 w.name,
                 f"{w.metric} ({w.metric_mode})",
-                f"{w.target:g}",
+                "-" if w.target is None else f"{w.target:g}",
                 str(w.batch_size),
                 str(w.steps),
                 w.description,
@@ -311,56 +521,78 @@ def bench(
         console.print(table)
         return
     names = _split(workload)
-    opts = _split([optimizers]) or list(DEFAULT_OPTIMIZERS)
-    if len(set(opts)) != len(opts):
-        raise UserError("--optimizers lists a name twice")
+    opts = _optimizer_list(optimizers, DEFAULT_OPTIMIZERS)
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
+    if tune_trials < 0:
+        raise UserError(f"--tune must be >= 0 trials, got {tune_trials}")
     if threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
+    if tune_trials and scale_lr:
+        raise UserError("--scale-lr rescales default learning rates; --tune searches them")
     sched = _schedule(schedule, warmup=warmup, decay=decay, decay_shape=decay_shape, cycles=cycles)
-    overrides = parse_hparams(hp, opts)
+    overrides = _overrides(hp, optimizers, opts)
+    ws = [wl.get(n) for n in names]
+    out_dir = None if no_report else _report_dir(storage, report)
+    budget = dict(
+        steps=steps,
+        time_budget=time_budget,
+        batch_size=batch_size,
+        schedule=sched,
+        eval_every=eval_every,
+    )
+    extra = dict(sharpness_every=sharpness_every, landscape=landscape_final)
     configs = []
-    for name in names:
-        w = wl.get(name)
-        per = {o: dict(overrides.get(o, {})) for o in opts}
-        if scale_lr and batch_size is not None:
-            for o in opts:
-                if "lr" not in per[o]:
-                    base = wl.default_hparams(w, o).get("lr")
-                    if base is not None:
-                        per[o]["lr"] = _scale(base, w.batch_size, batch_size, scaling_rule(o))
-        configs += configs_for(
-            [w.name],
-            opts,
-            range(seeds),
-            {o: h for o, h in per.items() if h},
-            steps=steps,
-            time_budget=time_budget,
-            batch_size=batch_size,
-            schedule=sched,
-            eval_every=eval_every,
-            sharpness_every=sharpness_every,
-        )
+    if not tune_trials:
+        from basin.bench.schedules import scale_lr as _scale
+        from basin.bench.schedules import scaling_rule
+
+        for w in ws:
+            per = {o: dict(overrides.get(o, {})) for o in opts}
+            if scale_lr and batch_size is not None:
+                for o in opts:
+                    if "lr" not in per[o]:
+                        base = wl.default_hparams(w, o).get("lr")
+                        if base is not None:
+                            per[o]["lr"] = _scale(base, w.batch_size, batch_size, scaling_rule(o))
+            configs += configs_for(
+                [w], opts, range(seeds), {o: h for o, h in per.items() if h}, **budget, **extra
+            )
     torch.set_num_threads(threads)
+    stored = {"n": 0}
+
+    def on_result(res, cfg) -> None:  # noqa: ANN001
+        stored["n"] += 1
+        if res is not None and res.status == "failed":
+            print(
+                f"basin: run failed: {cfg.workload} {cfg.optimizer} seed={cfg.seed}: {res.error}",
+                file=sys.stderr,
+            )
+
     store = Store(storage)
-    display, cb = _progress(quiet)
     with store:
-        with display:
-            done = sweep(configs, store, progress=cb)
+        try:
+            if tune_trials:
+                configs = _tuned_configs(ws, opts, tune_trials, seeds, storage, overrides, budget,
+                                         extra, quiet)  # fmt: skip
+            display, cb = _progress(quiet)
+            with display:
+                done = sweep(configs, store, progress=cb, on_result=on_result)
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"interrupted: {stored['n']} run(s) stored in {storage}; rerun to resume"
+            ) from None
         skipped = len(configs) - len(done)
         if not quiet:
-            _summary_table(console, store, names, opts)
+            _summary_table(console, store, [w.name for w in ws], opts)
         out = None
-        if not no_report:
+        if out_dir is not None:
             from basin.bench.report import write_report
 
-            path = sqlite_path(storage)
-            out = (
-                Path(report) if report else (Path(path).parent if path != ":memory:" else Path("."))
-            )
-            paths = write_report(store, out)
+            paths = write_report(store, out_dir)
             out = paths["html"]
+    if not quiet and out is not None:
+        _print_verdicts(out)
     diverged = sum(r.status == "diverged" for r in done)
     failed = sum(r.status == "failed" for r in done)
     msg = f"{len(done)} run(s) done, {skipped} already stored"
@@ -370,6 +602,61 @@ def bench(
     if out is not None:
         msg += f"; report: {out}"
     print(msg, file=sys.stderr)
+
+
+def _tuned_configs(ws, opts, n, seeds, storage, overrides, budget, extra, quiet):  # noqa: ANN001
+    """The tuned comparison's tuning phase with a progress display; the seed runs' configs."""
+    from basin.bench.compare import tuned_configs
+
+    total = len(ws) * len(opts) * n
+    prog = None if quiet else _progress_display()
+    state = {"done": 0}
+    if prog is not None:
+        all_t = prog.add_task("tuning trials", total=total)
+        run_t = prog.add_task("  trial", total=1)
+        prog.start()
+
+    def on_trial(opt, t, done, n_trials):  # noqa: ANN001
+        state["done"] += 1
+        if prog is not None:
+            prog.update(all_t, completed=min(state["done"], total), description=f"tuning {opt}")
+
+    def progress(step, total_steps):  # noqa: ANN001
+        if prog is not None:
+            prog.update(run_t, completed=step, total=total_steps or step or 1)
+
+    try:
+        configs, choices = tuned_configs(
+            ws,
+            opts,
+            n,
+            range(seeds),
+            storage,
+            overrides=overrides,
+            on_trial=on_trial,
+            progress=progress,
+            final=extra,
+            **{k: v for k, v in budget.items() if v is not None},
+        )
+    finally:
+        if prog is not None and prog.live.is_started:
+            prog.stop()
+    if not quiet:
+        for c in choices:
+            best = "no trial finished" if c.best_value is None else f"best {c.best_value:.4g}"
+            print(f"tuned {c.optimizer} on {c.workload}: {best} with {c.hparams}", file=sys.stderr)
+    return configs
+
+
+def _print_verdicts(html_path) -> None:  # noqa: ANN001
+    import json
+
+    try:
+        payload = json.loads((html_path.parent / "results.json").read_text())
+    except (OSError, ValueError):
+        return
+    for v in (payload.get("verdicts") or {}).values():
+        print(f"verdict: {v['verdict']}", file=sys.stderr)
 
 
 def _summary_table(console: Console, store, names: list[str], opts: list[str]) -> None:
@@ -411,21 +698,20 @@ def _summary_table(console: Console, store, names: list[str], opts: list[str]) -
 def report(
     results: str = typer.Argument(..., help="Storage URL (sqlite:///path.db) or .db file path."),
     out: str | None = typer.Option(
-        None, "--out", help="Output directory (default: next to the database)."
+        None, "--out", help="Output directory (default: <db name>-report/ next to the database)."
     ),
     measure: str = typer.Option(
-        "seconds", help="Time-to-target measure for performance profiles: seconds | steps."
+        "steps",
+        "--measure",
+        help="Time-to-target measure of the performance profiles: steps (machine-independent) "
+        "| seconds.",
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the written paths."),
 ) -> None:
     """Write report.html (self-contained), results.json, runs.csv and summary.csv."""
-    from pathlib import Path
-
     from basin.bench.report import write_report
-    from basin.bench.store import sqlite_path
 
-    path = sqlite_path(results)
-    target = Path(out) if out else Path(path).parent
+    target = _report_dir(results, out)
     paths = write_report(results, target, profile_measure=measure)
     if not quiet:
         for p in paths.values():
@@ -434,9 +720,16 @@ def report(
 
 @app.command()
 def tune(
-    workload: str = typer.Option("mnist1d_mlp", "--workload", "-w", help="Workload name."),
-    optimizer: str = typer.Option("adabelief", "--optimizer", "-o", help="Optimizer name."),
-    trials: int = typer.Option(20, "--trials", "-n", help="Finished trials the study should hold."),
+    workload: str = typer.Option(
+        "mnist1d_mlp",
+        "--workload",
+        "-w",
+        help="Workload: a built-in name, path/to/file.py:NAME or package.module:NAME.",
+    ),
+    optimizers: str = _o_optimizers("adabelief", "One study per optimizer."),
+    trials: int = typer.Option(
+        20, "--trials", "-n", help="Finished trials each study should hold."
+    ),
     sampler: str = typer.Option("tpe", help="tpe (seeded) | random | qmc (scrambled Halton)."),
     pruner: str = typer.Option("median", help="median | none."),
     objective: str = typer.Option("metric", help="metric (the workload's) | eval_loss."),
@@ -446,29 +739,26 @@ def tune(
     show_space: bool = typer.Option(
         False, "--show-space", help="Print the search space as JSON and exit."
     ),
-    storage: str = typer.Option(
-        "sqlite:///results/basin.db",
-        help="SQLAlchemy URL of the study (sqlite:///file.db, postgresql://... for several workers).",
+    storage: str = _o_storage(
+        "SQLAlchemy URL of the studies (sqlite:///file.db, postgresql://... for several workers)."
     ),
     study_name: str | None = typer.Option(
         None, "--study-name", help="Default: WORKLOAD-OPTIMIZER. Rerunning resumes it."
     ),
-    seed: int = typer.Option(0, help="Training seed of every trial and sampler seed."),
-    steps: int | None = typer.Option(None, help="Step budget per trial (default: the workload's)."),
-    time_budget: float | None = typer.Option(
-        None, "--time-budget", help="Training seconds per trial (evaluation excluded)."
-    ),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Default: the workload's."),
-    schedule: str = typer.Option("constant", help="constant | cosine | warmup | wsd | wsd-s"),
-    warmup: float | None = typer.Option(None, help="Warmup fraction of the budget."),
-    decay: float | None = typer.Option(None, help="WSD decay fraction."),
-    eval_every: int | None = typer.Option(
-        None, "--eval-every", help="Evaluate (and report to the pruner) every N steps."
-    ),
-    threads: int = typer.Option(1, help="torch CPU threads."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    seed: int = typer.Option(0, "--seed", help="Training seed of every trial and sampler seed."),
+    steps: int | None = _o_steps("trial"),
+    time_budget: float | None = _o_time_budget("trial"),
+    batch_size: int | None = _o_batch_size(),
+    schedule: str = _o_schedule(),
+    warmup: float | None = _o_warmup(),
+    decay: float | None = _o_decay(),
+    decay_shape: str | None = _o_decay_shape(),
+    cycles: int | None = _o_cycles(),
+    eval_every: int | None = _o_eval_every(),
+    threads: int = _o_threads(),
+    quiet: bool = _o_quiet(),
 ) -> None:
-    """Optuna search over an optimizer's hyperparameters on one workload; resumable."""
+    """Optuna search over each optimizer's hyperparameters on one workload; resumable."""
     import json
 
     import torch
@@ -479,28 +769,42 @@ def tune(
 
     if threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
-    sched = _schedule(schedule, warmup=warmup, decay=decay)
-    spec = prepare(
-        workload,
-        optimizer,
-        trials,
-        sampler=sampler,
-        pruner=pruner,
-        search_space=search_space,
-        storage=storage,
-        study_name=study_name,
-        seed=seed,
-        objective=objective,
-        steps=steps,
-        time_budget=time_budget,
-        batch_size=batch_size,
-        schedule=sched,
-        eval_every=eval_every,
-    )
+    opts = _optimizer_list(optimizers)
+    if study_name is not None and len(opts) > 1:
+        raise UserError("--study-name names one study: give one optimizer")
+    sched = _schedule(schedule, warmup=warmup, decay=decay, decay_shape=decay_shape, cycles=cycles)
+    specs = [
+        prepare(
+            workload,
+            o,
+            trials,
+            sampler=sampler,
+            pruner=pruner,
+            search_space=search_space,
+            storage=storage,
+            study_name=study_name,
+            seed=seed,
+            objective=objective,
+            steps=steps,
+            time_budget=time_budget,
+            batch_size=batch_size,
+            schedule=sched,
+            eval_every=eval_every,
+        )
+        for o in opts
+    ]
     if show_space:
-        print(json.dumps(space_to_dict(spec.space), indent=2))
+        for spec in specs:
+            print(json.dumps(space_to_dict(spec.space), indent=2))
         return
     torch.set_num_threads(threads)
+    for spec in specs:
+        _tune_one(spec, trials, quiet, run_tune)
+
+
+def _tune_one(spec, trials, quiet, run_tune) -> None:  # noqa: ANN001
+    import json
+
     on_trial = progress = on_start = prog = None
     if not quiet:
         prog = _progress_display()
@@ -523,6 +827,11 @@ def tune(
 
     try:
         res = run_tune(spec, on_trial=on_trial, progress=progress, on_start=on_start)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted: finished trials of study {spec.study_name!r} are stored in "
+            f"{spec.storage}; rerun to resume"
+        ) from None
     finally:
         if prog is not None and prog.live.is_started:  # stop() of an unstarted one prints
             prog.stop()
@@ -540,19 +849,22 @@ def tune(
 
 @app.command()
 def pbt(
-    workload: str = typer.Option("mnist1d_mlp", "--workload", "-w", help="Workload name."),
-    optimizer: str = typer.Option("adabelief", "--optimizer", "-o", help="Optimizer name."),
-    population: int = typer.Option(4, "--population", "-p", help="Members of the population."),
-    steps: int | None = typer.Option(
-        None, help="Training steps per member (default: the workload's)."
+    workload: str = typer.Option(
+        "mnist1d_mlp",
+        "--workload",
+        "-w",
+        help="Workload: a built-in name, path/to/file.py:NAME or package.module:NAME.",
     ),
+    optimizers: str = _o_optimizers("adabelief", "One population per optimizer."),
+    population: int = typer.Option(4, "--population", "-p", help="Members of the population."),
+    steps: int | None = _o_steps("member"),
     interval: int | None = typer.Option(
         None, help="Steps between evaluations, checkpoints and perturbations (default: eval_every)."
     ),
     search_space: str | None = typer.Option(
         None, "--search-space", help="JSON/TOML/YAML file replacing the default search space."
     ),
-    seed: int = typer.Option(0, help="Training seed and seed of the initial population."),
+    seed: int = typer.Option(0, "--seed", help="Training seed and seed of the initial population."),
     out: str = typer.Option("results/pbt", help="Directory for checkpoints and Ray's logs."),
     num_cpus: int | None = typer.Option(
         None, "--num-cpus", help="Logical CPUs for a local Ray (default: the population size)."
@@ -564,31 +876,41 @@ def pbt(
 
     from basin.bench.pbt import pbt as run_pbt
 
-    res = run_pbt(
-        workload,
-        optimizer,
-        population=population,
-        steps=steps,
-        interval=interval,
-        search_space=search_space,
-        seed=seed,
-        out_dir=out,
-        num_cpus=num_cpus,
-        synch=synch,
-    )
-    best = "-" if res.best_metric is None else f"{res.best_metric:.6g}"
-    print(
-        f"PBT {res.workload} {res.optimizer}: {len(res.trials)} members, {res.n_exploits} "
-        f"exploit(s); best metric {best} with {json.dumps(res.best_hparams, sort_keys=True)}; "
-        f"results in {res.path}",
-        file=sys.stderr,
-    )
+    for o in _optimizer_list(optimizers):
+        try:
+            res = run_pbt(
+                workload,
+                o,
+                population=population,
+                steps=steps,
+                interval=interval,
+                search_space=search_space,
+                seed=seed,
+                out_dir=out,
+                num_cpus=num_cpus,
+                synch=synch,
+            )
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted: PBT stopped; its checkpoints stay in " + out) from None
+        best = "-" if res.best_metric is None else f"{res.best_metric:.6g}"
+        print(
+            f"PBT {res.workload} {res.optimizer}: {len(res.trials)} members, {res.n_exploits} "
+            f"exploit(s); best metric {best} with {json.dumps(res.best_hparams, sort_keys=True)}; "
+            f"results in {res.path}",
+            file=sys.stderr,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     try:
         app(args=argv, standalone_mode=False)
+    except Interrupted as exc:
+        print(f"basin: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("basin: interrupted", file=sys.stderr)
+        return 130
     except (UserError, ValueError, FileNotFoundError) as exc:
         print(f"basin: error: {exc}", file=sys.stderr)
         return 2

@@ -24,7 +24,8 @@ def test_bench_runs_resumes_and_reports(tmp_path, capsys) -> None:
     assert _count(db) == 8
     err = capsys.readouterr().err
     assert "8 run(s) done, 0 already stored" in err
-    assert (tmp_path / "report.html").exists() and (tmp_path / "runs.csv").exists()
+    rep = tmp_path / "b-report"  # <db stem>-report/ next to the database
+    assert (rep / "report.html").exists() and (rep / "runs.csv").exists()
     # a rerun skips everything; one more seed runs only the new ones
     assert main(args + ["--no-report"]) == 0
     assert "0 run(s) done, 8 already stored" in capsys.readouterr().err
@@ -119,7 +120,7 @@ def test_bad_input_from_the_console_script_has_no_traceback(tmp_path) -> None:
     assert proc.stderr.strip() == (
         "basin: error: unknown workload 'mnist1d_mpl'; did you mean mnist1d_mlp, mnist1d_cnn? "
         "(known: beale, charlm, digits_cnn, f1, f2, f3, mnist1d_cnn, mnist1d_mlp, "
-        "quadratic_deep, rastrigin, rosenbrock)"
+        "quadratic_deep, rastrigin, rosenbrock; or path/to/file.py:NAME, package.module:NAME)"
     )
     assert not (tmp_path / "x.db").exists()
 

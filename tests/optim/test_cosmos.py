@@ -77,21 +77,46 @@ def test_newton_schulz_equals_quintic_on_singular_values(shape) -> None:
     assert (s - 1).abs().max() > 0.02  # not the exact polar factor
 
 
-def test_rank_larger_than_a_matrix_names_the_parameter() -> None:
-    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
-    with pytest.raises(ValueError) as info:
-        bo.COSMOS(model.parameters(), rank=5)
-    msg = str(info.value)
-    assert "rank=5" in msg and "parameter 2 of param group 0" in msg and "(4, 16)" in msg
-    assert "matrix_rule=False" in msg and "<= min(rows, cols) = 4" in msg
-    # the suggested way out works: that matrix trains with AdamW, the other with COSMOS
-    params = list(model.parameters())
-    opt = bo.COSMOS([{"params": params[:2]}, {"params": params[2:], "matrix_rule": False}], rank=5)
-    x = torch.randn(32, 8)
-    model(x).square().mean().backward()
-    opt.step()
-    assert opt.state[params[0]]["subspace"].shape == (8, 5)
-    assert opt.state[params[2]]["exp_avg_sq"].shape == (4, 16)
+def test_full_rank_subspace_follows_the_reference_without_the_muon_part() -> None:
+    """Default rank=64 on a 16x8 matrix is clipped to r = n = 8: P P^T = I, the residual is
+    zero, and the step is the transcription's with the Muon part off (gamma = 0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    ref_model = copy.deepcopy(model)
+    start = model[0].weight.detach().clone()
+    p, rp = list(model.parameters()), list(ref_model.parameters())
+    hp = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    opt = bo.COSMOS([{"params": p[:2]}, {"params": p[2:], "matrix_rule": False}], ns_dtype=None)
+    refs = [COSMOSPaper(rp[:2], rank=8, gamma=0.0), torch.optim.AdamW(rp[2:], **hp)]
+    x = torch.randn(64, 8, dtype=torch.float64)
+    y = torch.randint(0, 4, (64,))
+    for _ in range(30):
+        for m, opts in ((model, [opt]), (ref_model, refs)):
+            for o in opts:
+                o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            for o in opts:
+                o.step()
+    assert opt.state[p[0]]["subspace"].shape == (8, 8)
+    for a, b in zip(p, rp):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11 * b.abs().max().item())
+    assert (p[0] - start).abs().max() > 1e-3  # it trained
+
+
+@pytest.mark.parametrize("shape", [(4, 16), (16, 4)])
+def test_rank_is_clipped_to_the_smaller_side(shape) -> None:
+    """rank=64 on a 4x16 or 16x4 matrix steps exactly as rank=4 given the same gradients."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    a, b = nn.Parameter(w.clone()), nn.Parameter(w.clone())
+    opts = [bo.COSMOS([a], rank=64, ns_dtype=None), bo.COSMOS([b], rank=4, ns_dtype=None)]
+    for _ in range(10):
+        g = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        for q, o in zip((a, b), opts):
+            q.grad = g.clone()
+            o.step()
+    assert opts[0].state[a]["exp_avg_sq"].shape == opts[1].state[b]["exp_avg_sq"].shape
+    assert torch.equal(a, b) and not torch.equal(a, w)
 
 
 def test_adamw_fallback_equals_torch_adamw() -> None:

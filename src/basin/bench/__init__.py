@@ -8,12 +8,16 @@ HTML/JSON/CSV report (:mod:`basin.bench.report`).
 
     from basin.bench import make_config, run
     result = run(make_config("mnist1d_mlp", "adabelief", seed=0))
+
+Your own model: :meth:`Workload.from_tensors` / :meth:`Workload.from_loaders`
+(:mod:`basin.bench.workloads.own`); a tuned comparison: :mod:`basin.bench.compare`.
 """
 
 from __future__ import annotations
 
 from .runner import DEFAULT_OPTIMIZERS, RunConfig, RunResult, configs_for, make_config, run, sweep
 from .store import DEFAULT_STORAGE, Store
+from .workloads import Workload
 
 __all__ = [
     "DEFAULT_OPTIMIZERS",
@@ -21,6 +25,7 @@ __all__ = [
     "RunConfig",
     "RunResult",
     "Store",
+    "Workload",
     "configs_for",
     "make_config",
     "run",

@@ -108,7 +108,7 @@ def _history(r: Any) -> Any:
     return max(frames, key=len)
 
 
-def _trainable(config: dict[str, Any]) -> None:
+def _trainable(config: dict[str, Any], workload: Any = None) -> None:
     """Ray Tune function trainable: train ``interval`` steps, evaluate, checkpoint, repeat."""
     import torch
     from ray import tune
@@ -132,7 +132,10 @@ def _trainable(config: dict[str, Any]) -> None:
         else:
             hp[p.base][p.index] = v
     hp = {k: tuple(v) if isinstance(v, list) else v for k, v in hp.items()}
-    cfg = make_config(job["workload"], job["optimizer"], hp, seed=job["seed"], steps=job["steps"])
+    # a user's workload travels as an object (Ray pickles it); built-in ones by name
+    cfg = make_config(
+        workload or job["workload"], job["optimizer"], hp, seed=job["seed"], steps=job["steps"]
+    )
     w = _wl.get(cfg.workload)
     me = tune.get_context().get_trial_id()
 
@@ -151,14 +154,15 @@ def _trainable(config: dict[str, Any]) -> None:
             exploits[me] = exploits.get(me, 0) + 1
     task = w.build(cfg.seed + step, cfg.batch_size)  # new data order after a restore
     model = task.model
-    opt = create(cfg.optimizer, model.parameters(), **cfg.hparams)
+    opt = create(cfg.optimizer, model, **cfg.hparams)  # the registry's parameter groups
     if state is not None:
         model.load_state_dict(state["model"])
+        # the donor's moments, this trial's (possibly mutated) hyperparameters: each group keeps
+        # what the constructor just gave it (e.g. Muon's fallback group gets adamw_lr as "lr")
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
         opt.load_state_dict(state["optimizer"])
-        for g in opt.param_groups:  # the (possibly mutated) hyperparameters of this trial
-            for k, v in cfg.hparams.items():
-                if k in g:
-                    g[k] = v
+        for g, f in zip(opt.param_groups, fresh):
+            g.update(f)
     model.train()
     total, interval = job["steps"], job["interval"]
     while step < total:
@@ -178,9 +182,10 @@ def _trainable(config: dict[str, Any]) -> None:
             "step": step,
             "exploits": exploits.get(me, 0),
             "lineage": ",".join(lineage),
-            # what the optimizer really uses (checks the override after an exploit)
+            # what this member's optimizer was built with; after an exploit its groups were
+            # given exactly these (the donor's state, not its hyperparameters)
             "hparams": json.dumps(
-                {k: opt.param_groups[0][k] for k in cfg.hparams if k in opt.param_groups[0]},
+                {k: opt.defaults[k] for k in cfg.hparams if k in opt.defaults},
                 sort_keys=True,
                 default=str,
             ),
@@ -241,7 +246,7 @@ def pbt(
         optimizer,
         1,
         search_space=search_space,
-        storage="sqlite:///unused.db",
+        storage="sqlite:///unused.db",  # nothing is stored: prepare only validates the URL
         seed=seed,
         steps=steps,
         eval_every=interval,
@@ -312,8 +317,10 @@ def pbt(
     try:
         from ray.tune.search import BasicVariantGenerator
 
+        own = w if w.family == "own" else None
+        trainable = tune.with_parameters(_trainable, workload=own)
         tuner = tune.Tuner(
-            tune.with_resources(_trainable, {"cpu": 1}),
+            tune.with_resources(trainable, {"cpu": 1}),
             param_space=param_space,
             tune_config=tune.TuneConfig(
                 scheduler=scheduler,

@@ -61,6 +61,18 @@ def _load(st: Store, groups: Sequence[str] | None) -> list[dict[str, Any]]:
     return [r for g in groups for r in st.runs(group=g)]
 
 
+def workload_meta(wname: str, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Metric, mode, target and description of a workload: from its runs' records (a user's
+    workload need not be loadable where the report is written), else the registry."""
+    for r in runs:
+        if r.get("workload_meta"):
+            return dict(r["workload_meta"])
+    try:
+        return _wl.get(wname).meta()
+    except ValueError:
+        return {"metric": "metric", "metric_mode": "min", "target": None, "description": ""}
+
+
 def _mean_std(xs: Sequence[float]) -> tuple[float | None, float | None]:
     xs = [x for x in xs if x is not None and math.isfinite(x)]
     if not xs:
@@ -78,7 +90,15 @@ def _median_inf(xs: Sequence[float]) -> float:
     return m
 
 
-_VARIANT_FIELDS = ("hparams", "steps", "time_budget", "batch_size", "schedule", "eval_every")
+_VARIANT_FIELDS = (
+    "hparams",
+    "tuning",
+    "steps",
+    "time_budget",
+    "batch_size",
+    "schedule",
+    "eval_every",
+)
 
 
 def labels(runs: Sequence[dict[str, Any]]) -> dict[str, str]:
@@ -97,9 +117,18 @@ def labels(runs: Sequence[dict[str, Any]]) -> dict[str, str]:
         if len(vs) > 1:
             mine = {k: c.get(k) for k in _VARIANT_FIELDS}
             diff = []
+            per_tuning: dict[str, set[str]] = defaultdict(set)
+            for v in vs.values():
+                per_tuning[v.get("tuning") or ""].add(json.dumps(v["hparams"], sort_keys=True))
+            # hyperparameters that differ only because of the tuning are said by its label
+            tunings = per_tuning if all(len(h) == 1 for h in per_tuning.values()) else {}
             for k in _VARIANT_FIELDS:
                 if len({json.dumps(v[k], sort_keys=True) for v in vs.values()}) > 1:
-                    if k == "hparams":
+                    if k == "hparams" and len(tunings) > 1:
+                        continue  # the tuning label says why they differ
+                    if k == "tuning":
+                        diff.append(f"tuned {mine[k]}" if mine[k] else "default hparams")
+                    elif k == "hparams":
                         keys = {n for v in vs.values() for n in v["hparams"]}
                         diff += [
                             f"{n}={mine['hparams'].get(n)}"
@@ -143,11 +172,8 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             for r in rs
             if r["status"] != "failed"
         ]
-        try:
-            w = _wl.get(wname)
-            metric_name, mode, target = w.metric, w.metric_mode, w.target
-        except ValueError:
-            metric_name, mode, target = "metric", "min", None
+        meta = workload_meta(wname, rs)
+        metric_name, mode, target = meta["metric"], meta["metric_mode"], meta["target"]
         step_times = [r["step_time"] for r in ok if r.get("step_time")]
         rows.append(
             {
@@ -268,11 +294,8 @@ def _curves(wname: str, runs: list[dict[str, Any]], sharp: bool) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    try:
-        w = _wl.get(wname)
-        mname, target = w.metric, w.target
-    except ValueError:
-        mname, target = "metric", None
+    meta = workload_meta(wname, runs)
+    mname, target = meta["metric"], meta["target"]
     by_opt: dict[str, list[dict[str, Any]]] = defaultdict(list)
     lab = labels(runs)
     for r in runs:
@@ -391,12 +414,13 @@ def write_report(
     out_dir: str | Path,
     *,
     title: str = "basin benchmark report",
-    profile_measure: str = "seconds",
+    profile_measure: str = "steps",
     groups: Sequence[str] | None = ("bench",),
 ) -> dict[str, Path]:
     """Write report.html, results.json, runs.csv and summary.csv under ``out_dir``.
 
-    ``profile_measure`` is ``"seconds"`` (training time, AlgoPerf's choice) or ``"steps"``.
+    ``profile_measure`` is ``"steps"`` (machine-independent, the default) or ``"seconds"``
+    (training time, AlgoPerf's choice on fixed hardware).
     ``groups``: which stored groups of runs to include (``None`` = all); runs a tuner stores
     under its own group (e.g. ``"tune:<study>"``) stay out of the comparison.
     Returns the written paths. ``ValueError`` if the storage cannot be read or has no runs."""
@@ -415,6 +439,10 @@ def write_report(
     except OSError as exc:
         raise ValueError(f"cannot create report directory {str(out)!r}: {exc.strerror}") from None
     rows = summarize(runs)
+    from .compare import sensitivity, verdicts
+
+    verdict = verdicts(runs, labels(runs))
+    sens = sensitivity(url) if tuning else []
 
     # performance profiles over workloads (need >= 1 workload; meaningful with several)
     col = "ttt_seconds" if profile_measure == "seconds" else "ttt_steps"
@@ -438,6 +466,8 @@ def write_report(
         "profile_measure": profile_measure,
         "profile_scores": scores,
         "tuning": tuning,
+        "verdicts": verdict,
+        "sensitivity": sens,
         "runs": runs,
     }
     _atomic_write(paths["json"], json.dumps(_json_safe(payload), indent=1, sort_keys=True))
@@ -452,7 +482,9 @@ def write_report(
     _write_csv(paths["runs_csv"], [_run_row(r) for r in runs])
     _atomic_write(
         paths["html"],
-        _html(title, url, runs, rows, profiles, scores, grid, tuning, profile_measure),
+        _html(
+            title, url, runs, rows, profiles, scores, grid, tuning, profile_measure, verdict, sens
+        ),
     )
     return paths
 
@@ -526,6 +558,8 @@ def _html(
     grid: np.ndarray,
     tuning: list[dict[str, Any]],
     measure: str,
+    verdict: dict[str, dict[str, Any]] | None = None,
+    sens: list[dict[str, Any]] | None = None,
 ) -> str:
     e = html.escape
     revs = sorted({r.get("git_rev") or "-" for r in runs})
@@ -546,11 +580,7 @@ def _html(
         by_w[r["config"]["workload"]].append(r)
     for wname in sorted(by_w):
         wr = [r for r in rows if r["workload"] == wname]
-        try:
-            w = _wl.get(wname)
-            desc = w.description
-        except ValueError:
-            desc = ""
+        desc = workload_meta(wname, by_w[wname]).get("description") or ""
         mname, mode, target = wr[0]["metric_name"], wr[0]["metric_mode"], wr[0]["target"]
         cfg0 = by_w[wname][0]["config"]
         budget = f"{cfg0['steps']} steps" if cfg0.get("steps") else f"{cfg0.get('time_budget')} s"
@@ -583,6 +613,8 @@ def _html(
                 f"<td>{e(json.dumps(r['hparams'], sort_keys=True))}</td></tr>"
             )
         parts.append("</table>")
+        if verdict and wname in verdict:
+            parts.append(_verdict_html(verdict[wname]))
         sharp = any(
             r["series"].get("sharpness", {}).get("step") for r in by_w[wname] if r["status"] == "ok"
         )
@@ -618,6 +650,8 @@ def _html(
         for o, s in sorted(scores.items(), key=lambda kv: -kv[1]):
             parts.append(f"<tr><td>{e(o)}</td><td>{s:.3f}</td></tr>")
         parts.append("</table>")
+    if sens:
+        parts.append(_sensitivity_html(sens))
     parts.append("<h2>Tuning</h2>")
     if not tuning:
         parts.append("<p>No tuning studies in this storage.</p>")
@@ -628,6 +662,98 @@ def _html(
         )
         parts.append(f"<img alt='tuning {e(str(s['name']))}' src='{_tuning_plot(s)}'>")
     parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _ci(ci: Any, scale: float = 1.0) -> str:
+    return "-" if not ci else f"[{ci[0] * scale:.4g}, {ci[1] * scale:.4g}]"
+
+
+def _verdict_html(v: dict[str, Any]) -> str:
+    """The verdict line, the ranking with confidence intervals and the paired tests."""
+    e = html.escape
+    pts = v["metric"] == "accuracy"
+    unit = " (points)" if pts else ""
+    k = 100.0 if pts else 1.0
+    parts = [
+        f"<p class='verdict'><b>Verdict:</b> {e(v['verdict'])}</p>",
+        f"<p>Protocol: {e(v['protocol'])}. Intervals: 95% percentile bootstrap over seeds; "
+        "differences paired by seed (same initialisation and data order), two-sided paired "
+        "t-test.</p>",
+        f"<table class='ranking'><tr><th>rank</th><th>configuration</th><th>mean final "
+        f"{e(v['metric'])}</th><th>95% CI</th><th>seeds</th><th>diverged</th></tr>",
+    ]
+    for i, r in enumerate(v["ranking"], 1):
+        parts.append(
+            f"<tr><td>{i}</td><td>{e(r['label'])}</td><td>{_fmt(r['mean'])}</td>"
+            f"<td>{_ci(r['ci'])}</td><td>{r['n']}</td><td>{r['diverged']}</td></tr>"
+        )
+    parts.append("</table>")
+    if v["pairs"]:
+        best = v["ranking"][0]["label"]
+        parts.append(
+            f"<table class='pairs'><tr><th>{e(best)} minus</th><th>mean difference{unit}</th>"
+            "<th>95% CI</th><th>paired seeds</th><th>p-value</th></tr>"
+        )
+        for p in v["pairs"]:
+            mean = _fmt(p["mean"] * k) if p.get("mean") is not None else "-"
+            pv = _fmt(p.get("p_value"), ".2g")
+            parts.append(
+                f"<tr><td>{e(p['label'])}</td><td>{mean}</td><td>{_ci(p.get('ci'), k)}</td>"
+                f"<td>{p.get('n', 0)}</td><td>{pv}</td></tr>"
+            )
+        parts.append("</table>")
+    return "\n".join(parts)
+
+
+def _sensitivity_html(sens: list[dict[str, Any]]) -> str:
+    """Learning-rate sensitivity curves of the tuned comparison and its tuning cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    e = html.escape
+    parts = [
+        "<h2>Learning-rate sensitivity and tuning cost</h2>",
+        "<p>Final objective of every tuning trial against its learning rate (the other "
+        "hyperparameters vary too, so the curve is the envelope a user meets); crosses: "
+        "diverged trials.</p>",
+    ]
+    by_w: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for st in sens:
+        by_w[str(st["workload"])].append(st)
+    for wname, studies in sorted(by_w.items()):
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for i, st in enumerate(studies):
+            color = f"C{i % 10}"
+            if st["points"]:
+                x, y = zip(*st["points"])
+                ax.plot(x, y, "o-", ms=4, lw=1, color=color, label=str(st["optimizer"]))
+            for lr in st["diverged"]:
+                ax.axvline(lr, color=color, ls=":", lw=0.8)
+                ax.plot([lr], [ax.get_ylim()[0]], "x", color=color)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("final objective")
+        ax.set_title(wname)
+        ax.legend(fontsize=7)
+        parts.append(f"<img alt='sensitivity {e(wname)}' src='{_png(fig)}'>")
+    parts.append(
+        "<table><tr><th>workload</th><th>optimizer</th><th>trials</th><th>tuning steps</th>"
+        "<th>tuning seconds</th></tr>"
+    )
+    for st in sens:
+        parts.append(
+            f"<tr><td>{e(str(st['workload']))}</td><td>{e(str(st['optimizer']))}</td>"
+            f"<td>{st['n_trials']}</td><td>{st['steps']}</td>"
+            f"<td>{st['train_seconds']:.3g}</td></tr>"
+        )
+    total_s = sum(st["train_seconds"] for st in sens)
+    total_steps = sum(st["steps"] for st in sens)
+    parts.append(
+        f"</table><p>Total tuning cost: {total_steps} steps, {total_s:.3g} s of training.</p>"
+    )
     return "\n".join(parts)
 
 

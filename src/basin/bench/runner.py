@@ -52,8 +52,6 @@ __all__ = [
 # The README's default comparison. diffgrad and sgdsai are basin optimizers.
 DEFAULT_OPTIMIZERS: list[str] = ["torch:adamw", "torch:sgd", "adabelief", "diffgrad", "sgdsai"]
 
-_CLOSURE_OPTIMIZERS = {"torch:lbfgs"}
-
 ReportFn = Callable[[int, dict[str, float]], None]
 
 
@@ -62,8 +60,12 @@ class RunConfig:
     """Full configuration of one run. Build it with :func:`make_config`.
 
     ``steps`` and ``time_budget`` (seconds of training, evaluation excluded) are budgets:
-    training stops at whichever comes first (at least one is set). ``key()`` is the hash of
-    everything here, so any change makes a different run."""
+    training stops at whichever comes first (at least one is set). ``landscape``: measure the
+    top Hessian eigenvalue and the Hessian trace of the trained model. ``tuning``: how the
+    hyperparameters were chosen (``""``: defaults or by hand; ``"qmc:N"``: the best of N
+    quasi-random trials, :mod:`basin.bench.compare`). ``key()`` is the hash
+    of everything here, the workload's fingerprint (model architecture and data) included, so
+    any change makes a different run."""
 
     workload: str
     optimizer: str
@@ -76,6 +78,9 @@ class RunConfig:
     eval_every: int = 100
     log_every: int = 10
     sharpness_every: int = 0
+    landscape: bool = False
+    tuning: str = ""
+    workload_fingerprint: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -111,7 +116,7 @@ def _check_int(name: str, value: Any, low: int) -> int:
 
 
 def make_config(
-    workload: str,
+    workload: str | _wl.Workload,
     optimizer: str,
     hparams: dict[str, Any] | None = None,
     *,
@@ -123,16 +128,24 @@ def make_config(
     eval_every: int | None = None,
     log_every: int = 10,
     sharpness_every: int = 0,
+    landscape: bool = False,
+    tuning: str = "",
 ) -> RunConfig:
     """Resolve defaults and validate; raises ``ValueError`` with one clear line on mistakes.
 
-    Hyperparameters: the workload's default for this optimizer (see
-    :func:`basin.bench.workloads.default_hparams`) updated by ``hparams``. If neither
-    ``steps`` nor ``time_budget`` is given, the workload's step budget is used."""
-    from basin.optim import create, get_class
+    ``workload``: a name, ``file.py:NAME`` / ``module:NAME``, or a
+    :class:`~basin.bench.workloads.Workload` (e.g. from ``Workload.from_tensors``).
+    ``optimizer``: any registry name; bare names resolve as :func:`basin.optim.resolve` says
+    and the config holds the canonical one. Hyperparameters: the workload's default for this
+    optimizer (see :func:`basin.bench.workloads.default_hparams`) updated by ``hparams``,
+    checked by building the optimizer on the workload's real model. If neither ``steps`` nor
+    ``time_budget`` is given, the workload's step budget is used."""
+    from basin.optim import create, resolve
+
+    from .workloads.own import probe
 
     w = _wl.get(workload)
-    get_class(optimizer)  # unknown names raise with close matches
+    optimizer = resolve(optimizer)  # unknown names raise with close matches
     hp = _wl.default_hparams(w, optimizer)
     hp.update(hparams or {})
     _check_int("seed", seed, 0)
@@ -154,13 +167,17 @@ def make_config(
     ev = w.eval_every if eval_every is None else _check_int("eval_every", eval_every, 1)
     _check_int("log_every", log_every, 1)
     _check_int("sharpness_every", sharpness_every, 0)
-    if sharpness_every:
+    if not isinstance(landscape, bool):
+        raise ValueError(f"landscape must be True or False, got {landscape!r}")
+    if sharpness_every or landscape:
         _sharpness_fn()  # fails now, not in the middle of a sweep
     sched = validate_schedule(schedule)
-    # hyperparameter names and values: let the optimizer itself validate them
-    probe = torch.nn.Parameter(torch.zeros(2, 2))
+    _check_types(optimizer, hp)
+    fp, model = probe(w)
+    # hyperparameter names and values: the optimizer itself validates them, on the real model
+    # with the parameter groups the run will use
     try:
-        create(optimizer, [probe], **hp)
+        create(optimizer, model, **hp)
     except TypeError as exc:
         raise ValueError(f"{optimizer}: invalid hyperparameters {hp}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 -- third-party optimizers raise their own types
@@ -168,7 +185,7 @@ def make_config(
         raise ValueError(msg if optimizer in msg else f"{optimizer}: {msg}") from None
     return RunConfig(
         workload=w.name,
-        optimizer=optimizer.strip(),
+        optimizer=optimizer,
         hparams=_jsonable(hp),
         seed=seed,
         steps=steps,
@@ -178,7 +195,30 @@ def make_config(
         eval_every=ev,
         log_every=log_every,
         sharpness_every=sharpness_every,
+        landscape=landscape,
+        tuning=tuning,
+        workload_fingerprint=fp,
     )
+
+
+def _check_types(optimizer: str, hp: dict[str, Any]) -> None:
+    """A text where the optimizer's default is a number (``--hp lr=abc``) is one clear error
+    for every optimizer, whatever its own validation says."""
+    import inspect
+
+    from basin.optim import get_class
+
+    try:
+        params = inspect.signature(get_class(optimizer).__init__).parameters
+    except (TypeError, ValueError):
+        return
+    for name, value in hp.items():
+        p = params.get(name)
+        if p is None or not isinstance(value, str):
+            continue
+        d = p.default
+        if isinstance(d, (int, float)) and not isinstance(d, bool):
+            raise ValueError(f"{optimizer}: {name} must be a number, got {value!r}")
 
 
 @dataclass
@@ -189,6 +229,12 @@ class RunResult:
       window), ``lr`` (first group), ``step_time`` (mean seconds per step in the window);
     - ``eval``: ``step``, ``seconds``, ``eval_loss``, ``metric``;
     - ``sharpness``: ``step``, ``value`` (top Hessian eigenvalue on a fixed training batch).
+
+    ``final`` holds ``train_loss``, ``eval_loss``, ``metric``, ``best_metric``, ``sharpness``
+    and, with ``landscape=True``, ``top_eigenvalue`` and ``hessian_trace`` of the trained model
+    on the probe batch. ``model`` is the trained model itself (not stored; ``None`` for a
+    result read back from a store or a failed run); ``workload_meta`` the workload's metric,
+    mode, target and source, so a report needs no registry lookup.
     """
 
     config: dict[str, Any]
@@ -210,13 +256,18 @@ class RunResult:
     git_rev: str | None = None
     env: dict[str, Any] = field(default_factory=dict)
     created: str = ""
+    workload_meta: dict[str, Any] = field(default_factory=dict)
+    model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(dataclasses.asdict(self))
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
+        out = dataclasses.asdict(RunResult(**d))  # a copy without the (large) model
+        del out["model"]
+        return _jsonable(out)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunResult:
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} - {"model"}
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
@@ -287,7 +338,7 @@ def run(
     progress: Callable[[int, int | None], None] | None = None,
 ) -> RunResult:
     """Train one configuration and return its result (see the module docstring)."""
-    from basin.optim import create
+    from basin.optim import create, info
 
     cfg = config
     w = _wl.get(cfg.workload)
@@ -295,13 +346,13 @@ def run(
     task = w.build(cfg.seed, cfg.batch_size)
     model, loss_fn, batches = task.model, task.loss_fn, task.batches
     model.train()
-    opt = create(cfg.optimizer, model.parameters(), **cfg.hparams)
+    opt = create(cfg.optimizer, model, **cfg.hparams)  # the registry's parameter groups
     base_lrs = [g["lr"] for g in opt.param_groups] if "lr" in opt.param_groups[0] else None
     constant = cfg.schedule["name"] == "constant"
     # optimizers that re-evaluate the loss inside step() get a closure (its first value is
     # the step's loss, as for every torch optimizer)
-    needs_closure = cfg.optimizer.strip().lower() in _CLOSURE_OPTIMIZERS
-    sharp_fn = _sharpness_fn() if cfg.sharpness_every else None
+    needs_closure = info(cfg.optimizer).needs_closure
+    sharp_fn = _sharpness_fn() if cfg.sharpness_every or cfg.landscape else None
     max_steps = cfg.steps if cfg.steps is not None else sys.maxsize
     budget = cfg.time_budget
 
@@ -364,8 +415,9 @@ def run(
             pending.clear()
             if progress is not None:
                 progress(step, cfg.steps)
-        if sharp_fn is not None and (step % cfg.sharpness_every == 0 or last):
-            val = sharp_fn(model, loss_fn, task.probe_batch, k=1).eigenvalues[0]
+        if cfg.sharpness_every and (step % cfg.sharpness_every == 0 or last):
+            with math_attention():
+                val = sharp_fn(model, loss_fn, task.probe_batch, k=1).eigenvalues[0]
             sh["step"].append(step)
             sh["value"].append(float(val))
             model.train()
@@ -397,6 +449,8 @@ def run(
     }
     if status == "diverged":
         final = {k: None for k in final}
+    elif cfg.landscape:
+        final.update(_landscape(model, loss_fn, task.probe_batch, cfg.seed))
     return RunResult(
         config=cfg.to_dict(),
         key=cfg.key(),
@@ -412,8 +466,38 @@ def run(
         state_bytes=_state_bytes(opt),
         n_params=sum(p.numel() for p in model.parameters()),
         diverged_step=diverged_step,
+        workload_meta=w.meta(),
+        model=model,
         **_provenance(),
     )
+
+
+def math_attention() -> Any:
+    """Scaled-dot-product attention on its math backend: the fused CPU/GPU kernels have no
+    double backward, which every curvature product needs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _landscape(model: torch.nn.Module, loss_fn: Any, batch: Any, seed: int) -> dict[str, float]:
+    """Top Hessian eigenvalue and Hessian trace (Hutch++, 30 products) of the trained model."""
+    from basin.landscape import hessian_eigenvalues, hessian_trace
+
+    was = model.training
+    with math_attention():
+        eig = hessian_eigenvalues(model, loss_fn, batch, k=1)
+        tr = hessian_trace(model, loss_fn, batch, n_hvp=min(30, 3 * _n_params(model)), seed=seed)
+    model.train(was)
+    return {
+        "top_eigenvalue": float(eig.eigenvalues[0]),
+        "hessian_trace": float(tr.trace),
+        "hessian_trace_stderr": float(tr.stderr),
+    }
 
 
 def sweep(

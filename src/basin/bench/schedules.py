@@ -136,14 +136,14 @@ def make_schedule(spec: dict[str, Any] | str | None) -> Callable[[float], float]
     return lambda p: lr_multiplier(s, p)
 
 
-_LINEAR_RULE = {"torch:sgd", "sgd", "sgdsai", "torch:asgd"}
-
-
 def scaling_rule(optimizer: str) -> str:
-    """``"linear"`` for SGD-type optimizers (Goyal et al., arXiv:1706.02677, 2017), ``"sqrt"``
-    for adaptive ones (Granziol et al., "Learning Rates as a Function of Batch Size",
-    arXiv:2006.09092, 2020)."""
-    return "linear" if optimizer.strip().lower() in _LINEAR_RULE else "sqrt"
+    """The optimizer's batch-size rule from its registry entry
+    (:attr:`basin.optim.OptimInfo.lr_scaling`): ``"linear"`` for SGD-type optimizers (Goyal et
+    al., arXiv:1706.02677, 2017), ``"sqrt"`` for adaptive ones (Granziol et al., "Learning
+    Rates as a Function of Batch Size", arXiv:2006.09092, 2020)."""
+    from basin.optim import info
+
+    return info(optimizer).lr_scaling
 
 
 def scale_lr(lr: float, base_batch: int, batch: int, rule: str = "linear") -> float:

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "DEFAULT_SPACES",
     "Param",
     "default_space",
     "load_space",
@@ -89,40 +88,13 @@ class Param:
         return [s["value"]]
 
 
-# Defaults. Ranges follow common practice (AlgoPerf's baselines search lr log-uniformly and
-# 1 - beta log-uniformly); ``one_minus`` keeps momentum-like parameters below 1.
-_LR_ADAPTIVE = {"type": "float", "low": 1e-5, "high": 1e-1, "log": True}
-_LR_SGD = {"type": "float", "low": 1e-4, "high": 1.0, "log": True}
-_BETA1 = {"type": "float", "low": 1e-2, "high": 0.3, "log": True, "one_minus": True}
-_BETA2 = {"type": "float", "low": 1e-4, "high": 1e-1, "log": True, "one_minus": True}
-_MOMENTUM = {"type": "float", "low": 1e-2, "high": 0.5, "log": True, "one_minus": True}
-_WD = {"type": "float", "low": 1e-6, "high": 1e-1, "log": True}
-
-_ADAM_LIKE = {"lr": _LR_ADAPTIVE, "betas[0]": _BETA1, "betas[1]": _BETA2, "weight_decay": _WD}
-_SGD_LIKE = {"lr": _LR_SGD, "momentum": _MOMENTUM, "weight_decay": _WD}
-
-DEFAULT_SPACES: dict[str, dict[str, dict[str, Any]]] = {
-    "torch:adamw": _ADAM_LIKE,
-    "torch:adam": _ADAM_LIKE,
-    "adabelief": _ADAM_LIKE,
-    "diffgrad": _ADAM_LIKE,
-    "adamp": _ADAM_LIKE,
-    "exadam": _ADAM_LIKE,
-    "torch:sgd": _SGD_LIKE,
-    "sgdp": _SGD_LIKE,
-    "sgdsai": _SGD_LIKE,
-    "muon": {
-        "lr": {"type": "float", "low": 1e-3, "high": 0.3, "log": True},
-        "momentum": {"type": "float", "low": 1e-2, "high": 0.3, "log": True, "one_minus": True},
-        "weight_decay": _WD,
-    },
-}
-_GENERIC = {"lr": {"type": "float", "low": 1e-5, "high": 1.0, "log": True}}
-
-
 def default_space(optimizer: str) -> dict[str, Param]:
-    """The default space of ``optimizer`` (learning rate only for optimizers without one)."""
-    raw = DEFAULT_SPACES.get(optimizer.strip().lower(), _GENERIC)
+    """The default space of ``optimizer``: its registry entry's
+    (:attr:`basin.optim.OptimInfo.search_space`; the learning rate alone for third-party
+    optimizers basin knows nothing more about)."""
+    from basin.optim import info
+
+    raw = {k: dict(v) for k, v in info(optimizer).search_space.items()}
     return parse_space(raw, optimizer, source="default space")
 
 
@@ -155,7 +127,7 @@ def _accepted(optimizer: str) -> tuple[set[str] | None, dict[str, Any]]:
 
 
 def parse_space(raw: Any, optimizer: str, *, source: str = "search space") -> dict[str, Param]:
-    """Validate a raw mapping (from a file or :data:`DEFAULT_SPACES`) for ``optimizer``."""
+    """Validate a raw mapping (from a file or a registry entry) for ``optimizer``."""
 
     def bad(msg: str) -> ValueError:
         return ValueError(f"{source}: {msg}")

@@ -72,11 +72,13 @@ class TuneSpec:
     seed: int
     run_kwargs: dict[str, Any]
     base_hparams: dict[str, Any]
+    workload_fingerprint: str = ""
 
     def fingerprint(self) -> dict[str, Any]:
         """What a study must agree on to be resumed by this spec."""
         return {
             "workload": self.workload,
+            "workload_fingerprint": self.workload_fingerprint,
             "optimizer": self.optimizer,
             "objective": self.objective,
             "space": space_to_dict(self.space),
@@ -121,7 +123,7 @@ def _optuna() -> Any:
 
 
 def prepare(
-    workload: str,
+    workload: str | Any,
     optimizer: str,
     n_trials: int,
     *,
@@ -138,13 +140,12 @@ def prepare(
 
     ``run_kwargs`` go to :func:`basin.bench.runner.make_config` (``steps``, ``time_budget``,
     ``batch_size``, ``schedule``, ``eval_every``)."""
+    from basin.optim import resolve
+
     from .space import parse_space
 
     w = _wl.get(workload)
-    from basin.optim import get_class
-
-    get_class(optimizer)
-    optimizer = optimizer.strip()
+    optimizer = resolve(optimizer)
     _check_int("trials", n_trials, 1)
     _check_int("seed", seed, 0)
     if sampler not in SAMPLERS:
@@ -177,7 +178,7 @@ def prepare(
     if unknown:
         raise TypeError(f"unexpected argument(s): {', '.join(sorted(unknown))}")
     run_kwargs = {k: v for k, v in run_kwargs.items() if v is not None}
-    cfg = make_config(w.name, optimizer, base, seed=seed, **run_kwargs)
+    cfg = make_config(w, optimizer, base, seed=seed, **run_kwargs)
     run_kwargs = {
         "steps": cfg.steps,
         "time_budget": cfg.time_budget,
@@ -197,16 +198,24 @@ def prepare(
         if objective == "metric"
         else "minimize",
         storage=storage,
-        study_name=study_name or f"{w.name}-{optimizer}",
+        # your own workloads carry their fingerprint in the default name: editing the model or
+        # the data starts a new study instead of refusing the old one
+        study_name=study_name
+        or (
+            f"{w.name}-{cfg.workload_fingerprint[:8]}-{optimizer}"
+            if w.family == "own"
+            else f"{w.name}-{optimizer}"
+        ),
         seed=seed,
         run_kwargs=run_kwargs,
         base_hparams=dict(cfg.hparams),
+        workload_fingerprint=cfg.workload_fingerprint,
     )
     # every end of every range must make a valid optimizer (names, ranges) before we start
     for name, p in space.items():
         for v in p.extremes():
             try:
-                make_config(w.name, optimizer, spec.hparams({name: v}), seed=seed, **run_kwargs)
+                make_config(w, optimizer, spec.hparams({name: v}), seed=seed, **run_kwargs)
             except ValueError as exc:
                 raise ValueError(f"search space: parameter {name!r} = {v!r}: {exc}") from None
     _check_storage_url(storage)

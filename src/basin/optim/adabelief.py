@@ -18,6 +18,8 @@ from ._base import (
     group_by_device_and_dtype,
     use_foreach,
 )
+from .param_groups import decay_groups
+from .registry import ADAM_SPACE, ELEMENTWISE_CAPS, OptimInfo, Paper, register
 
 __all__ = ["AdaBelief", "adabelief"]
 
@@ -273,3 +275,22 @@ def _multi_tensor_adabelief(
             torch._foreach_addcdiv_(ps, ms, denom, [-lr * a for a, _ in coefs])
         if any(s for _, s in coefs):
             torch._foreach_add_(ps, torch._foreach_mul(ms, [-lr * s for _, s in coefs]))
+
+
+register(
+    OptimInfo(
+        name="adabelief",
+        cls=AdaBelief,
+        paper=Paper(
+            "AdaBelief Optimizer: Adapting Stepsizes by the Belief in Observed Gradients",
+            "Zhuang et al.",
+            "2010.07468",
+            2020,
+        ),
+        state_memory=2.0,
+        capabilities=ELEMENTWISE_CAPS | {"amsgrad", "rectify"},
+        state_note="+1 with amsgrad",
+        search_space=ADAM_SPACE,
+        param_groups=decay_groups,
+    )
+)

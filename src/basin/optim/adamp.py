@@ -20,6 +20,8 @@ from ._base import (
     use_foreach,
 )
 from ._kernels import scale_invariant_projection
+from .param_groups import decay_groups
+from .registry import ADAM_SPACE, ELEMENTWISE_CAPS, SGD_SPACE, OptimInfo, Paper, register
 
 __all__ = ["SGDP", "AdamP", "adamp", "sgdp"]
 
@@ -400,3 +402,38 @@ def _multi_tensor_sgdp(
         if weight_decay != 0:
             torch._foreach_mul_(ps, [1 - decay_scale * w for w in wd_factors])
         torch._foreach_add_(ps, us, alpha=-lr)
+
+
+_PAPER = Paper(
+    "AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant Weights",
+    "Heo et al.",
+    "2006.08217",
+    2021,
+)
+register(
+    OptimInfo(
+        name="adamp",
+        cls=AdamP,
+        paper=_PAPER,
+        state_memory=2.0,
+        capabilities=ELEMENTWISE_CAPS | {"nesterov", "projection"},
+        search_space=ADAM_SPACE,
+        param_groups=decay_groups,
+    )
+)
+register(
+    OptimInfo(
+        name="sgdp",
+        cls=SGDP,
+        paper=_PAPER,
+        state_memory=1.0,
+        capabilities=ELEMENTWISE_CAPS | {"nesterov", "projection"},
+        state_note="with momentum > 0 (the harness default, 0.9); 0 with momentum = 0",
+        family="sgd",
+        lr_scaling="linear",
+        lr_from={"lr": ("sgd",)},
+        defaults={"momentum": 0.9},
+        search_space=SGD_SPACE,
+        param_groups=decay_groups,
+    )
+)

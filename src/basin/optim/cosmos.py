@@ -16,6 +16,8 @@ from ._base import (
 )
 from ._kernels import newton_schulz5
 from ._matrix import MatrixOptimizer, check_fallback, check_int, compute_dtype
+from .param_groups import matrix_groups
+from .registry import ADAM_SPACE, OptimInfo, Paper, register
 
 __all__ = ["COSMOS", "cosmos"]
 
@@ -76,8 +78,8 @@ class COSMOS(MatrixOptimizer):
         betas: momentum and second-moment coefficients (default (0.9, 0.999)).
         eps: denominator term (default 1e-8).
         lr_ratio: scale of the matrix step relative to ``lr`` (default 0.1).
-        rank: subspace rank ``r`` (default 64); must not exceed ``min(m, n)`` of any matrix
-            parameter (``ValueError`` naming the parameter otherwise).
+        rank: subspace rank ``r`` (default 64); clipped per matrix to ``min(m, n)``, so one
+            setting serves layers of every size.
         weight_decay: decoupled weight decay (default 0).
         gamma: weight of the Muon part ``B`` (default 0.2).
         nesterov: Nesterov-style momentum (default True).
@@ -129,8 +131,11 @@ class COSMOS(MatrixOptimizer):
           primary text confirms the box (and settles ``sqrt(n)`` vs ``sqrt(mn)``), the default
           is the released code.
         * ``p.grad`` is not modified in place (the reference overwrites it with ``G~``).
-        * ``rank > min(m, n)`` raises ``ValueError`` (the reference fails with a shape error
-          for ``rank > n`` and silently picks arbitrary null-space directions for ``rank > m``).
+        * ``rank`` is clipped to ``min(m, n)`` per matrix (the reference fails with a shape
+          error for ``rank > n`` and picks arbitrary null-space directions for ``rank > m``).
+          When the subspace is the whole row space (``r = n``), ``P P^T = I`` and the residual
+          is zero in exact arithmetic: the Muon part is dropped instead of orthogonalising
+          rounding noise to full size.
         * bfloat16/float16 parameters: the matrix math runs in float32 (torch's QR/SVD need it),
           state is stored in the parameter's dtype.
     """
@@ -181,26 +186,13 @@ class COSMOS(MatrixOptimizer):
     def _check_hparams(self, group: dict[str, Any]) -> None:
         _check_hparams(group)
 
-    def _check_params(self, group: dict[str, Any], gi: int) -> None:
-        matrix = {id(p) for p in self._split(group)[0]}
-        for pi, p in enumerate(group["params"]):
-            if id(p) not in matrix:
-                continue
-            m, n = p.size(0), p[0].numel()
-            if group["rank"] > min(m, n):
-                raise ValueError(
-                    f"rank={group['rank']} is larger than parameter {pi} of param group {gi} "
-                    f"(shape {tuple(p.shape)}) allows: rank must be <= min(rows, cols) = "
-                    f"{min(m, n)}. Pass a smaller rank (for that group or overall), or put this "
-                    f"parameter in a group with matrix_rule=False to train it with AdamW."
-                )
-
     def _matrix_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         for p in self._with_grad(params):
             state = self.state[p]
             first = len(state) == 0
             if first:
-                m, n, r = p.size(0), p[0].numel(), group["rank"]
+                m, n = p.size(0), p[0].numel()
+                r = min(group["rank"], m, n)  # the rank a small matrix allows
                 kw = dict(dtype=p.dtype, device=p.device)
                 state["step"] = self._new_step()
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -303,14 +295,40 @@ def cosmos(
     coef = G_t @ P_new
     if paper:
         A = (coef / ((V.to(cd) + eps) / bc2).sqrt()) @ P_new.mT  # eps inside the square root
-        # Muon part from the momentum residual; NS5 and NORM are scale-invariant, so M = M^
-        B = newton_schulz5(Mc - (Mc @ P_new) @ P_new.mT, ns_steps, dtype=ns_dtype).to(cd)
     else:
         A = (coef / (V.to(cd).sqrt() / bc2**0.5 + eps)) @ P_new.mT
-        B = newton_schulz5(G_t - coef @ P_new.mT, ns_steps, dtype=ns_dtype).to(cd)
     scale = math.sqrt(G.size(0) * G.size(1))
-    update = A + (gamma * scale) * B / (B.norm() + eps)
+    update = A
+    if P_new.size(1) < G.size(1):  # else P P^T = I: the residual is exactly zero
+        # paper: the Muon part from the momentum residual (NS5 and NORM are scale-invariant,
+        # so M = M^); code: from the residual of G~
+        R = Mc - (Mc @ P_new) @ P_new.mT if paper else G_t - coef @ P_new.mT
+        B = newton_schulz5(R, ns_steps, dtype=ns_dtype).to(cd)
+        update = A + (gamma * scale) * B / (B.norm() + eps)
     update = update / (update.norm() + eps)
     if weight_decay != 0:
         p.mul_(1 - lr * weight_decay)
     p.sub_((update * (lr * lr_ratio * scale)).reshape(p.shape).to(p.dtype))
+
+
+register(
+    OptimInfo(
+        name="cosmos",
+        cls=COSMOS,
+        paper=Paper(
+            "COSMOS: A Hybrid Adaptive Optimizer for Memory-Efficient Training of LLMs",
+            "Liu et al.",
+            "2502.17410",
+            2025,
+        ),
+        state_memory=1.13,
+        capabilities=frozenset(
+            {"compile", "maximize", "param_groups", "closure", "matrix", "fallback"}
+        ),
+        state_note="matrices: 1 + r/n + r/m + r^2/(mn) (1.13 for 1024x1024, r=64); "
+        "AdamW fallback params: 2",
+        family="matrix",
+        search_space=ADAM_SPACE,
+        param_groups=matrix_groups,
+    )
+)

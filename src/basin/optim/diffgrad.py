@@ -17,6 +17,8 @@ from ._base import (
     group_by_device_and_dtype,
     use_foreach,
 )
+from .param_groups import decay_groups
+from .registry import ADAM_SPACE, ELEMENTWISE_CAPS, OptimInfo, Paper, register
 
 __all__ = ["DiffGrad", "diffgrad"]
 
@@ -192,3 +194,21 @@ def _multi_tensor_diffgrad(
         sizes = [-_step_size(get_value(t), lr, beta1, beta2) for t in steps]
         torch._foreach_addcdiv_(ps, prevs, denom, sizes)
         torch._foreach_copy_(prevs, gs)
+
+
+register(
+    OptimInfo(
+        name="diffgrad",
+        cls=DiffGrad,
+        paper=Paper(
+            "diffGrad: An Optimization Method for Convolutional Neural Networks",
+            "Dubey et al.",
+            "1909.11015",
+            2019,
+        ),
+        state_memory=3.0,
+        capabilities=ELEMENTWISE_CAPS,
+        search_space=ADAM_SPACE,
+        param_groups=decay_groups,
+    )
+)

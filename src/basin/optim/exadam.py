@@ -19,6 +19,8 @@ from ._base import (
     group_by_device_and_dtype,
     use_foreach,
 )
+from .param_groups import decay_groups
+from .registry import ADAM_SPACE, ELEMENTWISE_CAPS, OptimInfo, Paper, register
 
 __all__ = ["EXAdam", "exadam"]
 
@@ -223,3 +225,16 @@ def _multi_tensor_exadam(
         torch._foreach_add_(den, [c[3] / root for c, root in zip(coefs, roots)])
         sizes = [-c[2] * (1 + c[1]) / root for c, root in zip(coefs, roots)]
         torch._foreach_addcdiv_(ps, num, den, sizes)
+
+
+register(
+    OptimInfo(
+        name="exadam",
+        cls=EXAdam,
+        paper=Paper("EXAdam: The Power of Adaptive Cross-Moments", "Adly", "2412.20302", 2024),
+        state_memory=2.0,
+        capabilities=ELEMENTWISE_CAPS,
+        search_space=ADAM_SPACE,
+        param_groups=decay_groups,
+    )
+)

@@ -16,6 +16,8 @@ from ._base import (
     is_compiling,
 )
 from ._matrix import MatrixOptimizer, adamw_fallback, check_fallback, check_int, compute_dtype
+from .param_groups import matrix_groups
+from .registry import ADAM_SPACE, OptimInfo, Paper, register
 
 __all__ = ["FRUGAL", "frugal"]
 
@@ -774,3 +776,24 @@ def frugal(
         residual = _inactive_direction(G - _up(low, proj, side, shape), inactive_update_rule)
         update = update + residual * (scale * inactive_lr_scale)
     p.sub_(update.reshape(p.shape).to(p.dtype))
+
+
+register(
+    OptimInfo(
+        name="frugal",
+        cls=FRUGAL,
+        paper=Paper(
+            "FRUGAL: Memory-Efficient Optimization by Reducing State Overhead for Scalable "
+            "Training",
+            "Zmushko et al.",
+            "2411.07837",
+            2024,
+        ),
+        state_memory=0.5,
+        capabilities=frozenset({"maximize", "param_groups", "closure", "matrix", "fallback"}),
+        state_note="projected matrices: 2*density (0.5) + the projector; other params: AdamW, 2",
+        family="matrix",
+        search_space=ADAM_SPACE,
+        param_groups=matrix_groups,
+    )
+)

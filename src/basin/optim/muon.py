@@ -18,6 +18,8 @@ from ._base import (
 )
 from ._kernels import newton_schulz5
 from ._matrix import MatrixOptimizer, _decay_and_add, _foreach_decay_and_add, check_int
+from .param_groups import matrix_groups
+from .registry import ELEMENTWISE_CAPS, LR_ADAPTIVE, WEIGHT_DECAY, OptimInfo, Paper, register
 
 __all__ = ["Muon", "muon"]
 
@@ -222,3 +224,29 @@ def _multi_tensor_muon(
         # Newton-Schulz is a chain of matmuls per matrix: no foreach form
         updates = [_orthogonalized(u, ns_steps, ns_dtype).to(p.dtype) for u, p in zip(us, ps)]
         _foreach_decay_and_add(ps, updates, lr, weight_decay)
+
+
+register(
+    OptimInfo(
+        name="muon",
+        cls=Muon,
+        paper=Paper(
+            "Muon is Scalable for LLM Training (Muon: Jordan et al., blog, 2024)",
+            "Liu et al.",
+            "2502.16982",
+            2025,
+        ),
+        state_memory=1.0,
+        capabilities=ELEMENTWISE_CAPS | {"matrix", "fallback", "nesterov"},
+        state_note="matrices: momentum (1.0); AdamW fallback params (embeddings, head, ndim<2): 2.0",
+        family="matrix",
+        lr_from={"adamw_lr": ("adaptive",)},  # the matrix lr (0.02) is scale-free: its own
+        search_space={
+            "lr": {"type": "float", "low": 1e-3, "high": 0.3, "log": True},
+            "momentum": {"type": "float", "low": 1e-2, "high": 0.3, "log": True, "one_minus": True},
+            "adamw_lr": LR_ADAPTIVE,
+            "weight_decay": WEIGHT_DECAY,
+        },
+        param_groups=matrix_groups,
+    )
+)

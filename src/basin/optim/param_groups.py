@@ -19,10 +19,13 @@ _NORM_TYPES = (
 
 
 def weight_decay_groups(
-    model: nn.Module, weight_decay: float, **group_options: Any
+    model: nn.Module, weight_decay: float | None, **group_options: Any
 ) -> list[dict[str, Any]]:
     """Two parameter groups: weight decay on weight matrices and kernels, none on biases,
     normalisation parameters and any other tensor with ``ndim <= 1``.
+
+    ``weight_decay=None`` leaves the first group without a ``weight_decay`` key, so it takes
+    the optimizer's own (``create(name, model)`` builds its groups this way).
 
     Extra keyword arguments (e.g. ``lr``) are added to both groups. Parameters that do not
     require gradients are left out; shared parameters appear once."""
@@ -37,9 +40,11 @@ def weight_decay_groups(
             else:
                 decay.append(p)
     groups = [
-        {"params": decay, "weight_decay": weight_decay, **group_options},
-        {"params": no_decay, "weight_decay": 0.0, **group_options},
+        {"params": decay, **({} if weight_decay is None else {"weight_decay": weight_decay})},
+        {"params": no_decay, "weight_decay": 0.0},
     ]
+    for g in groups:
+        g.update(group_options)
     return [g for g in groups if g["params"]]
 
 
@@ -105,3 +110,14 @@ def matrix_param_groups(
         {"params": fallback_params, "matrix_rule": False, **(fallback or {})},
     ]
     return [g for g in groups if g["params"]]
+
+
+def decay_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """:func:`weight_decay_groups` with the optimizer's own weight decay on the first group
+    (the builder of the elementwise optimizers' registry entries)."""
+    return weight_decay_groups(model, None)
+
+
+def matrix_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """:func:`matrix_param_groups` with its defaults (the matrix optimizers' builder)."""
+    return matrix_param_groups(model)

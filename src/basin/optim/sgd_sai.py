@@ -18,6 +18,8 @@ from ._base import (
     get_value,
     use_foreach,
 )
+from .param_groups import decay_groups
+from .registry import ELEMENTWISE_CAPS, SGD_SPACE, OptimInfo, Paper, register
 
 __all__ = ["SGDSaI", "gradient_snr", "sgd_sai"]
 
@@ -193,3 +195,25 @@ def _multi_tensor_sgd_sai(
         if weight_decay != 0:
             torch._foreach_mul_(ps, 1 - lr * weight_decay)
         torch._foreach_add_(ps, torch._foreach_mul(bufs, [scales[j] for j in indices]))
+
+
+register(
+    OptimInfo(
+        name="sgdsai",
+        cls=SGDSaI,
+        paper=Paper(
+            "No More Adam: Learning Rate Scaling at Initialization is All You Need",
+            "Xu et al.",
+            "2412.11768",
+            2024,
+        ),
+        state_memory=1.0,
+        capabilities=ELEMENTWISE_CAPS,
+        state_note="+1 scalar (g-SNR) per tensor; 0 + scalar with momentum = 0",
+        family="sgd",
+        lr_scaling="linear",
+        lr_from={"lr": ("sgdsai", "sgd")},
+        search_space=SGD_SPACE,
+        param_groups=decay_groups,
+    )
+)

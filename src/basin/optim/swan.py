@@ -18,6 +18,8 @@ from ._base import (
 )
 from ._kernels import whiten_newton_schulz
 from ._matrix import MatrixOptimizer, _decay_and_add, _foreach_decay_and_add, check_int
+from .param_groups import matrix_groups
+from .registry import ELEMENTWISE_CAPS, LR_ADAPTIVE, WEIGHT_DECAY, OptimInfo, Paper, register
 
 __all__ = ["SWAN", "swan"]
 
@@ -233,3 +235,24 @@ def _multi_tensor_swan(
             _swan_direction(g, ns_steps, eps, rescale, ns_beta).to(p.dtype) for g, p in zip(gs, ps)
         ]
         _foreach_decay_and_add(ps, updates, lr, weight_decay)
+
+
+register(
+    OptimInfo(
+        name="swan",
+        cls=SWAN,
+        paper=Paper(
+            "SWAN: SGD with Normalization and Whitening Enables Stateless LLM Training",
+            "Ma et al.",
+            "2412.13148",
+            2024,
+        ),
+        state_memory=0.0,
+        capabilities=ELEMENTWISE_CAPS | {"matrix", "fallback", "stateless"},
+        state_note="matrices: stateless (0.0); Adam fallback params (embeddings, head, ndim<2): 2.0",
+        family="matrix",
+        lr_from={"lr": ("adaptive",), "adam_lr": ("adaptive",)},
+        search_space={"lr": LR_ADAPTIVE, "adam_lr": LR_ADAPTIVE, "weight_decay": WEIGHT_DECAY},
+        param_groups=matrix_groups,
+    )
+)

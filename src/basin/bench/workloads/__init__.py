@@ -46,6 +46,7 @@ class Task:
     batches: Iterator[Batch]
     evaluate: Callable[[nn.Module], dict[str, float]]
     probe_batch: Batch
+    data_digest: str | None = None  # digest of all the data, where the builder has it
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,14 @@ class Workload:
     """A benchmark problem. ``build(seed, batch_size)`` makes a :class:`Task`.
 
     ``metric_mode`` is ``"min"`` or ``"max"``; ``target`` is the metric value that counts as
-    reached for time-to-target. ``lr`` holds per-optimizer-family learning rates
-    (``"adaptive"``: Adam-like, ``"sgd"``: SGD with momentum 0.9, ``"sgdsai"``) and
-    ``hparams`` optional per-optimizer overrides."""
+    reached for time-to-target (``None``: no target). ``lr`` holds the workload's learning
+    rates per entry name (``"adaptive"``: Adam-like, ``"sgd"``: SGD with momentum 0.9,
+    ``"sgdsai"``); each optimizer's registry entry says which entry it takes
+    (:attr:`basin.optim.OptimInfo.lr_from`). ``hparams`` holds optional per-optimizer
+    overrides. ``source`` is how to load the workload again in another process (``-w``
+    syntax), for workloads defined outside basin.
+
+    Your own model and data: :meth:`from_tensors` and :meth:`from_loaders`."""
 
     name: str
     family: str
@@ -63,12 +69,13 @@ class Workload:
     builder: Callable[[int, int], Task]
     metric: str
     metric_mode: str
-    target: float
+    target: float | None
     batch_size: int
     steps: int
     eval_every: int
     lr: dict[str, float]
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
+    source: str | None = None
 
     def build(self, seed: int, batch_size: int | None = None) -> Task:
         bs = self.batch_size if batch_size is None else int(batch_size)
@@ -82,7 +89,38 @@ class Workload:
         return a <= b if self.metric_mode == "min" else a >= b
 
     def reached(self, value: float) -> bool:
-        return self.better(value, self.target)
+        return self.target is not None and self.better(value, self.target)
+
+    def meta(self) -> dict[str, Any]:
+        """What a stored run records about its workload (reports need no registry lookup)."""
+        return {
+            "metric": self.metric,
+            "metric_mode": self.metric_mode,
+            "target": self.target,
+            "description": self.description,
+            "source": self.source,
+        }
+
+    def fingerprint(self) -> str:
+        """Digest of the model architecture and the data (computed once per process): part of
+        every run's key, so a changed model or dataset never reuses stored results."""
+        from .own import fingerprint
+
+        return fingerprint(self)
+
+    @classmethod
+    def from_tensors(cls, name: str, model_fn: Callable[[], nn.Module], **kw: Any) -> Workload:
+        """Your own model on in-memory tensors: see :func:`basin.bench.workloads.own.from_tensors`."""
+        from .own import from_tensors
+
+        return from_tensors(name, model_fn, **kw)
+
+    @classmethod
+    def from_loaders(cls, name: str, model_fn: Callable[[], nn.Module], **kw: Any) -> Workload:
+        """Your own model on DataLoaders: see :func:`basin.bench.workloads.own.from_loaders`."""
+        from .own import from_loaders
+
+        return from_loaders(name, model_fn, **kw)
 
 
 _WORKLOADS: dict[str, Workload] = {}
@@ -113,41 +151,59 @@ def workloads() -> list[Workload]:
     return [_WORKLOADS[n] for n in sorted(_WORKLOADS)]
 
 
-def get(name: str) -> Workload:
-    """The workload called ``name``; unknown names raise ``ValueError`` with close names."""
+def get(name: str | Workload) -> Workload:
+    """The workload called ``name``; unknown names raise ``ValueError`` with close names.
+
+    ``name`` may also be a :class:`Workload` (registered and returned), ``path/to/file.py:NAME``
+    or ``package.module:NAME``, where ``NAME`` is a :class:`Workload` or a callable returning
+    one (loaded, registered under its name, and returned)."""
+    if isinstance(name, Workload):
+        return _register_own(name)
+    if not isinstance(name, str):
+        raise ValueError(f"workload must be a name or a Workload, got {type(name).__name__}")
     _load_all()
     key = name.strip().lower()
     if key in _WORKLOADS:
         return _WORKLOADS[key]
+    if ":" in name:
+        from .own import load
+
+        return _register_own(load(name.strip()))
     close = difflib.get_close_matches(key, list(_WORKLOADS), n=3, cutoff=0.4)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"unknown workload {name!r}{hint} (known: {', '.join(sorted(_WORKLOADS))})")
+    raise ValueError(
+        f"unknown workload {name!r}{hint} (known: {', '.join(sorted(_WORKLOADS))}; "
+        "or path/to/file.py:NAME, package.module:NAME)"
+    )
 
 
-# Optimizer families for default hyperparameters. Anything not listed keeps its own defaults
-# except the learning rate, which comes from the workload's "adaptive" entry.
-_SGD_LIKE = {"torch:sgd", "sgd"}
-_SAI = {"sgdsai", "sgd_sai", "pytorch_optimizer:sgdsai"}
-_OWN_LR = {"torch:lbfgs"}  # keep the optimizer's own defaults entirely
+def _register_own(w: Workload) -> Workload:
+    """Register a user's workload under its name; a built-in name cannot be taken over."""
+    _load_all()
+    key = w.name.strip().lower()
+    old = _WORKLOADS.get(key)
+    if old is not None and old is not w and old.family != "own":
+        raise ValueError(f"workload name {w.name!r} is taken by a built-in workload; rename it")
+    _WORKLOADS[key] = w
+    return w
 
 
 def default_hparams(workload: Workload | str, optimizer: str) -> dict[str, Any]:
-    """Default hyperparameters of ``optimizer`` on ``workload`` (a small table).
+    """Default hyperparameters of ``optimizer`` on ``workload``: the registry entry's harness
+    defaults (:attr:`basin.optim.OptimInfo.defaults`), each learning rate from the workload
+    entry the optimizer takes (:attr:`~basin.optim.OptimInfo.lr_from`; none: the optimizer's
+    own default), then the workload's per-optimizer overrides."""
+    from basin.optim import info
 
-    SGD gets momentum 0.9 and the workload's SGD learning rate; SGD-SaI its own entry; every
-    other optimizer the workload's learning rate for adaptive methods. Per-workload overrides
-    in ``Workload.hparams`` win."""
-    w = get(workload) if isinstance(workload, str) else workload
-    key = optimizer.strip().lower()
-    if key in _OWN_LR:
-        hp: dict[str, Any] = {}
-    elif key in _SGD_LIKE:
-        hp = {"lr": w.lr["sgd"], "momentum": 0.9}
-    elif key in _SAI:
-        hp = {"lr": w.lr.get("sgdsai", w.lr["sgd"])}
-    else:
-        hp = {"lr": w.lr["adaptive"]}
-    hp.update(w.hparams.get(key, {}))
+    w = get(workload)
+    entry = info(optimizer)
+    hp: dict[str, Any] = dict(entry.defaults)
+    for hp_name, keys in entry.lr_from.items():
+        for k in keys:
+            if k in w.lr:
+                hp[hp_name] = w.lr[k]
+                break
+    hp.update(w.hparams.get(entry.name, {}))
     return hp
 
 
