@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._hvp import CurvatureOperator, make_operator
+from ._hvp import CurvatureOperator, full_precision, make_operator
 from ._lanczos import error_bounds, lanczos
 
 __all__ = ["DensityResult", "hessian_density", "slq_nodes"]
@@ -75,6 +75,7 @@ def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
     return float(np.sum(0.5 * (y[1:] + y[:-1]) * np.diff(x)))
 
 
+@full_precision
 def hessian_density(
     model: nn.Module | CurvatureOperator,
     loss_fn=None,
@@ -85,7 +86,7 @@ def hessian_density(
     sigma: float | None = None,
     grid_size: int = 1000,
     params: str | Sequence[str] | None = None,
-    kind: str = "hessian",
+    kind: str | None = None,
     outlier_tol: float = 1e-6,
     seed: int = 0,
 ) -> DensityResult:
@@ -102,7 +103,7 @@ def hessian_density(
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
     if sigma is not None and not (isinstance(sigma, (int, float)) and sigma > 0):
         raise ValueError(f"sigma must be > 0, got {sigma!r}")
-    op = make_operator(model, loss_fn, data, params=params, kind=kind)
+    op = make_operator(model, loss_fn, data, params=params, kind=kind, seed=seed)
     gen = torch.Generator(device=op.device).manual_seed(seed)
     probes = torch.randn(n_probes, op.n, dtype=op.dtype, device=op.device, generator=gen)
     start = op.n_products
