@@ -190,3 +190,53 @@ def test_direction_to_and_errors():
         lmc_barrier(a, b, nn.functional.mse_loss, [])
     with pytest.raises(ValueError, match="dim"):
         loss_surface(a, nn.functional.mse_loss, (torch.zeros(2, 3), torch.zeros(2, 2)), dim=3)
+
+
+class _SignNet(nn.Module):
+    """logits [0, w2 tanh(w1 x)]: (w1, w2) and (-w1, -w2) are the same function, and the
+    midpoint w1 = w2 = 0 has logits [0, 0] (arg-max 0 for every example)."""
+
+    def __init__(self, w1, w2):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.tensor(w1, dtype=torch.float64))
+        self.w2 = nn.Parameter(torch.tensor(w2, dtype=torch.float64))
+
+    def forward(self, x):
+        z = self.w2 * torch.tanh(self.w1 * x[:, 0])
+        return torch.stack([torch.zeros_like(z), z], 1)
+
+
+def test_lmc_error_barrier_is_frankles_mean_endpoint_form():
+    x = torch.linspace(-1, 1, 40, dtype=torch.float64)[:, None]
+    y = (x[:, 0] > 0).long()  # 20 of each class
+    a, b = _SignNet(1.0, 5.0), _SignNet(-1.0, -5.0)
+    acc = lambda o, t: (o.argmax(1) == t).double().mean()  # noqa: E731
+    res = lmc_barrier(a, b, nn.functional.cross_entropy, (x, y), n_points=5, metric=acc)
+    # both endpoints classify everything right; the midpoint predicts class 0 everywhere
+    np.testing.assert_allclose(res.errors, [0, 0, 0.5, 0, 0], atol=1e-15)
+    assert res.error_barrier == 0.5 and res.error_barrier_alpha == 0.5
+    assert res.metric_barrier == pytest.approx(0.5) and res.metric_barrier_alpha == 0.5
+    # the errors are those of the interpolated models evaluated by hand, and the barrier uses
+    # the mean of the endpoint errors (not the chord) when the endpoints differ
+    c = _SignNet(-1.0, 5.0)  # misclassifies every example: error 1
+    res = lmc_barrier(a, c, nn.functional.cross_entropy, [(x[:15], y[:15]), (x[15:], y[15:])])
+    want = []
+    for t in res.alphas:
+        m = _SignNet(1.0 - 2.0 * t, 5.0)
+        want.append(float((m(x).argmax(1) != y).double().mean()))
+    np.testing.assert_allclose(res.errors, want, atol=1e-15)
+    assert res.errors[0] == 0 and res.errors[-1] == 1
+    j = int(np.argmax(np.asarray(want) - 0.5))
+    assert res.error_barrier == pytest.approx(want[j] - 0.5, abs=1e-15)
+    # an error-like metric counts increases, not decreases
+    err = lambda o, t: (o.argmax(1) != t).double().mean()  # noqa: E731
+    r2 = lmc_barrier(
+        a, b, nn.functional.cross_entropy, (x, y), n_points=5, metric=err, higher_is_better=False
+    )
+    assert r2.metric_barrier == pytest.approx(0.5)
+    # regression outputs: no classification error, fields stay None
+    lin = nn.Linear(1, 1).double()
+    r3 = lmc_barrier(lin, lin, nn.functional.mse_loss, (x, x), n_points=3)
+    assert r3.errors is None and r3.error_barrier is None and r3.metric_barrier is None
+    with pytest.raises(ValueError, match="higher_is_better"):
+        lmc_barrier(a, b, nn.functional.cross_entropy, (x, y), higher_is_better="yes")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from landscape_helpers import Quadratic, quad_loss
 
@@ -111,8 +112,72 @@ def test_density_matches_smoothed_exact_spectrum(mlp_setup):
 
     ks = float(np.max(np.abs(cdf(res.density) - cdf(exact))))
     assert ks < 0.05, ks
-    # outliers are true eigenvalues within their bounds, and the top one is found
-    assert len(res.outliers) >= 1
-    assert abs(res.outliers[0] - ev[-1]) <= max(res.outlier_bounds[0], 1e-12)
-    for t, b in zip(res.outliers, res.outlier_bounds):
+    # converged Ritz values are true eigenvalues within their bounds, and the top one is found
+    assert len(res.converged) >= 1
+    assert abs(res.converged[0] - ev[-1]) <= max(res.converged_bounds[0], 1e-12)
+    for t, b in zip(res.converged, res.converged_bounds):
         assert np.min(np.abs(ev - t)) <= max(b, 1e-12)
+    # this untrained network's spectrum is continuous at both ends (top gaps 0.01 against a
+    # width of 1.2): nothing stands out of the bulk
+    assert len(res.outliers) == 0 and res.outlier_bounds.shape == (0,)
+
+
+def _spectra():
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    bulk = torch.rand(n - 10, generator=g, dtype=torch.float64)
+    wig = torch.randn(n, n, generator=g, dtype=torch.float64)
+    semicircle = torch.linalg.eigvalsh((wig + wig.T) / (2 * (2 * n) ** 0.5))  # edges at +-1
+    return {
+        # DeepOBS quadratic_deep: 10 outliers U(30, 60) over a U(0, 1) bulk
+        "deepobs": (
+            torch.cat([bulk, 30 + 30 * torch.rand(10, generator=g, dtype=torch.float64)]),
+            10,
+        ),
+        "uniform": (torch.linspace(0, 1, n, dtype=torch.float64), 0),
+        "semicircle": (semicircle, 0),
+        "both ends": (
+            torch.cat([bulk - 0.5, torch.tensor([5.0, 6.0, -4.0], dtype=torch.float64)]),
+            3,
+        ),
+    }
+
+
+def test_density_outliers_by_the_gap_rule_with_and_without_outliers():
+    x = torch.zeros(1, 1, dtype=torch.float64)
+    for name, (eigs, n_out) in _spectra().items():
+        res = hessian_density(Quadratic(eigs), quad_loss, (x, x), n_probes=3, n_iter=80, seed=0)
+        ev = torch.sort(eigs).values.numpy()
+        assert len(res.outliers) == n_out, (name, res.outliers)
+        assert len(res.converged) > n_out, name  # edge values converge in every case
+        want = np.concatenate(
+            [
+                ev[::-1][: min(n_out, 2 if name == "both ends" else n_out)],
+                ev[:1] if name == "both ends" else ev[:0],
+            ]
+        )
+        np.testing.assert_allclose(res.outliers, want, rtol=0, atol=1e-8)
+        assert np.all(np.diff(res.outliers) < 0)
+        # the rule, checked on the reported numbers: each outlier group's gap to the bulk
+        # exceeds outlier_gap (0.25) times the bulk's width, and the bulk holds the rest
+        lo, hi = res.bulk_edges
+        above, below = res.outliers[res.outliers > hi], res.outliers[res.outliers < lo]
+        if len(above):
+            assert above.min() - hi > 0.25 * (hi - lo)
+        if len(below):
+            assert lo - below.max() > 0.25 * (hi - lo)
+        # ... and the true spectrum has that gap too: the other eigenvalues stay inside it
+        rest = (
+            ev[np.min(np.abs(ev[:, None] - res.outliers[None, :]), axis=1) > 1e-8] if n_out else ev
+        )
+        assert len(rest) == len(ev) - n_out, name
+        if len(above):
+            assert above.min() - rest.max() > 0.25 * (hi - lo)
+        if len(below):
+            assert rest.min() - below.max() > 0.25 * (hi - lo)
+    # a stricter gap turns the DeepOBS outliers (gap 29x the bulk width) into bulk at 40x
+    eigs, _ = _spectra()["deepobs"]
+    res = hessian_density(Quadratic(eigs), quad_loss, (x, x), n_probes=3, n_iter=80, outlier_gap=40)
+    assert len(res.outliers) == 0
+    with pytest.raises(ValueError, match="outlier_gap"):
+        hessian_density(Quadratic(eigs), quad_loss, (x, x), outlier_gap=0)

@@ -149,3 +149,33 @@ def test_cli_landscape_user_errors_exit_2(tmp_path, capsys):
         assert main(["landscape", *args, "--out", str(tmp_path)]) == 2
         out, err = capsys.readouterr()
         assert out == "" and err.count("\n") == 1 and msg in err
+
+
+def test_tracker_checks_inputs_at_construction_and_tracks_ggn_sharpness():
+    import copy
+
+    from landscape_helpers import explicit_ggn
+
+    model, loss_fn, data = _setup()
+    with pytest.raises(ValueError, match="empty"):
+        SharpnessTracker(model, loss_fn, [])
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameters that require grad"):
+        SharpnessTracker(frozen, loss_fn, data)
+    with pytest.raises(ValueError, match="names no parameter"):
+        SharpnessTracker(model, loss_fn, data, params="nope")
+    with pytest.raises(ValueError, match="kind"):
+        SharpnessTracker(model, loss_fn, data, kind="residual")
+    # Gauss-Newton sharpness against the explicit J^T H_L J; its trace exact with gn-split
+    g = explicit_ggn(model, loss_fn, *data)
+    tracker = SharpnessTracker(
+        model, loss_fn, data, kind="ggn", trace_hvp=2, trace_method="gn-split", tol=1e-10
+    )
+    rec = tracker(0)
+    assert rec.sharpness == pytest.approx(float(torch.linalg.eigvalsh(g)[-1]), rel=1e-8)
+    assert rec.trace == pytest.approx(float(g.trace()), rel=1e-10) and rec.trace_stderr == 0
+    h_top = hessian_eigenvalues(model, loss_fn, data, tol=1e-10).eigenvalues[0]
+    assert abs(rec.sharpness - float(h_top)) > 1e-3  # the GGN's, not the Hessian's
+    # an iterator is read once and kept: every measurement sees the same data
+    once = SharpnessTracker(model, loss_fn, iter([data]), every=1, tol=1e-10)
+    assert once(0).sharpness == pytest.approx(once(1).sharpness, rel=1e-9)

@@ -17,6 +17,16 @@ on CPU measured ~10x slower per product on the 1,642-parameter MLP of the tests 
 many products that Lanczos and Hutch++ need on a fixed batch, caching the graph wins). When the
 data has more batches than ``cache_batches``, graphs are rebuilt per product to bound memory.
 
+Randomness and precision. A forward with random ops (Dropout in train mode) would draw new masks
+at every product, so the operator would not even be a fixed matrix, and it would advance the
+global RNG. Every forward of batch ``i`` therefore runs under a forked RNG (CPU and the
+parameters' device) seeded from ``(seed, i)``: all products use the same masks, the same seed
+gives the same operator, and the caller's RNG state is left as it was. The result is the
+curvature of the loss with that one draw of the masks (``model.eval()`` gives the deterministic
+network). Every op of the forward also runs with autocast switched off (a TorchFunctionMode),
+even when the model's ``forward`` enters autocast itself (as a mixed-precision framework may leave
+patched onto it): the products are computed in the parameters' own dtype.
+
 Residual products (``kind="residual"``, ``H - G``) are Hessian products of ``sum(r * f(w))``
 with ``r = dL/df`` computed once and frozen: ``H = J^T H_L J + sum_i r_i d2f_i/dw2``.
 
@@ -27,16 +37,23 @@ GGN products use the output ``z = f(w)``: ``J v`` by the double-vjp trick (a rev
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "CurvatureOperator",
+    "autocast_off",
+    "batch_seed",
+    "full_precision",
+    "seeded_rng",
     "functional_forward",
     "ggn_vector_product",
     "hessian_vector_product",
@@ -46,6 +63,97 @@ __all__ = [
 
 Batch = tuple[Any, Any]
 KINDS = ("hessian", "ggn", "residual")
+NONFINITE = "the curvature product returned non-finite values (inf/nan loss?)"
+
+
+class _NoAutocast(TorchFunctionMode):
+    """Run every torch op with autocast off for ``device_type``, even inside a forward that
+    enters autocast itself (a mode sees each op after the forward's own autocast context is
+    set, so it can switch it off around the op)."""
+
+    def __init__(self, device_type: str) -> None:
+        super().__init__()
+        self.device_type = device_type
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if torch.is_autocast_enabled(self.device_type):
+            with torch.autocast(self.device_type, enabled=False):
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def autocast_off(device: torch.device | str) -> torch.autocast:
+    """A context with autocast switched off for ``device``'s type (an autocast the caller
+    entered would otherwise also lower the precision of the backward passes)."""
+    return torch.autocast(torch.device(device).type, enabled=False)
+
+
+_AUTOCAST_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla")
+
+
+@contextlib.contextmanager
+def _autocast_off_everywhere() -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for dt in _AUTOCAST_TYPES:
+            try:
+                on = torch.is_autocast_enabled(dt)
+            except (RuntimeError, ValueError):  # a device type this build does not know
+                continue
+            if on:
+                stack.enter_context(torch.autocast(dt, enabled=False))
+        yield
+
+
+def full_precision(fn: Callable) -> Callable:
+    """Decorator: run ``fn`` with every autocast the caller entered switched off, so the
+    products and the small dense algebra around them (Lanczos, QR) run in the parameters'
+    dtype."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _autocast_off_everywhere():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The RNG seed of batch ``index`` under ``seed`` (distinct batches get distinct masks)."""
+    return (int(seed) * 1_000_003 + int(index)) % (2**63)
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Fork the CPU RNG and that of ``device``, seed both with ``seed``, restore them on exit:
+    random ops inside (Dropout) are reproducible and the caller's RNG state is untouched."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            yield
+        return
+    mod = torch.get_device_module(device.type)
+    index = device.index if device.index is not None else mod.current_device()
+    with torch.random.fork_rng(devices=[index], device_type=device.type):
+        torch.default_generator.manual_seed(seed)
+        with mod.device(index):
+            mod.manual_seed(seed)
+        yield
+
+
+def _check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    return seed
 
 
 def _batch_size(x: Any) -> int:
@@ -127,14 +235,17 @@ def functional_forward(model: nn.Module) -> Callable[[Mapping[str, Tensor], Any]
     """``f(params, x)``: ``model(x)`` through ``functional_call`` with the tensors of ``params``
     in place of the parameters they name, detached copies of the other parameters and fresh
     clones of the buffers at every call (running statistics are never updated), in the model's
-    own train/eval mode. Works under ``torch.func`` transforms. A shape mismatch between the
-    data and the model raises ``ValueError``."""
+    own train/eval mode, with autocast switched off for every op (also inside a forward that
+    enters autocast itself), so it runs in the parameters' dtype. Works under ``torch.func``
+    transforms. A shape mismatch between the data and the model raises ``ValueError``."""
     frozen = {n: p.detach() for n, p in model.named_parameters()}
+    device_type = _device_of(model).type
 
     def forward(params: Mapping[str, Tensor], x: Any) -> Tensor:
         buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
         try:
-            return functional_call(model, ({**frozen, **params}, buffers), (x,))
+            with _NoAutocast(device_type):
+                return functional_call(model, ({**frozen, **params}, buffers), (x,))
         except RuntimeError as exc:
             if "shape" in str(exc) or "size" in str(exc):
                 raise ValueError(f"the data does not fit the model: {exc}") from exc
@@ -156,8 +267,16 @@ class CurvatureOperator:
             itself weighted by the loss gradient; one double-backward per product).
         cache_batches: keep the autograd graphs when there are at most this many batches
             (faster, more memory); otherwise rebuild them at each product.
+        seed: seeds the random ops of the forward (Dropout in train mode): batch ``i`` always
+            runs under a forked RNG seeded from ``(seed, i)``, so every product sees the same
+            masks and the global RNG is not advanced.
 
     ``n_products`` counts the operator applications (one per vector, whatever the batch count).
+    A product that is not finite (a NaN/inf loss or input) raises ``ValueError``.
+
+    The pieces the estimators build on are public: ``batches`` (``(inputs, targets, size)``
+    per batch), ``total`` (examples), ``names`` / ``shapes`` / ``numels`` (the selection),
+    :attr:`leaves`, :meth:`output`, :meth:`loss`, :meth:`call` and :meth:`with_kind`.
     """
 
     def __init__(
@@ -168,12 +287,19 @@ class CurvatureOperator:
         params: str | Sequence[str] | None = None,
         kind: str = "hessian",
         cache_batches: int = 64,
+        seed: int = 0,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise ValueError(f"loss_fn must be callable, got {loss_fn!r}")
+        self.seed = _check_seed(seed)
         self.model = model
         self.loss_fn = loss_fn
         self.kind = kind
+        self.cache_batches = cache_batches
         self.batches = normalize_batches(data)
         self.total = sum(n for _, _, n in self.batches)
         chosen = select_parameters(model, params)
@@ -190,6 +316,19 @@ class CurvatureOperator:
         self._leaves = {n: p.detach().requires_grad_(True) for n, p in chosen}
         self._forward = functional_forward(model)
 
+    def with_kind(self, kind: str) -> CurvatureOperator:
+        """An operator of another ``kind`` on the same model, loss, data, selection and seed
+        (so the same Dropout masks)."""
+        return CurvatureOperator(
+            self.model,
+            self.loss_fn,
+            [b[:2] for b in self.batches],
+            params=self.names,
+            kind=kind,
+            cache_batches=self.cache_batches,
+            seed=self.seed,
+        )
+
     # ------------------------------------------------------------------ vectors
     def flatten(self, parts: Sequence[Tensor] | Mapping[str, Tensor]) -> Tensor:
         if isinstance(parts, Mapping):
@@ -204,17 +343,37 @@ class CurvatureOperator:
     def parameter_vector(self) -> Tensor:
         return self.flatten([self._leaves[n].detach() for n in self.names])
 
-    # ------------------------------------------------------------------ graphs
-    def _call(self, x: Any) -> Tensor:
-        return self._forward(self._leaves, x)
+    # ------------------------------------------------------------------ public pieces
+    @property
+    def leaves(self) -> dict[str, Tensor]:
+        """The selected parameters as detached tensors that require grad (in ``names`` order):
+        differentiate :meth:`output` with respect to these. A new dict each time."""
+        return dict(self._leaves)
 
-    def _loss(self, out: Tensor, y: Tensor) -> Tensor:
+    def output(self, batch: int, params: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Model output on batch number ``batch`` at :attr:`leaves` (or at ``params``, a dict
+        by name overriding some of them), with gradients enabled, under that batch's seeded RNG
+        (the masks every product of this operator uses) and with autocast off."""
+        x = self.batches[batch][0]
+        p = self._leaves if params is None else {**self._leaves, **params}
+        with torch.enable_grad(), seeded_rng(batch_seed(self.seed, batch), self.device):
+            return self._forward(p, x)
+
+    def call(self, params: Mapping[str, Tensor], x: Any) -> Tensor:
+        """``model(x)`` with the tensors of ``params`` (by name) in place of those parameters,
+        the other parameters and copies of the buffers fixed, autocast off, no RNG handling
+        (the form ``torch.func`` transforms need, e.g. per-example ``vmap``)."""
+        return self._forward(params, x)
+
+    def loss(self, out: Tensor, y: Tensor) -> Tensor:
+        """``loss_fn(out, y)`` as a 0-d tensor; ``ValueError`` if it is not a scalar."""
         loss = self.loss_fn(out, y)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(f"loss_fn must return a scalar, got {shape}")
         return loss.reshape(())
 
+    # ------------------------------------------------------------------ graphs
     def _grad(self, outputs, inputs, grad_outputs=None, create_graph=False):
         if isinstance(outputs, (tuple, list)):
             # outputs that do not depend on the inputs (e.g. the constant gradient of a
@@ -236,21 +395,22 @@ class CurvatureOperator:
             materialize_grads=True,
         )
 
-    def _build(self, x: Any, y: Tensor) -> tuple:
+    def _build(self, i: int) -> tuple:
         leaves = [self._leaves[n] for n in self.names]
-        with torch.enable_grad():
-            out = self._call(x)
+        y = self.batches[i][1]
+        with torch.enable_grad(), autocast_off(self.device):
+            out = self.output(i)
             if self.kind == "hessian":
-                loss = self._loss(out, y)
+                loss = self.loss(out, y)
                 grads = self._grad(loss, leaves, create_graph=True)
                 return (loss.detach(), grads)
             if self.kind == "residual":
-                loss = self._loss(out, y)
+                loss = self.loss(out, y)
                 r = self._grad(loss, out)[0].detach()
                 grads = self._grad((r * out).sum(), leaves, create_graph=True)
                 return (loss.detach(), grads)
             z = out.detach().requires_grad_(True)
-            loss = self._loss(z, y)
+            loss = self.loss(z, y)
             gz = self._grad(loss, z, create_graph=True)[0]
             u = torch.zeros_like(out, requires_grad=True)
             jtu = self._grad(out, leaves, u, create_graph=True)
@@ -260,8 +420,8 @@ class CurvatureOperator:
         if self._cache is not None and self._cache:
             yield from zip(self._cache, self.batches)
             return
-        for b in self.batches:
-            g = self._build(b[0], b[1])
+        for i, b in enumerate(self.batches):
+            g = self._build(i)
             if self._cache is not None:
                 self._cache.append(g)
             yield g, b
@@ -271,20 +431,22 @@ class CurvatureOperator:
         total_loss = 0.0
         grad = torch.zeros(self.n, dtype=self.dtype, device=self.device)
         leaves = [self._leaves[n] for n in self.names]
-        for g, (_, _, nb) in self._graphs():
-            w = nb / self.total
-            total_loss += w * float(g[0])
-            if self.kind != "ggn":
-                gr = g[1]
-            else:
-                _, out, z, gz, _, _ = g
-                gr = self._grad(out, leaves, gz.detach())
-            grad += w * self.flatten([t.detach() for t in gr])
+        with autocast_off(self.device):
+            for g, (_, _, nb) in self._graphs():
+                w = nb / self.total
+                total_loss += w * float(g[0])
+                if self.kind != "ggn":
+                    gr = g[1]
+                else:
+                    _, out, z, gz, _, _ = g
+                    gr = self._grad(out, leaves, gz.detach())
+                grad += w * self.flatten([t.detach() for t in gr])
         return total_loss, grad
 
     # ------------------------------------------------------------------ products
     def matvec(self, v: Tensor) -> Tensor:
-        """Apply the operator to a flat vector ``v`` (length ``n``)."""
+        """Apply the operator to a flat vector ``v`` (length ``n``); ``ValueError`` if the
+        product is not finite."""
         if v.shape != (self.n,):
             raise ValueError(f"vector must have shape ({self.n},), got {tuple(v.shape)}")
         v = v.to(dtype=self.dtype, device=self.device)
@@ -292,17 +454,20 @@ class CurvatureOperator:
         parts = [p.view(s) for p, s in zip(parts, self.shapes)]
         leaves = [self._leaves[n] for n in self.names]
         result = torch.zeros(self.n, dtype=self.dtype, device=self.device)
-        for g, (_, _, nb) in self._graphs():
-            w = nb / self.total
-            if self.kind != "ggn":
-                hv = self._grad(g[1], leaves, parts)
-            else:
-                _, out, z, gz, u, jtu = g
-                jv = self._grad(jtu, u, parts)[0]
-                hjv = self._grad(gz, z, jv)[0]
-                hv = self._grad(out, leaves, hjv)
-            result += w * self.flatten(hv)
+        with autocast_off(self.device):
+            for g, (_, _, nb) in self._graphs():
+                w = nb / self.total
+                if self.kind != "ggn":
+                    hv = self._grad(g[1], leaves, parts)
+                else:
+                    _, out, z, gz, u, jtu = g
+                    jv = self._grad(jtu, u, parts)[0]
+                    hjv = self._grad(gz, z, jv)[0]
+                    hv = self._grad(out, leaves, hjv)
+                result += w * self.flatten(hv)
         self.n_products += 1
+        if not torch.isfinite(result).all():
+            raise ValueError(NONFINITE)
         return result.detach()
 
     __matmul__ = matvec
@@ -376,10 +541,41 @@ class _Timer:
         return False
 
 
-def make_operator(model, loss_fn, data, params=None, kind="hessian", cache_batches=64):
-    """Internal: accept an existing operator or build one."""
+def make_operator(
+    model, loss_fn, data, params=None, kind=None, cache_batches=64, seed=0
+) -> CurvatureOperator:
+    """Internal: accept an existing operator or build one (``kind=None`` means "hessian").
+
+    An operator already fixes its loss, data, selection and kind: passing ``loss_fn``/``data``,
+    a ``params`` that selects other parameters, or another ``kind`` with it raises
+    ``ValueError`` instead of being ignored."""
     if isinstance(model, CurvatureOperator):
-        return model
+        op = model
+        if loss_fn is not None or data is not None:
+            raise ValueError(
+                "a CurvatureOperator already holds its loss_fn and data: pass either the "
+                "operator alone or (model, loss_fn, data)"
+            )
+        if kind is not None and kind != op.kind:
+            raise ValueError(
+                f"kind={kind!r} does not match the operator's kind {op.kind!r}: build the "
+                f"operator with kind={kind!r} (or use op.with_kind({kind!r}))"
+            )
+        if params is not None:
+            names = [n for n, _ in select_parameters(op.model, params)]
+            if names != op.names:
+                raise ValueError(
+                    f"params={params!r} selects other parameters than the operator's "
+                    f"({len(op.names)} tensors: {', '.join(op.names[:6])}): build the operator "
+                    "with that params="
+                )
+        return op
     return CurvatureOperator(
-        model, loss_fn, data, params=params, kind=kind, cache_batches=cache_batches
+        model,
+        loss_fn,
+        data,
+        params=params,
+        kind="hessian" if kind is None else kind,
+        cache_batches=cache_batches,
+        seed=seed,
     )

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._hvp import CurvatureOperator
+from ._hvp import CurvatureOperator, normalize_batches, select_parameters
 from .eigen import hessian_eigenvalues
 from .trace import METHODS, MIN_PRODUCTS, hessian_trace
 
@@ -36,12 +36,17 @@ class SharpnessRecord:
 
 
 class SharpnessTracker:
-    """Record the top Hessian eigenvalue (and trace) of ``loss_fn`` on ``data`` every ``every``
-    steps: call ``tracker(step)`` (or ``tracker.step(step)``) from the training loop.
+    """Record the top Hessian (or GGN) eigenvalue (and trace) of ``loss_fn`` on ``data`` every
+    ``every`` steps: call ``tracker(step)`` (or ``tracker.step(step)``) from the training loop.
 
     Args:
         model, loss_fn, data: as for :func:`~basin.landscape.hessian_eigenvalues`; ``data`` is
-            kept (a fixed measurement batch is the usual choice).
+            read once, checked and kept (a fixed measurement set: an iterator or DataLoader is
+            materialised here), so empty data, a model without trainable parameters or an
+            empty ``params`` selection raise ``ValueError`` at construction, not at the first
+            measurement.
+        kind: ``"hessian"`` (default) or ``"ggn"`` (Gauss-Newton sharpness; the trace is then
+            the GGN's, exact with ``trace_method="gn-split"``).
         every: measure when ``step % every == 0``.
         trace_hvp: products for the trace (0 disables the trace).
         trace_method: ``"hutch++"`` (default), ``"hutchinson"`` or ``"gn-split"`` (exact
@@ -62,6 +67,7 @@ class SharpnessTracker:
         tol: float = 1e-4,
         params: str | Sequence[str] | None = None,
         seed: int = 0,
+        kind: str = "hessian",
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
@@ -77,7 +83,20 @@ class SharpnessTracker:
             raise ValueError(
                 f"trace_hvp must be 0 or an integer >= {lo} for {trace_method}, got {trace_hvp!r}"
             )
+        if kind not in ("hessian", "ggn"):
+            raise ValueError(f"kind must be 'hessian' or 'ggn', got {kind!r}")
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise ValueError(f"loss_fn must be callable, got {loss_fn!r}")
+        if not (isinstance(tol, (int, float)) and 0 < tol < 1):
+            raise ValueError(f"tol must be in (0, 1), got {tol!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        select_parameters(model, params)  # raises for no trainable parameters / bad names
+        data = [(x, y) for x, y, _ in normalize_batches(data)]  # raises for empty data
         self.trace_method = trace_method
+        self.kind = kind
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.every, self.trace_hvp, self.tol, self.params, self.seed = (
             every,
@@ -101,7 +120,9 @@ class SharpnessTracker:
     def measure(self, step: int) -> SharpnessRecord:
         t0 = time.perf_counter()
         # one operator for both estimates: the trace reuses the eigen-solver's cached graphs
-        op = CurvatureOperator(self.model, self.loss_fn, self.data, params=self.params)
+        op = CurvatureOperator(
+            self.model, self.loss_fn, self.data, params=self.params, kind=self.kind, seed=self.seed
+        )
         eig = hessian_eigenvalues(op, k=1, tol=self.tol, seed=self.seed, init=self._vec)
         self._vec = eig.eigenvectors[0]
         n = eig.n_hvp

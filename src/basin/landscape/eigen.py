@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._hvp import CurvatureOperator, make_operator
+from ._hvp import CurvatureOperator, full_precision, make_operator
 from ._lanczos import error_bounds, lanczos
 
 __all__ = ["EigenResult", "hessian_eigenvalues"]
@@ -89,6 +89,7 @@ def _select(theta: np.ndarray, k: int, which: str) -> np.ndarray:
     return np.asarray(idx, dtype=int)
 
 
+@full_precision
 def hessian_eigenvalues(
     model: nn.Module | CurvatureOperator,
     loss_fn=None,
@@ -97,7 +98,7 @@ def hessian_eigenvalues(
     *,
     which: str = "top",
     params: str | Sequence[str] | None = None,
-    kind: str = "hessian",
+    kind: str | None = None,
     tol: float = 1e-6,
     max_iter: int | None = None,
     seed: int = 0,
@@ -111,18 +112,23 @@ def hessian_eigenvalues(
             ``CurvatureOperator`` as ``model`` to reuse its cached graphs.
         k: eigenpairs per end. which: ``"top"``, ``"bottom"`` or ``"both"`` (2k values).
         params: parameter names / prefixes for a per-layer spectrum (default: all).
-        kind: ``"hessian"`` or ``"ggn"`` (the generalised Gauss-Newton matrix).
+        kind: ``"hessian"`` (default) or ``"ggn"`` (the generalised Gauss-Newton matrix). With
+            an operator, ``params`` and ``kind`` may only repeat its own (else ``ValueError``).
         tol: stop when every wanted value has ``error_bound <= tol * max(|lambda|, 1e-6 ||H||)``.
         max_iter: cap on Lanczos steps (= products); default ``min(n, max(200, 20 k))``.
-        seed: seeds the random start vector. init: optional start vector (e.g. the previous top
-            eigenvector, to warm-start a tracker).
+        seed: seeds the random start vector and the random ops of the forward (Dropout in
+            train mode: one fixed draw of masks per batch, the same at every product, so the
+            bounds hold for that operator and the same seed gives the same answer; the global
+            RNG is left as it was). An operator keeps the seed it was built with for its
+            forward. init: optional start vector (e.g. the previous top eigenvector, to
+            warm-start a tracker).
     """
     t0 = time.perf_counter()
     if which not in ("top", "bottom", "both"):
         raise ValueError(f"which must be 'top', 'bottom' or 'both', got {which!r}")
     if not (isinstance(tol, (int, float)) and 0 < tol < 1):
         raise ValueError(f"tol must be in (0, 1), got {tol!r}")
-    op = make_operator(model, loss_fn, data, params=params, kind=kind)
+    op = make_operator(model, loss_fn, data, params=params, kind=kind, seed=seed)
     k = _check_k(k, op.n, which)
     n_wanted = 2 * k if which == "both" else k
     if max_iter is None:

@@ -14,6 +14,28 @@ gives the unbiased ``|G|^2 ~ (B_big |G_big|^2 - B_small |G_small|^2)/(B_big - B_
 into consecutive small batches of ``b_small`` examples; ``|G_small|^2`` is averaged over them and
 ``G_big`` is their mean. Over several big batches both parts are averaged (or exponentially
 averaged with ``ema``) before dividing, as McCandlish et al. advise.
+
+Finite data sets. Those formulas assume batches drawn from an infinite population (or with
+replacement). Batches drawn without replacement from a data set of ``N`` examples have less
+noise: the mean ``g_b`` of ``b`` examples has ``Cov(g_b) = (N - b) / ((N - 1) b) Sigma``
+(``Sigma`` the covariance of the ``N`` per-example gradients, ``(1/N) sum_i (g_i - G)(g_i - G)^T``;
+the classical ``(1 - b/N) S^2 / b`` with ``S^2 = N/(N-1) Sigma``). So ``E|g_b|^2 = |G|^2 +
+f(b) tr(Sigma)`` with ``f(b) = (N - b) / ((N - 1) b)`` in place of ``1/b``, and
+``tr(Sigma) ~ (|G_small|^2 - |G_big|^2) / (f(b_small) - f(b_big))``,
+``|G|^2 ~ |G_big|^2 - f(b_big) tr(Sigma)``: both unbiased. Without the correction ``|G|^2`` is
+underestimated by ``tr(Sigma) / N`` (``B_simple`` biased upward; with the whole set as the big
+batch ``G_big = G`` exactly, and the correction makes ``|G|^2 = |G_big|^2``). Pass
+``dataset_size=N`` to apply it.
+
+Standard error of ``B_simple`` (delta method). ``B = T / (b2 - f(B_big) T)`` with
+``T = (s2 - b2) / D`` is a smooth function of the small-batch mean ``s2`` and the big-batch norm
+``b2``; to first order its error is the mean over small batches ``k`` of
+``psi_k = dB/dT * |g_k - G_big|^2 / D + dB/db2 * 2 G_big.(g_k - G_big) * sqrt(c)``, with
+``c = (N - B_big) / (N - b_small)`` the finite-population factor of the big-batch mean (1 for
+an infinite population, 0 for the whole set), so ``stderr^2 = sum_j w_j^2 var_k(psi_jk) / k``
+over big batches ``j`` with averaging weights ``w_j``. Treating the small batches as independent
+makes it conservative when the big batch is most of the data set (measured: 0.54 vs 0.47 for
+the whole set, calibrated within 5% for ``B_big <= N / 4``).
 """
 
 from __future__ import annotations
@@ -28,7 +50,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from ._hvp import functional_forward, normalize_batches, select_parameters
+from ._hvp import (
+    batch_seed,
+    functional_forward,
+    normalize_batches,
+    seeded_rng,
+    select_parameters,
+)
 
 __all__ = [
     "CoherenceResult",
@@ -43,9 +71,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class NoiseScaleResult:
-    """``b_simple`` = ``trace_sigma / grad_norm_sq``; ``trace_sigma_stderr`` from the spread of the
-    centred small-batch gradient norms ``|g_k - G_big|^2``; ``b_small``, ``b_big``, ``n_grads`` (gradient evaluations) and
-    ``seconds``."""
+    """``b_simple`` = ``trace_sigma / grad_norm_sq``; ``trace_sigma_stderr`` from the spread of
+    the centred small-batch gradient norms ``|g_k - G_big|^2``; ``b_small``, ``b_big``,
+    ``n_grads`` (gradient evaluations) and ``seconds``; ``b_simple_stderr`` (delta method, see
+    the module notes) and ``dataset_size`` (``N`` of the finite-population correction, None
+    for none)."""
 
     b_simple: float
     trace_sigma: float
@@ -55,6 +85,8 @@ class NoiseScaleResult:
     b_big: int
     n_grads: int
     seconds: float
+    b_simple_stderr: float = math.nan
+    dataset_size: int | None = None
 
 
 def _flat_grad(forward, loss_fn, x, y, leaves, names) -> Tensor:
@@ -76,9 +108,17 @@ def gradient_noise_scale(
     b_small: int | None = None,
     ema: float | None = None,
     params: str | Sequence[str] | None = None,
+    dataset_size: int | None = None,
 ) -> NoiseScaleResult:
     """Simple noise scale ``B_simple`` from one big batch or an iterable of big batches of
-    equal size (``b_small`` defaults to big batch // 16, at least 1)."""
+    equal size (``b_small`` defaults to big batch // 16, at least 1).
+
+    ``dataset_size``: the number ``N`` of examples of the finite data set the big batches were
+    drawn from without replacement (shuffled; the whole set as one batch is allowed): applies
+    the finite-population correction, so ``trace_sigma`` and ``grad_norm_sq`` are unbiased for
+    the covariance ``(1/N) sum_i (g_i - G)(g_i - G)^T`` and the norm ``|G|^2`` of the
+    per-example gradients of that set. ``None``: batches from an infinite population. The order
+    of each big batch must be random (its consecutive small batches are used)."""
     t0 = time.perf_counter()
     batches = normalize_batches(data)
     b_big = batches[0][2]
@@ -92,53 +132,81 @@ def gradient_noise_scale(
         )
     if ema is not None and not (isinstance(ema, (int, float)) and 0 <= ema < 1):
         raise ValueError(f"ema must be in [0, 1), got {ema!r}")
+    k = b_big // b_small
+    used = k * b_small
+    if dataset_size is not None and (
+        isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < used
+    ):
+        raise ValueError(
+            f"dataset_size must be an integer >= the big batch ({used} examples used), "
+            f"got {dataset_size!r}"
+        )
     chosen = select_parameters(model, params)
     names = [n for n, _ in chosen]
     leaves = {n: p.detach().requires_grad_(True) for n, p in chosen}
     forward = functional_forward(model)
-    k = b_big // b_small
-    used = k * b_small
-    small_sq, big_sq, all_small = [], [], []
-    for x, y, _ in batches:
-        gs = torch.stack(
-            [
-                _flat_grad(
-                    forward,
-                    loss_fn,
-                    x[i * b_small : (i + 1) * b_small],
-                    y[i * b_small : (i + 1) * b_small],
-                    leaves,
-                    names,
-                )
-                for i in range(k)
-            ]
-        ).double()
+    device = chosen[0][1].device
+    small_sq, big_sq, all_small, cross = [], [], [], []
+    for j, (x, y, _) in enumerate(batches):
+        with seeded_rng(batch_seed(0, j), device):
+            gs = torch.stack(
+                [
+                    _flat_grad(
+                        forward,
+                        loss_fn,
+                        x[i * b_small : (i + 1) * b_small],
+                        y[i * b_small : (i + 1) * b_small],
+                        leaves,
+                        names,
+                    )
+                    for i in range(k)
+                ]
+            ).double()
         sq = (gs * gs).sum(1)
         mean = gs.mean(0)
         # mean|g_k|^2 - |mean g|^2 = mean|g_k - mean g|^2: the spread of these centred norms
         # (not of |g_k|^2, whose G.e_k term cancels in the estimator) gives the standard error
-        all_small.append((gs - mean).pow(2).sum(1))
+        dev = gs - mean
+        all_small.append(dev.pow(2).sum(1))
+        cross.append(dev @ mean)
         small_sq.append(float(sq.mean()))
         big_sq.append(float(mean.pow(2).sum()))
 
-    def avg(vals):
-        if ema is None:
-            return sum(vals) / len(vals)
-        acc = vals[0]
-        for v in vals[1:]:
-            acc = ema * acc + (1 - ema) * v
-        return acc
+    # averaging weights of the big batches (plain mean, or the EMA recursion unrolled)
+    nbig = len(batches)
+    if ema is None or nbig == 1:
+        weights = [1 / nbig] * nbig
+    else:
+        weights = [ema ** (nbig - 1)] + [(1 - ema) * ema ** (nbig - 1 - j) for j in range(1, nbig)]
+    s2 = sum(w * v for w, v in zip(weights, small_sq))
+    b2 = sum(w * v for w, v in zip(weights, big_sq))
 
-    s2, b2 = avg(small_sq), avg(big_sq)
-    g2 = (used * b2 - b_small * s2) / (used - b_small)
-    denom = 1 / b_small - 1 / used
+    n_pop = dataset_size
+
+    def f(b: int) -> float:  # Cov(mean of b examples) = f(b) Sigma
+        return 1 / b if n_pop is None else (n_pop - b) / ((n_pop - 1) * b)
+
+    denom = f(b_small) - f(used)
     tr = (s2 - b2) / denom
+    g2 = b2 - f(used) * tr  # = (used b2 - b_small s2) / (used - b_small) when n_pop is None
     sq = torch.cat(all_small)
     se = (
         float(sq.std(unbiased=True) / math.sqrt(sq.numel())) / denom if sq.numel() > 1 else math.inf
     )
+    b_simple = tr / g2 if g2 != 0 else math.inf
+    if k > 1 and g2 != 0:
+        d_tr = 1 / g2 + tr * f(used) / g2**2
+        d_b2 = -tr / g2**2
+        c = 1.0 if n_pop is None else (n_pop - used) / (n_pop - b_small)
+        var = 0.0
+        for w, a, cr in zip(weights, all_small, cross):
+            psi = d_tr * a / denom + d_b2 * 2 * math.sqrt(c) * cr
+            var += w * w * float(psi.var(unbiased=True)) / k
+        b_se = math.sqrt(var)
+    else:
+        b_se = math.inf
     return NoiseScaleResult(
-        b_simple=tr / g2 if g2 != 0 else math.inf,
+        b_simple=b_simple,
         trace_sigma=tr,
         grad_norm_sq=g2,
         trace_sigma_stderr=se,
@@ -146,6 +214,8 @@ def gradient_noise_scale(
         b_big=used,
         n_grads=k * len(batches),
         seconds=time.perf_counter() - t0,
+        b_simple_stderr=b_se,
+        dataset_size=dataset_size,
     )
 
 

@@ -68,7 +68,8 @@ def run_landscape(
     if density_probes:
         dens = hessian_density(op, n_probes=density_probes, n_iter=min(60, op.n), seed=seed)
         echo(
-            f"density (SLQ, {dens.n_hvp} HVPs): {len(dens.outliers)} converged outliers, "
+            f"density (SLQ, {dens.n_hvp} HVPs): {len(dens.outliers)} outliers beyond the bulk "
+            f"[{dens.bulk_edges[0]:.4g}, {dens.bulk_edges[1]:.4g}], "
             f"largest {dens.outliers[:3].round(6).tolist()}"
         )
     if surface_steps:

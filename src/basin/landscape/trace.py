@@ -45,7 +45,13 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 from torch.utils._pytree import tree_map
 
-from ._hvp import CurvatureOperator, make_operator
+from ._hvp import (
+    NONFINITE,
+    CurvatureOperator,
+    autocast_off,
+    full_precision,
+    make_operator,
+)
 
 __all__ = ["TraceResult", "hessian_trace"]
 
@@ -76,6 +82,17 @@ def _rademacher(n: int, dtype, device, gen) -> Tensor:
     return (torch.randint(0, 2, (n,), generator=gen, device=device) * 2 - 1).to(dtype)
 
 
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the small dense parts (QR of the sketch, probe dot products, output-Hessian
+    eigendecompositions): float32 for half-precision models, which torch's QR and eigh do not
+    support and whose rounding would swamp a dot product over all parameters."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _dot(a: Tensor, b: Tensor) -> float:
+    return float(a.double() @ b.double())
+
+
 def _mean_se(samples: list[float]) -> tuple[float, float]:
     t = torch.tensor(samples, dtype=torch.float64)
     mean = float(t.mean())
@@ -88,7 +105,7 @@ def hutchinson(matvec: Callable[[Tensor], Tensor], n: int, m: int, dtype, device
     samples = []
     for _ in range(m):
         z = _rademacher(n, dtype, device, gen)
-        samples.append(float(z @ matvec(z)))
+        samples.append(_dot(z, matvec(z)))
     mean, se = _mean_se(samples)
     return mean, se, samples
 
@@ -97,15 +114,16 @@ def hutchpp(matvec: Callable[[Tensor], Tensor], n: int, m: int, dtype, device, g
     """Hutch++ with ``m`` products -> (estimate, stderr, samples)."""
     s = m // 3
     g = m - 2 * s
+    work = _work_dtype(dtype)
     S = torch.stack([_rademacher(n, dtype, device, gen) for _ in range(s)], dim=1)
-    Y = torch.stack([matvec(S[:, i]) for i in range(s)], dim=1)
+    Y = torch.stack([matvec(S[:, i]).to(work) for i in range(s)], dim=1)
     Q, _ = torch.linalg.qr(Y)
-    exact = sum(float(Q[:, i] @ matvec(Q[:, i])) for i in range(s))
+    exact = sum(_dot(Q[:, i], matvec(Q[:, i].to(dtype))) for i in range(s))
     samples = []
     for _ in range(g):
-        z = _rademacher(n, dtype, device, gen)
+        z = _rademacher(n, work, device, gen)
         z = z - Q @ (Q.T @ z)
-        samples.append(float(z @ matvec(z)))
+        samples.append(_dot(z, matvec(z.to(dtype))))
     mean, se = _mean_se(samples)
     return exact + mean, se, samples
 
@@ -117,6 +135,13 @@ def _train_mode_batchnorm(model: nn.Module) -> str | None:
     return None
 
 
+def _train_mode_dropout(model: nn.Module) -> str | None:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+            return name or type(m).__name__
+    return None
+
+
 def _output_hessian_blocks(op: CurvatureOperator, out: Tensor, y: Tensor) -> Tensor:
     """(N, C, C) per-example blocks of the Hessian of the batch loss w.r.t. the outputs, one
     loss-only product per output direction; raises if the loss couples examples."""
@@ -124,7 +149,7 @@ def _output_hessian_blocks(op: CurvatureOperator, out: Tensor, y: Tensor) -> Ten
     z = out.detach().reshape(n, -1).requires_grad_(True)
     c = z.shape[1]
     with torch.enable_grad():
-        loss = op._loss(z.view_as(out), y)
+        loss = op.loss(z.view_as(out), y)
         gz = torch.autograd.grad(loss, z, create_graph=True)[0]
         if not gz.requires_grad:  # loss linear in the outputs: H_L = 0
             return torch.zeros(n, c, c, dtype=z.dtype, device=z.device)
@@ -175,18 +200,23 @@ def _checked_linear_pass(op, linear, fast, flat: Tensor, u: Tensor) -> dict[str,
     layers whose parameter gradient they reproduce (``sum_n d_n a_n^T``): a weight also used
     outside its module's forward would be missed by the per-layer formula."""
     acts = [fast[m][1] for m in fast]
-    leaves = [op._leaves[n] for m in fast for n in linear[m][1]]
+    own = op.leaves
+    leaves = [own[n] for m in fast for n in linear[m][1]]
     got = torch.autograd.grad(
         flat, acts + leaves, u, retain_graph=True, allow_unused=True, materialize_grads=True
     )
     grads = iter(got[len(acts) :])
-    tol = 1e-8 if flat.dtype == torch.float64 else 1e-3
+    # rounding of the working precision: 1e-8 (float64), 1e-3 (float32), 3e-2 (half: eps 1e-3
+    # for float16, 8e-3 for bfloat16); a weight also used elsewhere differs by O(1)
+    tol = {torch.float64: 1e-8, torch.float32: 1e-3}.get(flat.dtype, 3e-2)
     kept = {}
+    work = _work_dtype(flat.dtype)
     for (m, (a, _)), d in zip(fast.items(), got[: len(acts)]):
-        a2, d2 = a.detach().reshape(-1, a.shape[-1]), d.reshape(-1, d.shape[-1])
+        a2 = a.detach().reshape(-1, a.shape[-1]).to(work)
+        d2 = d.reshape(-1, d.shape[-1]).to(work)
         want = ([d2.T @ a2] if linear[m][2] else []) + ([d2.sum(0)] if linear[m][3] else [])
         if all(
-            float((w - g).norm()) <= tol * max(float(g.norm()), 1e-30)
+            float((w - g.to(work)).norm()) <= tol * max(float(g.norm()), 1e-30)
             for w, g in zip(want, [next(grads) for _ in want])
         ):
             kept[m] = d
@@ -208,6 +238,13 @@ def _exact_ggn_trace(op: CurvatureOperator, max_outputs: int, memory: int = 2**2
             f"method='gn-split' needs examples that are independent, but {bn} is a BatchNorm in "
             "train mode: call model.eval() or use method='hutch++'"
         )
+    drop = _train_mode_dropout(model)
+    if drop is not None:
+        raise ValueError(
+            f"method='gn-split' needs a deterministic forward (its per-example passes cannot "
+            f"reuse the batch's masks), but {drop} is a Dropout in train mode: call "
+            "model.eval() or use method='hutch++'"
+        )
     selected = set(op.names)
     linear = {}  # module name -> (module, [selected parameter names], weight?, bias?)
     for name, mod in model.named_modules():
@@ -220,7 +257,7 @@ def _exact_ggn_trace(op: CurvatureOperator, max_outputs: int, memory: int = 2**2
     in_linear = {n for v in linear.values() for n in v[1]}
     rest = [n for n in op.names if n not in in_linear]
     total, passes = 0.0, 0
-    for x, y, nb in op.batches:
+    for i, (x, y, nb) in enumerate(op.batches):
         seen: dict[str, list] = {m: [] for m in linear}
         hooks = [
             mod.register_forward_hook(
@@ -229,8 +266,7 @@ def _exact_ggn_trace(op: CurvatureOperator, max_outputs: int, memory: int = 2**2
             for m, (mod, *_) in linear.items()
         ]
         try:
-            with torch.enable_grad():
-                out = op._call(x)
+            out = op.output(i)
         finally:
             for h in hooks:
                 h.remove()
@@ -241,12 +277,19 @@ def _exact_ggn_trace(op: CurvatureOperator, max_outputs: int, memory: int = 2**2
                 f"outputs per example, more than max_outputs={max_outputs} (raise it, or use "
                 "method='hutch++')"
             )
-        lam, vecs = torch.linalg.eigh(_output_hessian_blocks(op, out.detach(), y))
+        # eigh in float32 at least (not implemented for half precision); the eigenvectors go
+        # back to the model's dtype as cotangents
+        work = _work_dtype(out.dtype)
+        blocks = _output_hessian_blocks(op, out.detach(), y).to(work)
+        if not torch.isfinite(blocks).all():
+            raise ValueError(NONFINITE)
+        lam, vecs = torch.linalg.eigh(blocks)
+        vecs = vecs.to(out.dtype)
         fast = {m: v[0] for m, v in seen.items() if len(v) == 1 and v[0][1].requires_grad}
         # a layer called more than once per forward (shared weights) sums its contributions
         # before the norm: those go through the generic path
         slow = rest + [n for m, v in linear.items() if m not in fast for n in v[1]]
-        sq = torch.zeros(nb, c, dtype=out.dtype, device=out.device)
+        sq = torch.zeros(nb, c, dtype=work, device=out.device)
         if fast:
             flat = out.reshape(nb, c)
             first = _checked_linear_pass(op, linear, fast, flat, vecs[:, :, 0])
@@ -268,25 +311,30 @@ def _exact_ggn_trace(op: CurvatureOperator, max_outputs: int, memory: int = 2**2
                     )
                 )
                 for (m, (a, _)), d in zip(fast.items(), ds):
-                    sq[:, k] += _linear_sq_norms(a.detach(), d, linear[m][2], linear[m][3])
+                    sq[:, k] += _linear_sq_norms(
+                        a.detach().to(work), d.to(work), linear[m][2], linear[m][3]
+                    )
         if slow:
-            sq += _per_example_sq(op, slow, x, vecs, memory)
+            sq += _per_example_sq(op, slow, x, vecs, memory).to(work)
         del out
         # H_L of the batch-mean loss already carries 1/nb; batches are weighted by size
-        total += nb / op.total * float((lam * sq).sum())
+        total += nb / op.total * float((lam.double() * sq.double()).sum())
         passes += c
+    if not math.isfinite(total):
+        raise ValueError(NONFINITE)
     return total, passes
 
 
 def _per_example_sq(op: CurvatureOperator, names, x, vecs: Tensor, memory: int) -> Tensor:
     """(N, C): ``|J_n^T u_nk|^2`` restricted to ``names``, by vmapped per-example vjps."""
-    chosen = {n: op._leaves[n].detach() for n in names}
+    own = op.leaves
+    chosen = {n: own[n].detach() for n in names}
     size = sum(t.numel() for t in chosen.values())
 
     def one(x_n, u_n):  # u_n: (C, C), row k = k-th unit eigenvector of this example's block
         def f(p):
             x1 = tree_map(lambda t: t.unsqueeze(0), x_n)
-            return op._forward(p, x1).reshape(-1)
+            return op.call(p, x1).reshape(-1)
 
         _, pull = vjp(f, chosen)
         g = vmap(pull)(u_n)[0]
@@ -297,6 +345,7 @@ def _per_example_sq(op: CurvatureOperator, names, x, vecs: Tensor, memory: int) 
     return vmap(one, chunk_size=chunk)(x, vecs.transpose(1, 2).contiguous())
 
 
+@full_precision
 def hessian_trace(
     model: nn.Module | CurvatureOperator,
     loss_fn=None,
@@ -305,7 +354,7 @@ def hessian_trace(
     n_hvp: int = 99,
     method: str = "hutch++",
     params: str | Sequence[str] | None = None,
-    kind: str = "hessian",
+    kind: str | None = None,
     seed: int = 0,
     max_outputs: int = 256,
 ) -> TraceResult:
@@ -318,7 +367,18 @@ def hessian_trace(
             module notes for when it applies and why it is more accurate).
         max_outputs: ``"gn-split"`` refuses models with more outputs per example (it makes
             one per-example Jacobian pass per output).
-        params: parameter names / prefixes (per-layer trace); seed: seeds the probes.
+        kind: ``"hessian"`` (default) or ``"ggn"``. A ``CurvatureOperator`` passed as
+            ``model`` fixes the kind and selection: ``params``/``kind`` may only repeat them
+            (else ``ValueError``); with ``"gn-split"`` its kind must be ``"hessian"`` or
+            ``"ggn"``, and the residual operator is built by ``op.with_kind("residual")``.
+        params: parameter names / prefixes (per-layer trace); seed: seeds the probes and the
+            random ops of the forward (Dropout in train mode; see
+            :func:`~basin.landscape.hessian_eigenvalues`).
+
+    Half-precision models (float16, bfloat16) get their products in their own dtype and the
+    small dense parts (QR, eigh, dot products) in float32. A non-finite product or Gauss-Newton
+    trace (NaN/inf loss or inputs) raises ``ValueError``, as the eigenvalue and density
+    functions do.
     """
     t0 = time.perf_counter()
     if method not in METHODS:
@@ -326,25 +386,29 @@ def hessian_trace(
     lo = MIN_PRODUCTS[method]
     if isinstance(n_hvp, bool) or not isinstance(n_hvp, int) or n_hvp < lo:
         raise ValueError(f"n_hvp must be an integer >= {lo} for {method}, got {n_hvp!r}")
-    if method == "gn-split" and kind not in ("hessian", "ggn"):
-        raise ValueError(f"method='gn-split' needs kind 'hessian' or 'ggn', got {kind!r}")
     if method != "gn-split":
-        op = make_operator(model, loss_fn, data, params=params, kind=kind)
-    elif isinstance(model, CurvatureOperator):  # reuse its model, data and selection
-        op = model
-        if op.kind != "residual":
-            op = CurvatureOperator(
-                op.model, op.loss_fn, [b[:2] for b in op.batches], params=op.names, kind="residual"
-            )
+        op = make_operator(model, loss_fn, data, params=params, kind=kind, seed=seed)
     else:
-        op = make_operator(model, loss_fn, data, params=params, kind="residual")
+        if isinstance(model, CurvatureOperator):
+            base = make_operator(model, loss_fn, data, params=params, kind=kind)
+            kind = base.kind
+        else:
+            base = None
+            kind = "hessian" if kind is None else kind
+        if kind not in ("hessian", "ggn"):
+            raise ValueError(f"method='gn-split' needs kind 'hessian' or 'ggn', got {kind!r}")
+        if base is not None:  # reuse its model, data, selection and seed
+            op = base.with_kind("residual")
+        else:
+            op = make_operator(model, loss_fn, data, params=params, kind="residual", seed=seed)
     if method == "hutch++" and n_hvp // 3 >= op.n:
         raise ValueError(f"n_hvp={n_hvp} is more than 3x the parameter count {op.n}")
     gen = torch.Generator(device=op.device).manual_seed(seed)
     start = op.n_products
     ggn, passes = None, 0
     if method == "gn-split":
-        ggn, passes = _exact_ggn_trace(op, max_outputs)
+        with autocast_off(op.device):
+            ggn, passes = _exact_ggn_trace(op, max_outputs)
         if kind == "ggn":
             est, se, samples = ggn, 0.0, []
         else:
