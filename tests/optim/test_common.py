@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import pytest
@@ -418,8 +419,6 @@ _LR_SHAPES = [pytest.param((), id="0d"), pytest.param((1,), id="1"), pytest.para
 
 def _lr_names(case: OptimCase) -> list[str]:
     """The constructor's learning rates: ``lr`` and a fallback's (``adamw_lr``, ``adam_lr``)."""
-    import inspect
-
     names = inspect.signature(case.cls.__init__).parameters
     return [n for n in names if n == "lr" or n.endswith("_lr")]
 
@@ -472,11 +471,13 @@ def test_compiled_step_takes_a_tensor_lr(case: OptimCase) -> None:
     """torch.compile(fullgraph=True) with a 0-d tensor lr that is changed in place (as an LR
     scheduler does): no graph break, no recompile, the eager float-lr trajectory (float64)."""
     hp = dict(case.variants[case.compile_variants[0]])
-    lr = float(hp.get("lr", case.cls(make_model(case).parameters(), **hp).defaults["lr"]))
+    defaults = inspect.signature(case.cls.__init__).parameters
+    lrs = {n: float(hp.get(n, defaults[n].default)) for n in _lr_names(case)}  # fallback's too
     torch._dynamo.reset()
     model, model_c = make_model(case), make_model(case)
-    opt = case.cls(model.parameters(), **{**hp, "lr": lr})
-    opt_c = case.cls(model_c.parameters(), **{**hp, "lr": torch.tensor(lr, dtype=torch.float64)})
+    opt = case.cls(model.parameters(), **{**hp, **lrs})
+    tensors = {n: torch.tensor(v, dtype=torch.float64) for n, v in lrs.items()}
+    opt_c = case.cls(model_c.parameters(), **{**hp, **tensors})
     compiled_step = torch.compile(opt_c.step, fullgraph=True)
     for i, batch in enumerate(make_data(8)):
         with torch._dynamo.config.patch(error_on_recompile=i >= 2):
@@ -485,10 +486,7 @@ def test_compiled_step_takes_a_tensor_lr(case: OptimCase) -> None:
         if i % 3 == 2:  # halve every lr (fallback groups too): a float, and the tensor in place
             for g, g_c in zip(opt.param_groups, opt_c.param_groups):
                 g["lr"] = g["lr"] / 2
-                if isinstance(g_c["lr"], torch.Tensor):
-                    g_c["lr"].div_(2)
-                else:
-                    g_c["lr"] = g_c["lr"] / 2
+                g_c["lr"].div_(2)
     compare_models(model_c, model, 1e-9)
 
 
