@@ -77,6 +77,24 @@ def train(model: nn.Module, opt: Optimizer, batches: list) -> None:
         opt.step()
 
 
+def rounding_tolerance(dtype: torch.dtype, steps: int) -> dict[str, float]:
+    """``rtol``/``atol`` (relative to a tensor's largest entry) for two runs of the same update
+    that may round differently: compiled vs eager (Inductor's kernels differ by CPU), foreach vs
+    loop, another machine. float64: 1e-9, far above the measured ~1e-14; lower precisions: one
+    unit of rounding (``finfo.eps``) per step and entry, accumulated over ``steps``."""
+    if dtype == torch.float64:
+        return {"rtol": 1e-9, "atol": 1e-12}
+    eps = torch.finfo(dtype).eps * steps
+    return {"rtol": eps, "atol": eps}
+
+
+def assert_close_after_rounding(actual: torch.Tensor, expected: torch.Tensor, steps: int) -> None:
+    """:func:`rounding_tolerance` of ``expected``'s dtype, ``atol`` scaled by its largest entry."""
+    tol = rounding_tolerance(expected.dtype, steps)
+    scale = expected.detach().abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
 def quiet(factory: Callable[..., Optimizer]) -> Callable[..., Optimizer]:
     """Reference packages print banners and warnings on construction; silence them."""
     import contextlib

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import pytest
@@ -310,3 +311,355 @@ def test_registry_entry(case: OptimCase) -> None:
     assert info.paper.arxiv and info.paper.year >= 2014
     opt = bo.create(case.name, make_model(case).parameters(), **case.variants[0])
     assert isinstance(opt, case.cls)
+
+
+# ---------------------------------------------------------------- all-or-nothing steps
+
+
+def _snapshot(model: nn.Module, opt: torch.optim.Optimizer):
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+
+
+def _assert_unchanged(model: nn.Module, opt: torch.optim.Optimizer, snapshot) -> None:
+    """Parameters and every state entry (step counters included) bit for bit as in
+    ``snapshot``."""
+    params, state = snapshot
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), f"parameter {k} changed"
+    now = opt.state_dict()["state"]
+    assert now.keys() == state["state"].keys()
+    for i, st in now.items():
+        assert st.keys() == state["state"][i].keys()
+        for k, v in st.items():
+            old = state["state"][i][k]
+            same = torch.equal(v, old) if isinstance(v, torch.Tensor) else v == old
+            assert same, f"state {k} of parameter {i} changed"
+
+
+def _backward(model: nn.Module, batch) -> None:
+    model.zero_grad(set_to_none=True)
+    loss_of(model, batch).backward()
+
+
+# the first parameter (a weight matrix) and the last one (a bias): a partial step would have
+# changed the parameters before the last one already
+_POISON = [
+    pytest.param(0, float("nan"), id="first-nan"),
+    pytest.param(-1, float("inf"), id="last-inf"),
+]
+
+
+@pytest.mark.parametrize("where,value", _POISON)
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_nonfinite_gradient_raises_naming_it_and_changes_nothing(
+    case: OptimCase, where: int, value: float
+) -> None:
+    """After two clean steps, a NaN/inf entry in one gradient: ValueError naming that parameter
+    (its name when the optimizer was given named parameters), and no parameter or state changed;
+    the next clean step then works."""
+    model = make_model(case)
+    opt = case.cls(list(model.named_parameters()), **case.variants[0])
+    batches = make_data(4)
+    train(model, opt, batches[:2])
+    _backward(model, batches[2])
+    name, p = list(model.named_parameters())[where]
+    p.grad.view(-1)[1] = value
+    snapshot = _snapshot(model, opt)
+    with pytest.raises(ValueError) as info:
+        opt.step()
+    msg = str(info.value)
+    assert repr(name) in msg and str(tuple(p.shape)) in msg and "nonfinite='skip'" in msg, msg
+    _assert_unchanged(model, opt, snapshot)
+    train(model, opt, batches[3:])
+    assert all(torch.isfinite(q).all() for q in model.parameters())
+
+
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_nonfinite_skip_skips_the_whole_step(case: OptimCase) -> None:
+    """nonfinite='skip': the poisoned step changes nothing and is counted, so the run equals one
+    that never saw that batch (bit for bit)."""
+    hp = {**case.variants[0], "nonfinite": "skip"}
+    batches = make_data(5)
+    clean, model = make_model(case), make_model(case)
+    opt_clean, opt = case.cls(clean.parameters(), **hp), case.cls(model.parameters(), **hp)
+    train(clean, opt_clean, batches[:2] + batches[3:])
+    train(model, opt, batches[:2])
+    _backward(model, batches[2])
+    next(model.parameters()).grad.view(-1)[0] = float("nan")
+    snapshot = _snapshot(model, opt)
+    opt.step()
+    _assert_unchanged(model, opt, snapshot)
+    assert opt.skipped_steps == 1
+    train(model, opt, batches[3:])
+    for a, b in zip(model.parameters(), clean.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_huge_finite_gradients_are_not_mistaken_for_nonfinite(case: OptimCase) -> None:
+    """The fast check is a norm, which overflows for huge finite entries: the exact check behind
+    it must let them through (no error, no skip)."""
+    model = make_model(case)
+    opt = case.cls(model.parameters(), **case.variants[0])
+    _backward(model, make_data(1)[0])
+    next(model.parameters()).grad.view(-1)[0] = 1e300
+    assert opt._check_grads()
+
+
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_nonfinite_must_be_raise_or_skip(case: OptimCase) -> None:
+    with pytest.raises(ValueError, match="nonfinite must be one of 'raise', 'skip'"):
+        case.cls(make_model(case).parameters(), **{**case.variants[0], "nonfinite": "ignore"})
+
+
+# ---------------------------------------------------------------- tensor learning rates
+
+_LR_SHAPES = [pytest.param((), id="0d"), pytest.param((1,), id="1"), pytest.param((1, 1), id="1x1")]
+
+
+def _lr_names(case: OptimCase) -> list[str]:
+    """The constructor's learning rates: ``lr`` and a fallback's (``adamw_lr``, ``adam_lr``)."""
+    names = inspect.signature(case.cls.__init__).parameters
+    return [n for n in names if n == "lr" or n.endswith("_lr")]
+
+
+def _paths(case: OptimCase) -> list[bool]:
+    return [False, True] if case.has_foreach else [False]
+
+
+@pytest.mark.parametrize("shape", _LR_SHAPES)
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_tensor_lr_equals_float_lr_on_every_path(case: OptimCase, shape: tuple) -> None:
+    """A one-element tensor lr (0-d, [1], [1, 1]; float32, as torch.tensor makes it), for every
+    learning rate of the constructor, on the single- and multi-tensor paths: the trajectory of
+    the same lr as a float, bit for bit; an LR scheduler can drive it in place."""
+    hp = dict(case.variants[0])
+    probe = case.cls(make_model(case).parameters(), **hp)
+    for foreach in _paths(case):
+        runs = []
+        for as_tensor in (False, True):
+            lrs = {}
+            for n in _lr_names(case):
+                value = torch.tensor(float(hp.get(n, probe.defaults.get(n, 1e-3))) * 3)
+                lrs[n] = value.reshape(shape) if as_tensor else value.item()
+            if "lr" not in hp and "lr" not in lrs:
+                lrs["lr"] = probe.defaults["lr"]
+            model = make_model(case)
+            opt = case.cls(model.parameters(), **{**hp, **lrs, "foreach": foreach})
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+            for batch in make_data(5):
+                train(model, opt, [batch])
+                sched.step()
+            runs.append(model)
+        assert not torch.equal(next(runs[0].parameters()), next(make_model(case).parameters()))
+        for a, b in zip(runs[1].parameters(), runs[0].parameters()):
+            assert torch.equal(a, b), f"foreach={foreach}"
+
+
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_tensor_lr_with_more_than_one_element_is_refused(case: OptimCase) -> None:
+    params = list(make_model(case).parameters())
+    for n in _lr_names(case):
+        with pytest.raises(ValueError, match=n):
+            case.cls(params, **{**case.variants[0], n: torch.tensor([1e-3, 1e-3])})
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_compiled_step_takes_a_tensor_lr(case: OptimCase) -> None:
+    """torch.compile(fullgraph=True) with a 0-d tensor lr that is changed in place (as an LR
+    scheduler does): no graph break, no recompile, the eager float-lr trajectory (float64)."""
+    hp = dict(case.variants[case.compile_variants[0]])
+    defaults = inspect.signature(case.cls.__init__).parameters
+    lrs = {n: float(hp.get(n, defaults[n].default)) for n in _lr_names(case)}  # fallback's too
+    torch._dynamo.reset()
+    model, model_c = make_model(case), make_model(case)
+    opt = case.cls(model.parameters(), **{**hp, **lrs})
+    tensors = {n: torch.tensor(v, dtype=torch.float64) for n, v in lrs.items()}
+    opt_c = case.cls(model_c.parameters(), **{**hp, **tensors})
+    compiled_step = torch.compile(opt_c.step, fullgraph=True)
+    for i, batch in enumerate(make_data(8)):
+        with torch._dynamo.config.patch(error_on_recompile=i >= 2):
+            train(model, opt, [batch])
+            train(model_c, opt_c, [batch], step=compiled_step)
+        if i % 3 == 2:  # halve every lr (fallback groups too): a float, and the tensor in place
+            for g, g_c in zip(opt.param_groups, opt_c.param_groups):
+                g["lr"] = g["lr"] / 2
+                g_c["lr"].div_(2)
+    compare_models(model_c, model, 1e-9)
+
+
+# ---------------------------------------------------------------- state dicts
+
+
+def _other_case(case: OptimCase) -> OptimCase:
+    """The next optimizer in the table (a different class)."""
+    return CASES[(CASES.index(case) + 1) % len(CASES)]
+
+
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_state_dict_names_its_optimizer_and_refuses_another(case: OptimCase) -> None:
+    """state_dict() records the class; another basin optimizer's state dict is refused with a
+    message naming both, leaving the optimizer as it was; without the tag (an older basin) it
+    still loads."""
+    other = _other_case(case)
+    batches = make_data(4)
+    m_other = make_model(other)
+    o_other = other.cls(m_other.parameters(), **other.variants[0])
+    train(m_other, o_other, batches[:2])
+    foreign = o_other.state_dict()
+    assert foreign["basin_optimizer"] == other.cls.__name__
+
+    model = make_model(case)
+    opt = case.cls(model.parameters(), **case.variants[0])
+    train(model, opt, batches[:2])
+    saved = opt.state_dict()
+    assert saved["basin_optimizer"] == case.cls.__name__
+    snapshot = _snapshot(model, opt)
+    with pytest.raises(ValueError) as info:
+        opt.load_state_dict(foreign)
+    assert other.cls.__name__ in str(info.value) and case.cls.__name__ in str(info.value)
+    _assert_unchanged(model, opt, snapshot)
+
+    untagged = {k: v for k, v in copy.deepcopy(saved).items() if k != "basin_optimizer"}
+    opt2 = case.cls(make_model(case).parameters(), **case.variants[0])
+    opt2.load_state_dict(untagged)
+    assert opt2.state_dict()["basin_optimizer"] == case.cls.__name__
+
+
+@pytest.mark.parametrize("case,vi", VARIANTS)
+def test_old_state_dict_with_number_step_loads(case: OptimCase, vi: int) -> None:
+    """A state dict whose ``step`` entries are plain numbers (torch < 1.12 wrote them so)
+    continues exactly like the tensor one."""
+    hp = case.variants[vi]
+    batches = make_data(8)
+    model = make_model(case)
+    opt = case.cls(model.parameters(), **hp)
+    train(model, opt, batches[:4])
+    saved_model = copy.deepcopy(model.state_dict())
+    old = copy.deepcopy(opt.state_dict())
+    converted = 0
+    for st in old["state"].values():
+        if isinstance(st.get("step"), torch.Tensor):
+            st["step"] = st["step"].item()
+            converted += 1
+    train(model, opt, batches[4:])
+    model2 = make_model(case)
+    model2.load_state_dict(saved_model)
+    opt2 = case.cls(model2.parameters(), **hp)
+    opt2.load_state_dict(old)
+    train(model2, opt2, batches[4:])
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    if converted:
+        assert all(
+            isinstance(st["step"], torch.Tensor) for st in opt2.state.values() if "step" in st
+        )
+
+
+def _assert_same_tree(a: Any, b: Any, where: str = "state_dict") -> None:
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.device == b.device and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_tree(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("case,vi", VARIANTS)
+def test_state_dict_is_deterministic(case: OptimCase, vi: int) -> None:
+    """Two identical runs give identical state dicts; loading one (also through torch.save /
+    torch.load with weights_only) and saving again gives it back unchanged (keys, dtypes,
+    devices, values)."""
+    import io
+
+    hp = case.variants[vi]
+    sds = []
+    for _ in range(2):
+        model = make_model(case)
+        opt = case.cls(model.parameters(), **hp)
+        train(model, opt, make_data(3))
+        sds.append(opt.state_dict())
+    _assert_same_tree(sds[0], sds[1])
+    buf = io.BytesIO()
+    torch.save(sds[0], buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    opt2 = case.cls(make_model(case).parameters(), **hp)
+    opt2.load_state_dict(loaded)
+    _assert_same_tree(opt2.state_dict(), sds[0])
+
+
+# ---------------------------------------------------------------- param groups and hooks
+
+
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_per_group_lr_and_weight_decay(case: OptimCase) -> None:
+    """Two param groups: a group's lr and weight_decay act on that group only. lr=0 freezes the
+    second group (weight decay included) while the first trains; changing the second group's
+    weight decay leaves the first group's trajectory bit for bit as it was (seeded gradients
+    that do not depend on the parameters, so that the groups do not interact through the loss)."""
+    hp = case.variants[0]
+
+    def run(second: dict[str, Any]):
+        model = make_model(case)
+        params = list(model.parameters())
+        first, rest = params[: len(params) // 2], params[len(params) // 2 :]
+        opt = case.cls([{"params": first}], **hp)
+        opt.add_param_group({"params": rest, **second})
+        for g in opt.param_groups:  # a routed companion group carries the group's settings too
+            if any(p is q for p in g["params"] for q in rest):
+                g.update(second)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            opt.step()
+        return first, rest
+
+    start = list(make_model(case).parameters())
+    half = len(start) // 2
+    first, rest = run({"lr": 0.0, "weight_decay": 0.5})
+    assert all(torch.equal(p, s) for p, s in zip(rest, start[half:])), "lr=0 group moved"
+    assert any(not torch.equal(p, s) for p, s in zip(first, start[:half]))
+    first_a, rest_a = run({"weight_decay": 0.0})
+    first_b, rest_b = run({"weight_decay": 0.3})
+    assert all(torch.equal(a, b) for a, b in zip(first_a, first_b))
+    assert any(not torch.equal(a, b) for a, b in zip(rest_a, rest_b)), "weight_decay ignored"
+
+
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_step_and_state_dict_hooks_run(case: OptimCase) -> None:
+    """torch's hooks work on every basin optimizer: step pre/post hooks once per step (also a
+    skipped one), state_dict and load_state_dict pre/post hooks, a post hook's edits kept."""
+    model = make_model(case)
+    opt = case.cls(model.parameters(), **case.variants[0])
+    calls: list[str] = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    train(model, opt, make_data(2))
+    assert calls == ["pre", "post"] * 2
+
+    opt.register_state_dict_pre_hook(lambda o: calls.append("sd-pre"))
+
+    def sd_post(o, sd):
+        calls.append("sd-post")
+        sd["extra"] = 1
+        return sd
+
+    opt.register_state_dict_post_hook(sd_post)
+    sd = opt.state_dict()
+    assert sd["extra"] == 1 and sd["basin_optimizer"] == case.cls.__name__
+    opt2 = case.cls(make_model(case).parameters(), **case.variants[0])
+    opt2.register_load_state_dict_pre_hook(lambda o, s: calls.append("load-pre"))
+    opt2.register_load_state_dict_post_hook(lambda o: calls.append("load-post"))
+    opt2.load_state_dict(sd)
+    assert calls[-4:] == ["sd-pre", "sd-post", "load-pre", "load-post"]

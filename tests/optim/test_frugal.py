@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch._dynamo
-from optim_db import classification_batches, mlp, train
+from optim_db import assert_close_after_rounding, classification_batches, mlp, train
 from torch import nn
 
 import basin.optim as bo
@@ -375,5 +375,7 @@ def test_block_compiled_continues_an_eager_state_dict(order, reset) -> None:
             assert [int(opt.state[w]["active"]) for w in ws] == [
                 int(opt2.state[w]["active"]) for w in ws2
             ]
+    # the float32 block at float32's rounding (Inductor's kernels round differently by CPU:
+    # one ulp was seen on another machine), the float64 ones at 1e-9
     for w, w2 in zip(ws, ws2):
-        torch.testing.assert_close(w2, w, rtol=1e-9, atol=1e-12)
+        assert_close_after_rounding(w2, w, steps=9)

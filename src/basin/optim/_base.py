@@ -1,6 +1,7 @@
 """Shared optimizer machinery: hyperparameter validation, the choice between the single-tensor
-and multi-tensor paths, grouping tensors by device and dtype, and step-counter handling that
-works both eagerly and under ``torch.compile``.
+and multi-tensor paths, grouping tensors by device and dtype, step-counter and learning-rate
+handling that works both eagerly and under ``torch.compile``, the gradient check that makes a
+step all-or-nothing, and state dicts that name the optimizer that wrote them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "check_positive",
     "check_range",
     "get_value",
+    "scalar_lr",
     "group_by_device_and_dtype",
     "is_compiling",
     "use_foreach",
@@ -95,6 +97,14 @@ def check_foreach(foreach: Any) -> None:
         raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
 
 
+NONFINITE = ("raise", "skip")
+
+
+def check_nonfinite(value: Any) -> None:
+    if not isinstance(value, str) or value not in NONFINITE:
+        raise ValueError(f"nonfinite must be one of 'raise', 'skip', got {value!r}")
+
+
 # ---------------------------------------------------------------- paths
 
 
@@ -108,6 +118,18 @@ def get_value(x: Tensor | float) -> Tensor | float:
     if isinstance(x, Tensor) and not is_compiling():
         return x.item()
     return x
+
+
+def scalar_lr(lr: Tensor | float) -> Tensor | float:
+    """A learning rate as the step functions use it: a tensor ``lr`` with one element (0-d,
+    shape ``[1]``, ``[1, 1]``, ...: what torch.optim accepts) becomes a Python number eagerly,
+    so that every path (``alpha=``, foreach scalar lists) takes it, and a 0-d tensor under
+    ``torch.compile`` (no ``.item()``, no recompile when a scheduler changes it in place)."""
+    if isinstance(lr, Tensor):
+        if lr.dim() != 0:
+            lr = lr.reshape(())
+        return get_value(lr)
+    return lr
 
 
 def use_foreach(foreach: bool | None, params: Sequence[Tensor]) -> bool:
@@ -142,15 +164,50 @@ def check_grad(p: Tensor, optimizer: str) -> None:
 
 # ---------------------------------------------------------------- base class
 
-# keys of ``defaults`` that are not a functional's keyword: ``betas`` (passed as beta1, beta2)
-# and ``differentiable``, which torch's Optimizer.__setstate__ (load_state_dict) adds
-_NOT_KEYWORDS = frozenset({"betas", "differentiable"})
+# keys of ``defaults`` that are not a functional's keyword: ``betas`` (passed as beta1, beta2),
+# ``differentiable``, which torch's Optimizer.__setstate__ (load_state_dict) adds, and
+# ``nonfinite``, which the step's gradient check reads
+_NOT_KEYWORDS = frozenset({"betas", "differentiable", "nonfinite"})
+
+# the key of state_dict() that names the optimizer class that wrote it
+STATE_DICT_TAG = "basin_optimizer"
+
+
+def _maybe_all_finite(grads: list[Tensor]) -> bool:
+    """A fast test that every entry of every gradient is finite: the 2-norm per tensor (one
+    fused kernel on accelerators, one vectorized pass on CPU; NaN and inf propagate), one host
+    sync per device. False may also mean that a finite sum of squares overflowed: the caller
+    then checks exactly."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for g in grads:
+        if g.numel():
+            by_device.setdefault(g.device, []).append(g)
+    return all(
+        bool(torch.stack(torch._foreach_norm(gs)).isfinite().all()) for gs in by_device.values()
+    )
 
 
 class BasinOptimizer(Optimizer):
-    """Base class: closure handling and state-dict compatibility; subclasses implement
-    ``_step_group(group)``, which gathers tensors (:meth:`_gather`) and calls the module-level
-    functional with the group's hyperparameters (:meth:`_hyperparameters`)."""
+    """Base class: closure handling, the all-or-nothing gradient check and state-dict
+    compatibility; subclasses implement ``_step_group(group)``, which gathers tensors
+    (:meth:`_gather`) and calls the module-level functional with the group's hyperparameters
+    (:meth:`_hyperparameters`).
+
+    Guarantees shared by every basin optimizer:
+
+    * A step completes or changes nothing: before any parameter or state is modified, every
+      gradient is checked (dense, real and, eagerly, finite). A NaN/inf gradient raises
+      ``ValueError`` naming the parameter (``nonfinite="raise"``, the default), or the whole
+      step is skipped and counted in ``skipped_steps`` (``nonfinite="skip"``; where groups
+      disagree, "raise" wins). The check costs one norm of the gradients and one host sync;
+      under ``torch.compile`` it is not traced (it would break the graph), so compiled steps are
+      unchecked.
+    * ``lr`` may be a float or a one-element tensor (0-d, ``[1]``, ``[1, 1]``) on every path.
+    * ``state_dict()`` records the writing class under ``"basin_optimizer"``; loading a state
+      dict written by another basin optimizer raises ``ValueError`` (one without the tag, e.g.
+      from an older basin, still loads). State dicts whose ``step`` is a plain number (torch
+      < 1.12) load too.
+    """
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._check_common(defaults)
@@ -161,6 +218,7 @@ class BasinOptimizer(Optimizer):
     def _check_common(group: dict[str, Any]) -> None:
         check_foreach(group.get("foreach"))
         check_bool("maximize", group.get("maximize", False))
+        check_nonfinite(group.get("nonfinite", "raise"))
 
     def _check_hparams(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` naming the hyperparameter of ``group`` (the defaults, or a
@@ -190,19 +248,97 @@ class BasinOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
+        All or nothing: see the class docstring (gradient check, ``nonfinite``)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._check_grads():
+            self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
+            return loss
         for group in self.param_groups:
             self._step_group(group)
         return loss
+
+    def _check_grads(self) -> bool:
+        """Before anything is modified: every gradient dense and real (``RuntimeError``
+        otherwise) and, eagerly, finite. A non-finite gradient raises ``ValueError`` naming its
+        parameter if its group says ``nonfinite="raise"``; otherwise the step is to be skipped
+        (returns False)."""
+        name = getattr(self, "_algo", type(self).__name__)
+        grads = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    check_grad(p, name)
+                    grads.append(p.grad)
+        if not grads or is_compiling() or _maybe_all_finite(grads):
+            return True
+        bad = [
+            (gi, pi, p, group)
+            for gi, group in enumerate(self.param_groups)
+            for pi, p in enumerate(group["params"])
+            if p.grad is not None and not bool(p.grad.isfinite().all())
+        ]
+        if not bad:  # the norm of large finite gradients overflowed
+            return True
+        raising = [b for b in bad if b[3].get("nonfinite", "raise") == "raise"]
+        if not raising:
+            return False
+        gi, pi, p, group = raising[0]
+        names = group.get("param_names")
+        where = f"#{pi} of param group {gi}, shape {tuple(p.shape)}"
+        what = f"{names[pi]!r} ({where})" if names else where
+        g = p.grad
+        n_nan, n_inf = int(g.isnan().sum()), int(g.isinf().sum())
+        more = f"; {len(bad) - 1} more parameter(s) too" if len(bad) > 1 else ""
+        raise ValueError(
+            f"{name}: the gradient of parameter {what} is not finite ({n_nan} NaN, {n_inf} inf "
+            f"of {g.numel()} entries{more}); nothing was changed (no parameter, no state). "
+            f"Pass nonfinite='skip' to skip such steps instead."
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus ``"basin_optimizer"``: the name of the class that wrote it."""
+        out = super().state_dict()
+        out[STATE_DICT_TAG] = type(self).__name__
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, refusing a state dict that another basin optimizer wrote
+        (its hyperparameters and state would fail at ``step()`` or silently replace this
+        optimizer's); a state dict without the tag (older basin, torch) loads as before."""
+        writer = state_dict.get(STATE_DICT_TAG)
+        mine = type(self).__name__
+        if writer is not None and writer != mine:
+            raise ValueError(
+                f"this state dict was written by basin.optim.{writer}, not by {mine}: its "
+                f"hyperparameters and state belong to {writer}, so {mine} cannot continue "
+                f"from it. Load it into basin.optim.{writer}."
+            )
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_DICT_TAG})
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """torch's ``__setstate__`` (also run by ``load_state_dict``), then: hyperparameters
+        added since an older state dict was written take their defaults, and a plain-number
+        ``step`` (torch < 1.12) becomes the tensor counter the steps expect."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                if key != "differentiable":  # torch's own, added to defaults by its __setstate__
+                    group.setdefault(key, value)
+        for st in self.state.values():
+            step = st.get("step")
+            if step is not None and not isinstance(step, Tensor):
+                st["step"] = torch.tensor(float(step), dtype=torch.float64)
 
     def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
         """The group's hyperparameters as the functional's keyword arguments: the value of every
         key the subclass put in ``defaults``, with ``betas`` passed as ``beta1`` and ``beta2``."""
         kwargs = {key: group[key] for key in self.defaults if key not in _NOT_KEYWORDS}
+        if "lr" in kwargs:
+            kwargs["lr"] = scalar_lr(kwargs["lr"])
         if "betas" in self.defaults:
             kwargs["beta1"], kwargs["beta2"] = group["betas"]
         return kwargs

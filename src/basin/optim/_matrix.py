@@ -33,6 +33,7 @@ from ._base import (
     check_nonnegative,
     get_value,
     group_by_device_and_dtype,
+    scalar_lr,
     use_foreach,
 )
 
@@ -106,7 +107,7 @@ class MatrixOptimizer(BasinOptimizer):
             if matrix or not other:
                 self.add_param_group({**group, "params": matrix, "matrix_rule": True})
             if other:
-                keep = ("maximize", "foreach", "differentiable")
+                keep = ("maximize", "foreach", "differentiable", "nonfinite")
                 companion = {k: v for k, v in group.items() if k in keep}
                 self.add_param_group({**companion, "params": other, "matrix_rule": False})
             return
@@ -236,6 +237,7 @@ def adamw_fallback(
     the fallback of every matrix optimizer. Arithmetic order of the Muon reference code's
     auxiliary Adam (moments by ``lerp``, bias-corrected moments, then
     ``m_hat / (sqrt(v_hat) + eps)``), so that Muon's fallback is bit-identical to it."""
+    lr = scalar_lr(lr)  # a one-element tensor lr on every path
     fn = _multi_tensor_adamw if use_foreach(foreach, params) else _single_tensor_adamw
     fn(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2,

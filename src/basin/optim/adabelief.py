@@ -16,6 +16,7 @@ from ._base import (
     check_nonnegative,
     get_value,
     group_by_device_and_dtype,
+    scalar_lr,
     use_foreach,
 )
 from .param_groups import decay_groups
@@ -56,6 +57,9 @@ class AdaBelief(BasinOptimizer):
             undefined (default True).
         maximize: maximize the objective (default False).
         foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
+        nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
+            ``ValueError`` naming the parameter, or skips the step; either way nothing is
+            changed (eager steps; see :class:`basin.optim._base.BasinOptimizer`).
 
     References:
         Juntang Zhuang, Tommy Tang, Yifan Ding, Sekhar Tatikonda, Nicha Dvornek, Xenophon
@@ -85,6 +89,7 @@ class AdaBelief(BasinOptimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        nonfinite: str = "raise",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -98,6 +103,7 @@ class AdaBelief(BasinOptimizer):
             degenerated_to_sgd=degenerated_to_sgd,
             maximize=maximize,
             foreach=foreach,
+            nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
 
@@ -164,6 +170,7 @@ def adabelief(
     foreach: bool | None = None,
 ) -> None:
     """Functional AdaBelief; see :class:`AdaBelief`."""
+    lr = scalar_lr(lr)  # a one-element tensor lr on every path
     fn = _multi_tensor_adabelief if use_foreach(foreach, params) else _single_tensor_adabelief
     fn(
         params,

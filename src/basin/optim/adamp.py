@@ -17,6 +17,7 @@ from ._base import (
     check_range,
     get_value,
     group_by_device_and_dtype,
+    scalar_lr,
     use_foreach,
 )
 from ._kernels import scale_invariant_projection
@@ -74,6 +75,9 @@ class AdamP(BasinOptimizer):
         nesterov: Nesterov-style first moment (default False).
         maximize: maximize the objective (default False).
         foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
+        nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
+            ``ValueError`` naming the parameter, or skips the step; either way nothing is
+            changed (eager steps; see :class:`basin.optim._base.BasinOptimizer`).
 """
         + _REFERENCES
         + """
@@ -97,6 +101,7 @@ class AdamP(BasinOptimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        nonfinite: str = "raise",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -108,6 +113,7 @@ class AdamP(BasinOptimizer):
             nesterov=nesterov,
             maximize=maximize,
             foreach=foreach,
+            nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
 
@@ -145,6 +151,7 @@ def adamp(
     foreach: bool | None = None,
 ) -> None:
     """Functional AdamP; see :class:`AdamP`."""
+    lr = scalar_lr(lr)  # a one-element tensor lr on every path
     fn = _multi_tensor_adamp if use_foreach(foreach, params) else _single_tensor_adamp
     fn(
         params,
@@ -264,6 +271,9 @@ class SGDP(BasinOptimizer):
         wd_ratio: weight-decay multiplier on projected weights, in [0, 1] (default 0.1).
         maximize: maximize the objective (default False).
         foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
+        nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
+            ``ValueError`` naming the parameter, or skips the step; either way nothing is
+            changed (eager steps; see :class:`basin.optim._base.BasinOptimizer`).
 """
         + _REFERENCES
         + """
@@ -292,6 +302,7 @@ class SGDP(BasinOptimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        nonfinite: str = "raise",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -304,6 +315,7 @@ class SGDP(BasinOptimizer):
             wd_ratio=wd_ratio,
             maximize=maximize,
             foreach=foreach,
+            nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
 
@@ -339,6 +351,7 @@ def sgdp(
     foreach: bool | None = None,
 ) -> None:
     """Functional SGDP; see :class:`SGDP`."""
+    lr = scalar_lr(lr)  # a one-element tensor lr on every path
     fn = _multi_tensor_sgdp if use_foreach(foreach, params) else _single_tensor_sgdp
     fn(
         params,

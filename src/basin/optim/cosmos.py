@@ -13,6 +13,7 @@ from ._base import (
     check_bool,
     check_nonnegative,
     get_value,
+    scalar_lr,
 )
 from ._kernels import newton_schulz5
 from ._matrix import MatrixOptimizer, check_fallback, check_int, compute_dtype
@@ -92,6 +93,9 @@ class COSMOS(MatrixOptimizer):
         maximize: maximize the objective (default False).
         foreach: multi-tensor AdamW fallback (None picks per device); the matrix rule is always a
             per-tensor loop.
+        nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
+            ``ValueError`` naming the parameter, or skips the step; either way nothing is
+            changed (eager steps; see :class:`basin.optim._base.BasinOptimizer`).
 
     References:
         Liming Liu, Zhenghao Xu, Zixuan Zhang, Hao Kang, Zichong Li, Chen Liang, Weizhu Chen,
@@ -161,6 +165,7 @@ class COSMOS(MatrixOptimizer):
         max_rows: int = 10000,
         maximize: bool = False,
         foreach: bool | None = None,
+        nonfinite: str = "raise",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -177,6 +182,7 @@ class COSMOS(MatrixOptimizer):
             max_rows=max_rows,
             maximize=maximize,
             foreach=foreach,
+            nonfinite=nonfinite,
         )
         super().__init__(params, defaults, None)
 
@@ -253,6 +259,7 @@ def cosmos(
     variant: str = "code",
 ) -> None:
     """Functional COSMOS step of one matrix parameter; see :class:`COSMOS`."""
+    lr = scalar_lr(lr)  # a one-element tensor lr on every path
     beta1, beta2 = betas
     g = -grad if maximize else grad
     state["step"] += 1

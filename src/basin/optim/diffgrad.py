@@ -15,6 +15,7 @@ from ._base import (
     check_nonnegative,
     get_value,
     group_by_device_and_dtype,
+    scalar_lr,
     use_foreach,
 )
 from .param_groups import decay_groups
@@ -46,6 +47,9 @@ class DiffGrad(BasinOptimizer):
             gradient includes it, as in the authors' code.
         maximize: maximize the objective (default False).
         foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
+        nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
+            ``ValueError`` naming the parameter, or skips the step; either way nothing is
+            changed (eager steps; see :class:`basin.optim._base.BasinOptimizer`).
 
     References:
         Shiv Ram Dubey, Soumendu Chakraborty, Swalpa Kumar Roy, Snehasis Mukherjee, Satish Kumar
@@ -76,6 +80,7 @@ class DiffGrad(BasinOptimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        nonfinite: str = "raise",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -84,6 +89,7 @@ class DiffGrad(BasinOptimizer):
             weight_decay=weight_decay,
             maximize=maximize,
             foreach=foreach,
+            nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
 
@@ -119,6 +125,7 @@ def diffgrad(
     foreach: bool | None = None,
 ) -> None:
     """Functional diffGrad; see :class:`DiffGrad`."""
+    lr = scalar_lr(lr)  # a one-element tensor lr on every path
     fn = _multi_tensor_diffgrad if use_foreach(foreach, params) else _single_tensor_diffgrad
     fn(
         params,

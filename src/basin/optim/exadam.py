@@ -17,6 +17,7 @@ from ._base import (
     check_nonnegative,
     get_value,
     group_by_device_and_dtype,
+    scalar_lr,
     use_foreach,
 )
 from .param_groups import decay_groups
@@ -50,6 +51,9 @@ class EXAdam(BasinOptimizer):
             (default True); False uses ``lr`` as the authors' later code does.
         maximize: maximize the objective (default False).
         foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
+        nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
+            ``ValueError`` naming the parameter, or skips the step; either way nothing is
+            changed (eager steps; see :class:`basin.optim._base.BasinOptimizer`).
 
     References:
         Ahmed M. Adly. "EXAdam: The Power of Adaptive Cross-Moments." arXiv:2412.20302, 2024.
@@ -76,6 +80,7 @@ class EXAdam(BasinOptimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        nonfinite: str = "raise",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -85,6 +90,7 @@ class EXAdam(BasinOptimizer):
             dynamic_step_size=dynamic_step_size,
             maximize=maximize,
             foreach=foreach,
+            nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
 
@@ -120,6 +126,7 @@ def exadam(
     foreach: bool | None = None,
 ) -> None:
     """Functional EXAdam; see :class:`EXAdam`."""
+    lr = scalar_lr(lr)  # a one-element tensor lr on every path
     fn = _multi_tensor_exadam if use_foreach(foreach, params) else _single_tensor_exadam
     fn(
         params,

@@ -14,6 +14,7 @@ from ._base import (
     check_range,
     get_value,
     is_compiling,
+    scalar_lr,
 )
 from ._matrix import MatrixOptimizer, adamw_fallback, check_fallback, check_int, compute_dtype
 from .param_groups import matrix_groups
@@ -145,6 +146,9 @@ class FRUGAL(MatrixOptimizer):
         maximize: maximize the objective (default False).
         foreach: multi-tensor AdamW for non-projected parameters (None picks per device);
             projected matrices are a per-tensor loop.
+        nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
+            ``ValueError`` naming the parameter, or skips the step; either way nothing is
+            changed (eager steps; see :class:`basin.optim._base.BasinOptimizer`).
 
     References:
         Philip Zmushko, Aleksandr Beznosikov, Martin Takáč, Samuel Horváth. "FRUGAL:
@@ -203,6 +207,7 @@ class FRUGAL(MatrixOptimizer):
         seed: int = 0,
         maximize: bool = False,
         foreach: bool | None = None,
+        nonfinite: str = "raise",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -221,6 +226,7 @@ class FRUGAL(MatrixOptimizer):
             seed=seed,
             maximize=maximize,
             foreach=foreach,
+            nonfinite=nonfinite,
         )
         super().__init__(params, defaults, None)
 
@@ -333,7 +339,7 @@ class FRUGAL(MatrixOptimizer):
         )  # fmt: skip
         head["block_step"] += 1
 
-        lr, wd = group["lr"], group["weight_decay"]
+        lr, wd = scalar_lr(group["lr"]), group["weight_decay"]
         scale = lr * group["proj_params_lr_scale"]
         stepped = self._with_grad(blocks)
         if wd != 0:  # decay with the plain lr, as the projected variants
@@ -739,6 +745,7 @@ def frugal(
 ) -> None:
     """Functional FRUGAL step of one projected matrix; see :class:`FRUGAL`. ``state`` holds
     the buffers of :func:`init_frugal_state` (``seed``: the parameter's generator seed)."""
+    lr = scalar_lr(lr)  # a one-element tensor lr on every path
     beta1, beta2 = betas
     g = -grad if maximize else grad
     cd = compute_dtype(p.dtype)

@@ -14,6 +14,7 @@ from ._base import (
     check_nonnegative,
     check_range,
     group_by_device_and_dtype,
+    scalar_lr,
     use_foreach,
 )
 from ._kernels import newton_schulz5
@@ -74,6 +75,9 @@ class Muon(MatrixOptimizer):
             (default False).
         maximize: maximize the objective (default False).
         foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
+        nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
+            ``ValueError`` naming the parameter, or skips the step; either way nothing is
+            changed (eager steps; see :class:`basin.optim._base.BasinOptimizer`).
 
     References:
         Keller Jordan, Yuchen Jin, Vlado Boza, Jiacheng You, Franz Cesista, Laker Newhouse,
@@ -117,6 +121,7 @@ class Muon(MatrixOptimizer):
         adamw_fallback: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
+        nonfinite: str = "raise",
     ) -> None:
         check_bool("adamw_fallback", adamw_fallback)
         defaults = dict(
@@ -128,6 +133,7 @@ class Muon(MatrixOptimizer):
             ns_dtype=ns_dtype,
             maximize=maximize,
             foreach=foreach,
+            nonfinite=nonfinite,
         )
         fallback = dict(
             lr=adamw_lr, betas=adamw_betas, eps=adamw_eps, weight_decay=adamw_weight_decay
@@ -193,6 +199,7 @@ def muon(
     foreach: bool | None = None,
 ) -> None:
     """Functional Muon (matrix parameters only); see :class:`Muon`."""
+    lr = scalar_lr(lr)  # a one-element tensor lr on every path
     fn = _multi_tensor_muon if use_foreach(foreach, params) else _single_tensor_muon
     fn(
         params, grads, momentum_buffers, lr=lr, momentum=momentum, weight_decay=weight_decay,

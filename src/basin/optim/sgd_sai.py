@@ -16,6 +16,7 @@ from ._base import (
     check_nonnegative,
     check_range,
     get_value,
+    scalar_lr,
     use_foreach,
 )
 from .param_groups import decay_groups
@@ -54,6 +55,9 @@ class SGDSaI(BasinOptimizer):
         weight_decay: decoupled weight decay, applied to every tensor (default 1e-2).
         maximize: maximize the objective (default False).
         foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
+        nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
+            ``ValueError`` naming the parameter, or skips the step; either way nothing is
+            changed (eager steps; see :class:`basin.optim._base.BasinOptimizer`).
 
     References:
         Minghao Xu, Lichuan Xiang, Xu Cai, Hongkai Wen. "No More Adam: Learning Rate Scaling at
@@ -85,6 +89,7 @@ class SGDSaI(BasinOptimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        nonfinite: str = "raise",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -93,6 +98,7 @@ class SGDSaI(BasinOptimizer):
             weight_decay=weight_decay,
             maximize=maximize,
             foreach=foreach,
+            nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
 
@@ -147,6 +153,7 @@ def sgd_sai(
     foreach: bool | None = None,
 ) -> None:
     """Functional SGD-SaI; see :class:`SGDSaI`. Buffers must start as the first gradient."""
+    lr = scalar_lr(lr)  # a one-element tensor lr on every path
     fn = _multi_tensor_sgd_sai if use_foreach(foreach, params) else _single_tensor_sgd_sai
     fn(
         params,

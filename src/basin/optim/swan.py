@@ -14,6 +14,7 @@ from ._base import (
     check_nonnegative,
     check_range,
     group_by_device_and_dtype,
+    scalar_lr,
     use_foreach,
 )
 from ._kernels import whiten_newton_schulz
@@ -60,6 +61,9 @@ class SWAN(MatrixOptimizer):
             (default False).
         maximize: maximize the objective (default False).
         foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
+        nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
+            ``ValueError`` naming the parameter, or skips the step; either way nothing is
+            changed (eager steps; see :class:`basin.optim._base.BasinOptimizer`).
 
     References:
         Chao Ma, Wenbo Gong, Meyer Scetbon, Edward Meeds. "SWAN: SGD with Normalization and
@@ -138,6 +142,7 @@ class SWAN(MatrixOptimizer):
         adam_fallback: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
+        nonfinite: str = "raise",
     ) -> None:
         check_bool("adam_fallback", adam_fallback)
         defaults = dict(
@@ -149,6 +154,7 @@ class SWAN(MatrixOptimizer):
             rescale=rescale,
             maximize=maximize,
             foreach=foreach,
+            nonfinite=nonfinite,
         )
         fallback = dict(lr=adam_lr, betas=adam_betas, eps=adam_eps, weight_decay=adam_weight_decay)
         super().__init__(params, defaults, None if adam_fallback else True, fallback, "adam_")
@@ -209,6 +215,7 @@ def swan(
     ns_beta: float = 0.5,
 ) -> None:
     """Functional SWAN (matrix parameters only); see :class:`SWAN`."""
+    lr = scalar_lr(lr)  # a one-element tensor lr on every path
     fn = _multi_tensor_swan if use_foreach(foreach, params) else _single_tensor_swan
     fn(
         params, grads, lr=lr, weight_decay=weight_decay, ns_steps=ns_steps, ns_beta=ns_beta,
