@@ -287,9 +287,8 @@ def _yaml_loader(yaml: Any) -> Any:
         out: dict[Any, Any] = {}
         for k, v in node.value:
             key = loader.construct_object(k, deep=deep)
-            _unique_keys(
-                [*((x, None) for x in out), (key, None)], f" (line {k.start_mark.line + 1})"
-            )
+            if key in out:
+                raise _DuplicateKey(f"key {key!r} is given twice (line {k.start_mark.line + 1})")
             out[key] = loader.construct_object(v, deep=deep)
         return out
 
