@@ -252,51 +252,48 @@ def _check_storage_url(url: str) -> None:
 
 # ------------------------------------------------------------------ storage
 
-# Tables Optuna keeps in an RDB storage: a SQLite file holding one of them without Optuna's
-# version tables belongs to someone else and is refused before anything is written to it.
-_OPTUNA_TABLES = {
-    "studies",
-    "study_directions",
-    "study_user_attributes",
-    "study_system_attributes",
-    "trials",
-    "trial_params",
-    "trial_values",
-    "trial_intermediate_values",
-    "trial_user_attributes",
-    "trial_system_attributes",
-    "trial_heartbeats",
-    "version_info",
-    "alembic_version",
-}
+
+def _optuna_keys() -> dict[str, set[str]]:
+    """Optuna's tables and their key columns (primary and foreign keys, which every schema
+    version has), read from Optuna's own table definitions."""
+    try:
+        from optuna.storages._rdb import models
+
+        keys = {
+            name: {c.name for c in t.primary_key.columns}
+            | {fk.parent.name for fk in t.foreign_keys}
+            for name, t in models.BaseModel.metadata.tables.items()
+        }
+        keys["studies"] = keys.get("studies", set()) | {"study_name"}
+    except Exception:  # noqa: BLE001 -- another Optuna layout: check the two central tables
+        keys = {"studies": {"study_id", "study_name"}, "trials": {"trial_id", "study_id"}}
+    keys["alembic_version"] = {"version_num"}
+    return keys
+
+
 _INIT_ATTEMPTS = 40  # storage initialisation races lost before giving up (about 10 s)
 
 
 def _check_sqlite_file(url: str, path: str) -> None:
     """Refuse (read-only, before anything is written) a SQLite file that is not a database or
-    holds tables named like Optuna's that are not Optuna's."""
+    holds a table named like one of Optuna's that is not Optuna's (its key columns differ).
+    Some of Optuna's tables without the others is fine: another worker is creating them."""
     p = Path(path)
     if not p.exists() or p.stat().st_size == 0:
         return
+    keys = _optuna_keys()
+    problem = None
     try:
         con = sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=60)
         try:
             tables = {
                 r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")
             }
-            mine = tables & _OPTUNA_TABLES
-            if not mine:
-                return
-            problem = None
-            if not {"alembic_version", "version_info", "studies", "trials"} <= tables:
-                missing = sorted({"alembic_version", "version_info", "studies", "trials"} - tables)
-                problem = f"has table(s) {', '.join(sorted(mine))} but not {', '.join(missing)}"
-            else:
-                cols = {r[1] for r in con.execute("PRAGMA table_info(studies)")}
-                if not {"study_id", "study_name"} <= cols:
-                    problem = "has a table 'studies' that is not Optuna's"
-                elif con.execute("SELECT count(*) FROM alembic_version").fetchone()[0] != 1:
-                    problem = "has an alembic_version table that is not Optuna's"
+            for name in sorted(tables & set(keys)):
+                cols = {r[1] for r in con.execute(f'PRAGMA table_info("{name}")')}
+                if not keys[name] <= cols:
+                    problem = f"has a table {name!r} that is not Optuna's"
+                    break
         finally:
             con.close()
     except sqlite3.Error as exc:
