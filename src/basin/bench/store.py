@@ -58,7 +58,6 @@ CREATE TABLE IF NOT EXISTS basin_claims (
     expires REAL NOT NULL
 );
 """
-_TABLES = ("basin_runs", "basin_claims")
 _COLUMNS = "key, workload, optimizer, seed, status, grp, created, version, git_rev, config, result"
 
 

@@ -9,7 +9,8 @@ samplers treat it as worse than every finished trial) with ``user_attrs["status"
 "diverged"``.
 
 Storage is any SQLAlchemy URL Optuna accepts: by default the SQLite file that ``basin bench``
-uses, or PostgreSQL for several workers running the same command. Rerunning the same command
+uses (several workers on one machine), or PostgreSQL for workers on several machines; workers
+draw distinct sampler seeds and stop at the requested total. Rerunning the same command
 resumes the study until it holds ``n_trials`` finished (complete or pruned) trials. A worker
 killed mid-trial (even by SIGKILL) loses no finished trial: its running trial is marked
 failed and queued again with the same parameters, either at once (same host, process gone)
