@@ -141,9 +141,11 @@ def test_report_unwritable_target_is_one_line(tmp_path, capsys) -> None:
                  "--storage", str(db), "--quiet", "--no-report"]) == 0  # fmt: skip
     capsys.readouterr()
     out = tmp_path / "rep"
-    (out / "results.json.tmp").mkdir(parents=True)  # the file cannot be written
+    (out / "results.json").mkdir(parents=True)  # the file cannot be replaced
     assert main(["report", str(db), "--out", str(out)]) == 2
     cap = capsys.readouterr()
     assert cap.err.strip() == (
         f"basin: error: cannot write report file {str(out / 'results.json')!r}: Is a directory"
     )
+    # nothing was renamed into place and no temporary file is left behind
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]

@@ -21,12 +21,15 @@ no studies. Each summary is a dict with ``name``, ``n_trials``, ``direction``, `
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import datetime as _dt
 import html
 import io
 import json
 import math
+import os
+import re
 import sqlite3
 import statistics
 from collections import defaultdict
@@ -38,7 +41,7 @@ import numpy as np
 
 from . import workloads as _wl
 from .profiles import performance_profiles, profile_scores, taus
-from .store import Store, sqlite_path
+from .store import Store, pid_alive, sqlite_path
 
 __all__ = ["load_runs", "summarize", "tune_summaries", "write_report"]
 
@@ -470,22 +473,23 @@ def write_report(
         "sensitivity": sens,
         "runs": runs,
     }
-    _atomic_write(paths["json"], json.dumps(_json_safe(payload), indent=1, sort_keys=True))
-    _write_csv(
-        paths["summary_csv"],
-        [
-            {k: v for k, v in r.items() if k != "hparams"}
-            | {"hparams": json.dumps(r["hparams"], sort_keys=True)}
-            for r in rows
-        ],
-    )
-    _write_csv(paths["runs_csv"], [_run_row(r) for r in runs])
-    _atomic_write(
-        paths["html"],
-        _html(
+    # every file is rendered first, then written to a temporary name and renamed into
+    # place, report.html last: a failure leaves the previous set as it was
+    files = {
+        paths["json"]: json.dumps(_json_safe(payload), indent=1, sort_keys=True),
+        paths["summary_csv"]: _csv_text(
+            [
+                {k: v for k, v in r.items() if k != "hparams"}
+                | {"hparams": json.dumps(r["hparams"], sort_keys=True)}
+                for r in rows
+            ]
+        ),
+        paths["runs_csv"]: _csv_text([_run_row(r) for r in runs]),
+        paths["html"]: _html(
             title, url, runs, rows, profiles, scores, grid, tuning, profile_measure, verdict, sens
         ),
-    )
+    }
+    _write_set(files)
     return paths
 
 
@@ -530,22 +534,65 @@ def _run_row(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _remove_stale_tmp(out: Path, names: Sequence[str]) -> None:
+    """Remove temporary report files left by a process that was killed (SIGKILL cannot
+    clean up); those of a live writer stay."""
     try:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        entries = list(out.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        m = _TMP.match(p.name)
+        if m and m["name"] in names and not pid_alive(int(m["pid"])):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def _write_set(files: dict[Path, str]) -> None:
+    """Write a set of files so that an error or a kill leaves the previous set: each goes to
+    a temporary name beside it (flushed to disk), then all are renamed into place in order
+    (report.html is last, so it is never newer than the data it shows). Temporary files
+    are removed on any error, and a killed writer's are removed by the next one."""
+    paths = list(files)
+    if paths:
+        _remove_stale_tmp(paths[0].parent, [p.name for p in paths])
+    tmps: list[tuple[Path, Path]] = []
+    current = paths[0] if paths else Path()
+    try:
+        for path, text in files.items():
+            current = path
+            tmp = _tmp_name(path)
+            tmps.append((tmp, path))
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in tmps:
+            current = path
+            os.replace(tmp, path)
     except OSError as exc:
-        raise ValueError(f"cannot write report file {str(path)!r}: {exc.strerror}") from None
+        why = exc.strerror or str(exc)
+        raise ValueError(f"cannot write report file {str(current)!r}: {why}") from None
+    finally:
+        for tmp, _ in tmps:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def _csv_text(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     if rows:
         w = csv.DictWriter(buf, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    _atomic_write(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def _html(

@@ -16,6 +16,7 @@ with ``status="diverged"`` and ``diverged_step`` = the first step whose loss was
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -507,36 +508,79 @@ def sweep(
     progress: Any = None,
     on_result: Callable[[RunResult | None, RunConfig], None] | None = None,
     group: str = "bench",
+    lease: float | None = None,
+    poll: float = 0.5,
 ) -> list[RunResult]:
     """Run every configuration not already stored; store each result as soon as it finishes.
 
     Diverged runs are stored (with their step) and the sweep goes on; a run that raises is
     stored as ``status="failed"`` with the error (and rerun on the next sweep). ``progress``
-    is an optional ``(done, total, description, step, steps)`` callback."""
+    is an optional ``(done, total, description, step, steps)`` callback.
+
+    Several processes may sweep one store together: each run is claimed first
+    (:meth:`basin.bench.store.Store.claim`, renewed every ``lease / 4`` seconds while it
+    trains), so a worker skips runs that a live worker is training and takes over those whose
+    worker died. Once its own share is done a worker waits (polling every ``poll`` seconds)
+    until the runs others hold are stored, so when it returns every configuration is stored.
+    Returns the runs this worker stored."""
+    from .store import LEASE
+
+    lease = LEASE if lease is None else lease
     results: list[RunResult] = []
     todo = [c for c in configs if not store.has(c.key())]
-    skipped = len(configs) - len(todo)
-    for i, cfg in enumerate(todo):
-        desc = f"{cfg.workload} {cfg.optimizer} seed={cfg.seed}"
-
-        def step_cb(s: int, total: int | None, _d: str = desc, _i: int = i) -> None:
-            if progress is not None:
-                progress(skipped + _i, len(configs), _d, s, total)
-
-        step_cb(0, cfg.steps)
-        try:
-            res = run(cfg, progress=step_cb)
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # noqa: BLE001  -- recorded, the sweep goes on
-            res = _failed(cfg, exc)
-        store.put(res, group=group)
-        results.append(res)
-        if on_result is not None:
-            on_result(res, cfg)
+    done = len(configs) - len(todo)
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    pending = todo
+    while pending:
+        waiting: list[RunConfig] = []
+        for cfg in pending:
+            if not store.claim(cfg.key(), lease=lease):
+                if not _resolved(store, cfg, started):
+                    waiting.append(cfg)  # a live worker trains it
+                    continue
+                done += 1
+                continue
+            res = _run_claimed(cfg, store, lease, done, len(configs), progress)
+            if store.put(res, group=group):  # False: another worker stored it first
+                results.append(res)
+                if on_result is not None:
+                    on_result(res, cfg)
+            done += 1
+        if waiting == pending:
+            time.sleep(poll)
+        pending = [c for c in waiting if not _resolved(store, c, started)]
+        done += len(waiting) - len(pending)
     if progress is not None:
         progress(len(configs), len(configs), "done", 0, None)
     return results
+
+
+def _resolved(store: Any, cfg: RunConfig, started: str) -> bool:
+    """Whether a run is stored, or failed in another worker during this sweep (a failed run
+    is retried by the next sweep, not by every worker of this one)."""
+    st = store.status(cfg.key())
+    return st is not None and (st[0] != "failed" or st[1] >= started)
+
+
+def _run_claimed(
+    cfg: RunConfig, store: Any, lease: float, done: int, total: int, progress: Any
+) -> RunResult:
+    desc = f"{cfg.workload} {cfg.optimizer} seed={cfg.seed}"
+
+    def step_cb(s: int, steps: int | None) -> None:
+        if progress is not None:
+            progress(done, total, desc, s, steps)
+
+    step_cb(0, cfg.steps)
+    try:
+        with store.keep_alive(cfg.key(), lease=lease):
+            return run(cfg, progress=step_cb)
+    except KeyboardInterrupt:
+        with contextlib.suppress(ValueError):
+            store.release(cfg.key())  # free it for another worker at once
+        raise
+    except Exception as exc:  # noqa: BLE001  -- recorded, the sweep goes on
+        return _failed(cfg, exc)
 
 
 def _failed(cfg: RunConfig, exc: BaseException) -> RunResult:

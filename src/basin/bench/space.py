@@ -217,6 +217,57 @@ def parse_space(raw: Any, optimizer: str, *, source: str = "search space") -> di
     return out
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[Any, Any]], where: str = "") -> dict[Any, Any]:
+    """A mapping from ``pairs`` that refuses a key given twice (JSON and YAML keep the last
+    one silently, so a typo'd copy of an entry would win without a word)."""
+    out: dict[Any, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(f"key {k!r} is given twice{where}")
+        out[k] = v
+    return out
+
+
+# YAML 1.1 (PyYAML) reads ``1e-4`` as a string: its float pattern wants a dot and a signed
+# exponent. This resolver, the YAML 1.2 core schema's float pattern, reads it as a number.
+_YAML_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+
+
+def _yaml_loader(yaml: Any) -> Any:
+    """PyYAML's SafeLoader with YAML 1.2 floats (``1e-4``) and duplicate keys refused."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+        for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_FLOAT, list("-+0123456789."))
+
+    def mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:
+        loader.flatten_mapping(node)
+        out: dict[Any, Any] = {}
+        for k, v in node.value:
+            key = loader.construct_object(k, deep=deep)
+            if key in out:
+                raise _DuplicateKey(f"key {key!r} is given twice (line {k.start_mark.line + 1})")
+            out[key] = loader.construct_object(v, deep=deep)
+        return out
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return Loader
+
+
 def load_space(path: str | Path, optimizer: str) -> dict[str, Param]:
     """Read and validate a search-space file (``.json``, ``.toml``, ``.yaml``/``.yml``)."""
     p = Path(path)
@@ -230,7 +281,9 @@ def load_space(path: str | Path, optimizer: str) -> dict[str, Param]:
     suffix = p.suffix.lower()
     if suffix == ".json":
         try:
-            raw = json.loads(text)
+            raw = json.loads(text, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as exc:
+            raise ValueError(f"{src}: invalid JSON: {exc}") from None
         except json.JSONDecodeError as exc:
             raise ValueError(
                 f"{src}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
@@ -253,7 +306,9 @@ def load_space(path: str | Path, optimizer: str) -> dict[str, Param]:
         except ImportError:
             raise ValueError(f"{src}: reading YAML needs PyYAML (pip install pyyaml)") from None
         try:
-            raw = yaml.safe_load(text)
+            raw = yaml.load(text, Loader=_yaml_loader(yaml))  # noqa: S506 -- a SafeLoader
+        except _DuplicateKey as exc:
+            raise ValueError(f"{src}: invalid YAML: {exc}") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             at = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""

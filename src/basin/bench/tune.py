@@ -9,7 +9,8 @@ samplers treat it as worse than every finished trial) with ``user_attrs["status"
 "diverged"``.
 
 Storage is any SQLAlchemy URL Optuna accepts: by default the SQLite file that ``basin bench``
-uses, or PostgreSQL for several workers running the same command. Rerunning the same command
+uses (several workers on one machine), or PostgreSQL for workers on several machines; workers
+draw distinct sampler seeds and stop at the requested total. Rerunning the same command
 resumes the study until it holds ``n_trials`` finished (complete or pruned) trials. A worker
 killed mid-trial (even by SIGKILL) loses no finished trial: its running trial is marked
 failed and queued again with the same parameters, either at once (same host, process gone)
@@ -21,14 +22,18 @@ KDD 2019, arXiv:1907.10902.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import random
 import socket
 import sqlite3
+import threading
+import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +41,7 @@ from typing import Any
 from . import workloads as _wl
 from .runner import _check_int, make_config, run
 from .space import Param, _accepted, default_space, load_space, space_to_dict
-from .store import DEFAULT_STORAGE
+from .store import DEFAULT_STORAGE, owner_gone, pid_alive
 
 __all__ = [
     "SAMPLERS",
@@ -119,6 +124,8 @@ def _optuna() -> Any:
         raise ValueError("basin tune needs optuna: pip install optuna") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # tune() asks and tells itself and beats the heartbeat in its own thread (_run_trial)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
     return optuna
 
 
@@ -253,42 +260,277 @@ def _check_storage_url(url: str) -> None:
                 raise ValueError(f"cannot open storage {url!r}: {exc}") from None
 
 
+# ------------------------------------------------------------------ storage
+
+
+def _optuna_keys() -> dict[str, set[str]]:
+    """Optuna's tables and their key columns (primary and foreign keys, which every schema
+    version has), read from Optuna's own table definitions."""
+    try:
+        from optuna.storages._rdb import models
+
+        keys = {
+            name: {c.name for c in t.primary_key.columns}
+            | {fk.parent.name for fk in t.foreign_keys}
+            for name, t in models.BaseModel.metadata.tables.items()
+        }
+        keys["studies"] = keys.get("studies", set()) | {"study_name"}
+    except Exception:  # noqa: BLE001 -- another Optuna layout: check the two central tables
+        keys = {"studies": {"study_id", "study_name"}, "trials": {"trial_id", "study_id"}}
+    keys["alembic_version"] = {"version_num"}
+    return keys
+
+
+_INIT_ATTEMPTS = 40  # storage initialisation races lost before giving up (about 10 s)
+
+
+def _check_sqlite_file(url: str, path: str) -> None:
+    """Refuse (read-only, before anything is written) a SQLite file that is not a database or
+    holds a table named like one of Optuna's that is not Optuna's (its key columns differ).
+    Some of Optuna's tables without the others is fine: another worker is creating them."""
+    p = Path(path)
+    if not p.exists() or p.stat().st_size == 0:
+        return
+    keys = _optuna_keys()
+    problem = None
+    try:
+        con = sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=60)
+        try:
+            tables = {
+                r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            for name in sorted(tables & set(keys)):
+                cols = {r[1] for r in con.execute(f'PRAGMA table_info("{name}")')}
+                if not keys[name] <= cols:
+                    problem = f"has a table {name!r} that is not Optuna's"
+                    break
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise ValueError(f"cannot open storage {url!r}: {exc}") from None
+    if problem is not None:
+        raise ValueError(
+            f"storage {url!r} is not an Optuna database: it {problem}; "
+            "use another file for --storage"
+        )
+
+
+def _init_race(exc: BaseException) -> bool:
+    """Whether a storage error is one that several processes creating the same tables at
+    once produce (another process got there first), so that trying again succeeds."""
+    from sqlalchemy import exc as sa_exc
+
+    if not isinstance(
+        exc, (sa_exc.IntegrityError, sa_exc.OperationalError, sa_exc.ProgrammingError)
+    ):
+        return False
+    msg = str(exc).lower()
+    return any(s in msg for s in ("already exists", "unique", "duplicate", "locked"))
+
+
+def _retry_init(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` (an idempotent schema set-up) again while it loses a creation race."""
+    for attempt in range(_INIT_ATTEMPTS):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 -- re-raised unless it is a lost race
+            if attempt == _INIT_ATTEMPTS - 1 or not _init_race(exc):
+                raise
+            time.sleep(random.uniform(0.05, 0.4))  # noqa: S311 -- back-off jitter
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def _open_storage(spec: TuneSpec, heartbeat: int, grace: int) -> Any:
     optuna = _optuna()
     url = spec.storage
     from sqlalchemy.engine import make_url
 
     u = make_url(url)
+    kwargs: dict[str, Any] = {}
     if u.get_backend_name() == "sqlite" and u.database:
+        _check_sqlite_file(url, u.database)
         try:
             Path(u.database).parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ValueError(f"cannot create storage {url!r}: {exc.strerror}") from None
-    kwargs: dict[str, Any] = {}
-    if u.get_backend_name() == "sqlite":
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     try:
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=heartbeat,
-            grace_period=grace,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=MAX_RETRY
-            ),
-            **kwargs,
+        return _retry_init(
+            lambda: optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=heartbeat,
+                grace_period=grace,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=MAX_RETRY
+                ),
+                **kwargs,
+            )
         )
     except Exception as exc:  # noqa: BLE001 -- driver missing, unreachable server, bad file
-        msg = " ".join(str(exc).split())
-        if len(msg) > 300:
-            msg = msg[:300] + "..."
-        raise ValueError(f"cannot open storage {url!r}: {type(exc).__name__}: {msg}") from None
+        raise ValueError(f"cannot open storage {url!r}: {_one_line(exc)}") from None
 
 
-def _make_sampler(spec: TuneSpec, offset: int) -> Any:
+def _one_line(exc: BaseException) -> str:
+    msg = " ".join(str(exc).split())
+    if len(msg) > 300:
+        msg = msg[:300] + "..."
+    return f"{type(exc).__name__}: {msg}"
+
+
+class _Mismatch(Exception):
+    """The stored fingerprint is another one (raised to roll the transaction back)."""
+
+
+class _Guard:
+    """basin's own two tables next to Optuna's, in the same database (SQLAlchemy Core):
+
+    * ``basin_tune_studies``: each study's fingerprint, written before the Optuna study is
+      created and compared in the same transaction, so a study is never without its guard
+      (a kill between the two steps leaves a guard and no study, or a guard and an empty
+      study); ``sessions`` counts the workers that opened it (each one's sampler seed).
+    * ``basin_tune_locks``: short leases (owner host and pid) that serialise "count the
+      trials and start one" between workers, so they stop at the requested total.
+
+    On SQLite every transaction is ``BEGIN IMMEDIATE`` (SQLAlchemy's documented pysqlite
+    recipe): the first statement already holds the write lock, so read-then-write is atomic;
+    on other databases the rows are read ``FOR UPDATE``."""
+
+    LOCK_LEASE = 15.0
+
+    def __init__(self, url: str) -> None:
+        import sqlalchemy as sa
+
+        self.sa = sa
+        sqlite = url.lower().startswith("sqlite")
+        self.engine = sa.create_engine(
+            url, connect_args={"timeout": 60} if sqlite else {}, poolclass=sa.pool.NullPool
+        )
+        if sqlite:
+
+            @sa.event.listens_for(self.engine, "connect")
+            def _connect(dbapi_conn: Any, _rec: Any) -> None:
+                dbapi_conn.isolation_level = None  # let the "begin" event emit BEGIN
+
+            @sa.event.listens_for(self.engine, "begin")
+            def _begin(conn: Any) -> None:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        meta = sa.MetaData()
+        self.studies = sa.Table(
+            "basin_tune_studies",
+            meta,
+            sa.Column("study_name", sa.String(512), primary_key=True),
+            sa.Column("fingerprint", sa.String(64), nullable=False),
+            sa.Column("sessions", sa.Integer, nullable=False),
+        )
+        self.locks = sa.Table(
+            "basin_tune_locks",
+            meta,
+            sa.Column("name", sa.String(600), primary_key=True),
+            sa.Column("host", sa.String(255), nullable=False),
+            sa.Column("pid", sa.Integer, nullable=False),
+            sa.Column("expires", sa.Float, nullable=False),
+        )
+        self.meta = meta
+        self.host, self.pid = socket.gethostname(), os.getpid()
+
+    def setup(self) -> None:
+        _retry_init(lambda: self.meta.create_all(self.engine))
+
+    def bind(self, name: str, fp: str, old_fp: str | None, unguarded: bool) -> tuple[str, int]:
+        """Record (or read) the study's fingerprint and count this session, atomically:
+        ``(fingerprint of the study, index of this session)``. ``old_fp``: the fingerprint a
+        study made before the guard table existed keeps in its user attributes; ``unguarded``:
+        the study exists with trials and no fingerprint at all (refused)."""
+        sa, t = self.sa, self.studies
+
+        def once() -> tuple[str, int]:
+            with self.engine.begin() as c:
+                row = c.execute(
+                    sa.select(t.c.fingerprint, t.c.sessions)
+                    .where(t.c.study_name == name)
+                    .with_for_update()
+                ).first()
+                if row is None:
+                    if unguarded:
+                        return "", -1
+                    stored, k = old_fp or fp, 0
+                    c.execute(sa.insert(t).values(study_name=name, fingerprint=stored, sessions=1))
+                else:
+                    stored, k = row.fingerprint, int(row.sessions)
+                if stored != fp:
+                    raise _Mismatch(stored, k)  # rolls back: a refused worker counts nothing
+                if row is not None:
+                    c.execute(
+                        sa.update(t).where(t.c.study_name == name).values(sessions=t.c.sessions + 1)
+                    )
+                return stored, k
+
+        try:
+            return _retry_init(once)
+        except _Mismatch as m:
+            return m.args[0], m.args[1]
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Hold the lease ``name`` for the block; wait while a live worker holds it, take it
+        over from a gone one (see :func:`basin.bench.store.owner_gone`)."""
+        while not self._try_lock(name):
+            time.sleep(random.uniform(0.01, 0.05))  # noqa: S311 -- back-off jitter
+        try:
+            yield
+        finally:
+            with self.engine.begin() as c:
+                c.execute(
+                    self.sa.delete(self.locks).where(
+                        (self.locks.c.name == name)
+                        & (self.locks.c.host == self.host)
+                        & (self.locks.c.pid == self.pid)
+                    )
+                )
+
+    def _try_lock(self, name: str) -> bool:
+        sa, t = self.sa, self.locks
+        now = time.time()
+        try:
+            with self.engine.begin() as c:
+                row = c.execute(
+                    sa.select(t.c.host, t.c.pid, t.c.expires)
+                    .where(t.c.name == name)
+                    .with_for_update()
+                ).first()
+                if row is not None and (row.host, row.pid) != (self.host, self.pid):
+                    if not owner_gone(row.host, row.pid, row.expires, now):
+                        return False
+                vals = {"host": self.host, "pid": self.pid, "expires": now + self.LOCK_LEASE}
+                if row is None:
+                    c.execute(sa.insert(t).values(name=name, **vals))
+                else:
+                    c.execute(sa.update(t).where(t.c.name == name).values(**vals))
+            return True
+        except sa.exc.IntegrityError:  # another worker inserted it first
+            return False
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _make_sampler(spec: TuneSpec, session: int, n_before: int) -> Any:
+    """The sampler of one worker session. The first session of a new study is seeded with
+    ``--seed`` (a rerun of the same command draws the same trials); every other session
+    (a resume, or one of several workers) gets its own seed from ``(seed, session, trials)``,
+    so workers that start together do not draw the same parameters."""
     optuna = _optuna()
-    seed = spec.seed + offset  # a resumed study must not replay the same random draws
+    if session == 0 and n_before == 0:
+        seed = spec.seed
+    else:
+        import numpy as np
+
+        seed = int(np.random.SeedSequence([spec.seed, session, n_before]).generate_state(1)[0])
     if spec.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, spec.n_trials))
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=min(10, spec.n_trials), constant_liar=True
+        )
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.QMCSampler(
@@ -308,13 +550,22 @@ def _make_pruner(spec: TuneSpec) -> Any:
     return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
 
 
-def _pid_alive(pid: int) -> bool:
+_pid_alive = pid_alive
+
+
+def _fail_and_requeue(study: Any, trial_id: int) -> bool:
+    """Mark a running trial failed and queue it again with the same parameters (at most
+    ``MAX_RETRY`` times); False if it had finished meanwhile."""
+    optuna = _optuna()
+    storage = study._storage
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+        if not storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL):
+            return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False  # another worker got there first
+    cb = storage.get_heartbeat_stale_trial_callback()
+    if cb is not None:
+        cb(study, storage.get_trial(trial_id))
     return True
 
 
@@ -322,30 +573,28 @@ def _fail_orphans(study: Any) -> list[int]:
     """Fail RUNNING trials started on this host by a process that no longer exists, and queue
     them again (the heartbeat does the same for other hosts after the grace period)."""
     optuna = _optuna()
-    storage = study._storage
     host = socket.gethostname()
     failed = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if t.user_attrs.get("basin_host") != host:
             continue
         pid = t.user_attrs.get("basin_pid")
-        if not isinstance(pid, int) or pid == os.getpid() or _pid_alive(pid):
+        if not isinstance(pid, int) or pid == os.getpid() or pid_alive(pid):
             continue
-        try:
-            if storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL):
-                failed.append(t._trial_id)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another worker got there first
-    cb = storage.get_heartbeat_stale_trial_callback()
-    for tid in failed:
-        if cb is not None:
-            cb(study, storage.get_trial(tid))
-    return [storage.get_trial(tid).number for tid in failed]
+        if _fail_and_requeue(study, t._trial_id):
+            failed.append(t.number)
+    return failed
 
 
 def _fingerprint_hash(spec: TuneSpec) -> str:
     blob = json.dumps(spec.fingerprint(), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _refused(spec: TuneSpec, why: str) -> ValueError:
+    return ValueError(
+        f"study {spec.study_name!r} in {spec.storage} {why}; choose another --study-name"
+    )
 
 
 def tune(
@@ -356,12 +605,20 @@ def tune(
     on_trial: Callable[[Any, int, int], None] | None = None,
     progress: Callable[[int, int | None], None] | None = None,
     on_start: Callable[[], None] | None = None,
+    poll: float = 1.0,
 ) -> TuneResult:
     """Run (or resume) the study of ``spec`` until it holds ``spec.n_trials`` finished trials.
 
-    ``on_trial(frozen_trial, n_finished, n_trials)`` is called after each trial;
-    ``progress(step, steps)`` during training (for progress bars); ``on_start()`` once the
-    study is open and checked (before the first trial)."""
+    Several workers (processes, hosts) may run the same spec on one storage: each draws its
+    own sampler seed, a trial is started only while the finished and running trials number
+    fewer than ``spec.n_trials``, and a worker with nothing left to start waits (polling every
+    ``poll`` seconds, failing and re-queueing the trials of workers that died) until the
+    study holds ``spec.n_trials`` finished trials. Ctrl-C (``KeyboardInterrupt``) marks the
+    running trial failed, queues it again with the same parameters and propagates.
+
+    ``on_trial(frozen_trial, n_finished, n_trials)`` is called after each trial of this
+    worker; ``progress(step, steps)`` during training (for progress bars); ``on_start()``
+    once the study is open and checked (before the first trial)."""
     optuna = _optuna()
     from optuna.trial import TrialState
 
@@ -371,43 +628,79 @@ def tune(
         existing = optuna.load_study(study_name=spec.study_name, storage=storage)
     except KeyError:
         existing = None
+    except Exception as exc:  # noqa: BLE001 -- an unreadable database
+        raise ValueError(f"cannot read storage {spec.storage!r}: {_one_line(exc)}") from None
+    old_fp, n_before = None, 0
     if existing is not None:
         if existing.direction.name.lower() != spec.direction:
-            raise ValueError(
-                f"study {spec.study_name!r} in {spec.storage} optimizes in the other direction; "
-                "choose another --study-name"
+            raise _refused(spec, "optimizes in the other direction")
+        old_fp = existing.user_attrs.get("basin_fingerprint")
+        n_before = len(existing.get_trials(deepcopy=False))
+    guard = _Guard(spec.storage)
+    try:
+        try:
+            guard.setup()
+            stored, session = guard.bind(
+                spec.study_name,
+                fp,
+                old_fp,
+                existing is not None and old_fp is None and n_before > 0,
             )
-        old = existing.user_attrs.get("basin_fingerprint")
-        if old is not None and old != fp:
+        except Exception as exc:  # noqa: BLE001
             raise ValueError(
-                f"study {spec.study_name!r} in {spec.storage} was made with a different "
-                "workload, optimizer, objective, search space or budget; "
-                "choose another --study-name"
+                f"cannot write to storage {spec.storage!r}: {_one_line(exc)}"
+            ) from None
+        if session < 0:
+            raise _refused(
+                spec,
+                "has trials but no basin fingerprint (made outside basin tune, or by a run "
+                "killed while creating it), so its budget and search space are unknown",
             )
-    n_before = len(existing.trials) if existing is not None else 0
-    study = optuna.create_study(
-        study_name=spec.study_name,
-        storage=storage,
-        sampler=_make_sampler(spec, n_before),
-        pruner=_make_pruner(spec),
-        direction=spec.direction,
-        load_if_exists=True,
-    )
-    if existing is None:
-        study.set_user_attr("basin_fingerprint", fp)
-        study.set_user_attr("basin_spec", json.loads(json.dumps(spec.fingerprint(), default=str)))
-        study.set_user_attr("workload", spec.workload)
-        study.set_user_attr("optimizer", spec.optimizer)
-        study.set_user_attr("objective", spec.objective)
-    _fail_orphans(study)
-    optuna.storages.fail_stale_trials(study)
+        if stored != fp:
+            raise _refused(
+                spec,
+                "was made with a different workload, optimizer, objective, search space or budget",
+            )
+        study = optuna.create_study(
+            study_name=spec.study_name,
+            storage=storage,
+            sampler=_make_sampler(spec, session, n_before),
+            pruner=_make_pruner(spec),
+            direction=spec.direction,
+            load_if_exists=True,
+        )
+        if study.user_attrs.get("basin_fingerprint") != fp:  # informative (report, dashboard)
+            study.set_user_attr(
+                "basin_spec", json.loads(json.dumps(spec.fingerprint(), default=str))
+            )
+            study.set_user_attr("workload", spec.workload)
+            study.set_user_attr("optimizer", spec.optimizer)
+            study.set_user_attr("objective", spec.objective)
+            study.set_user_attr("basin_fingerprint", fp)
+        return _work(
+            spec, study, guard, heartbeat_interval, poll, on_trial, progress, on_start, TrialState
+        )
+    finally:
+        guard.close()
 
+
+def _work(
+    spec: TuneSpec,
+    study: Any,
+    guard: _Guard,
+    heartbeat_interval: int,
+    poll: float,
+    on_trial: Callable[[Any, int, int], None] | None,
+    progress: Callable[[int, int | None], None] | None,
+    on_start: Callable[[], None] | None,
+    TrialState: Any,  # noqa: N803
+) -> TuneResult:
+    optuna = _optuna()
     finished_states = (TrialState.COMPLETE, TrialState.PRUNED)
     host, pid = socket.gethostname(), os.getpid()
+    lock = f"ask:{spec.study_name}"
 
     def objective(trial: Any) -> float:
-        trial.set_user_attr("basin_host", host)
-        trial.set_user_attr("basin_pid", pid)
         values = {name: p.sample(trial) for name, p in spec.space.items()}
         hp = spec.hparams(values)
         cfg = make_config(spec.workload, spec.optimizer, hp, seed=spec.seed, **spec.run_kwargs)
@@ -436,25 +729,29 @@ def tune(
     def n_finished() -> int:
         return len(study.get_trials(deepcopy=False, states=finished_states))
 
-    def after(st: Any, trial: Any) -> None:
-        done = n_finished()
-        if on_trial is not None:
-            on_trial(trial, done, spec.n_trials)
-        if done >= spec.n_trials:
-            st.stop()
-
     if on_start is not None:
         on_start()
     n_new = 0
-    while n_finished() < spec.n_trials:
-        before = len(study.trials)
-        study.optimize(
-            objective,
-            n_trials=spec.n_trials - n_finished(),
-            callbacks=[after],
-            gc_after_trial=False,
-        )
-        n_new += len(study.trials) - before
+    while True:
+        trial = None
+        with guard.lock(lock):  # count and start under one lease: no worker overshoots
+            _fail_orphans(study)
+            optuna.storages.fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            done = sum(t.state in finished_states for t in trials)
+            if done >= spec.n_trials:
+                break
+            if done + sum(t.state == TrialState.RUNNING for t in trials) < spec.n_trials:
+                trial = study.ask()
+                trial.set_user_attr("basin_host", host)
+                trial.set_user_attr("basin_pid", pid)
+        if trial is None:  # the rest is running in other workers
+            time.sleep(poll)
+            continue
+        frozen = _run_trial(study, trial, objective, heartbeat_interval, TrialState)
+        n_new += 1
+        if on_trial is not None:
+            on_trial(frozen, n_finished(), spec.n_trials)
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = study.best_trial if complete else None
@@ -470,6 +767,44 @@ def tune(
         best_params={} if best is None else dict(best.params),
         best_hparams={} if best is None else dict(best.user_attrs.get("hparams", {})),
     )
+
+
+def _run_trial(
+    study: Any,
+    trial: Any,
+    objective: Callable[[Any], float],
+    every: int,
+    TrialState: Any,  # noqa: N803
+) -> Any:
+    """Run one asked trial with a heartbeat thread and tell the study how it ended."""
+    optuna = _optuna()
+    storage = study._storage
+    tid = trial._trial_id
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every):
+            with contextlib.suppress(Exception):  # a missed beat; the grace period covers it
+                storage.record_heartbeat(tid)
+
+    storage.record_heartbeat(tid)
+    hb = threading.Thread(target=beat, name="basin-tune-heartbeat", daemon=True)
+    hb.start()
+    try:
+        try:
+            value = objective(trial)
+        finally:
+            stop.set()
+            hb.join()
+    except optuna.TrialPruned:
+        return study.tell(trial, state=TrialState.PRUNED)
+    except KeyboardInterrupt:
+        _fail_and_requeue(study, tid)  # Ctrl-C: the same parameters run again next time
+        raise
+    except BaseException:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    return study.tell(trial, value)
 
 
 # ------------------------------------------------------------------ report hook
