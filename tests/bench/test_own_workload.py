@@ -237,6 +237,8 @@ def test_ctrl_c_exits_130_and_says_what_is_stored(tmp_path) -> None:
         [sys.executable, "-m", "basin", "bench", "-w", f"{f}:workload", "-o", "adamw,sgd,muon",
          "--seeds", "4", "--storage", str(db), "--quiet", "--no-report"],
         stderr=subprocess.PIPE, text=True, env={**ENV, "BASIN_TEST_SLOW": "1"},
+        # as from a terminal (pytest-xdist workers start their children with SIGINT ignored)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     deadline = time.time() + 120
     while time.time() < deadline:  # wait for the first stored run

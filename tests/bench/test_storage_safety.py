@@ -315,7 +315,11 @@ def test_ctrl_c_in_tune_requeues_the_trial(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
-    # (its exit status and message are main()'s business: 130 and one line)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == [
+        "basin: interrupted: finished trials of study 'f1-adabelief' are stored in "
+        f"{url}; rerun to resume"
+    ], err
     trials = optuna.load_study(study_name="f1-adabelief", storage=url).trials
     failed = [t for t in trials if t.state.name == "FAIL"]
     waiting = [t for t in trials if t.state.name == "WAITING"]
