@@ -313,6 +313,15 @@ def _o_workloads(default: str):
     )
 
 
+def _o_workload():
+    return typer.Option(
+        "mnist1d_mlp",
+        "--workload",
+        "-w",
+        help="Workload: a built-in name, path/to/file.py:NAME or package.module:NAME.",
+    )
+
+
 def _o_optimizers(default: str, what: str):
     return typer.Option(
         default,
@@ -720,12 +729,7 @@ def report(
 
 @app.command()
 def tune(
-    workload: str = typer.Option(
-        "mnist1d_mlp",
-        "--workload",
-        "-w",
-        help="Workload: a built-in name, path/to/file.py:NAME or package.module:NAME.",
-    ),
+    workload: str = _o_workload(),
     optimizers: str = _o_optimizers("adabelief", "One study per optimizer."),
     trials: int = typer.Option(
         20, "--trials", "-n", help="Finished trials each study should hold."
@@ -849,12 +853,7 @@ def _tune_one(spec, trials, quiet, run_tune) -> None:  # noqa: ANN001
 
 @app.command()
 def pbt(
-    workload: str = typer.Option(
-        "mnist1d_mlp",
-        "--workload",
-        "-w",
-        help="Workload: a built-in name, path/to/file.py:NAME or package.module:NAME.",
-    ),
+    workload: str = _o_workload(),
     optimizers: str = _o_optimizers("adabelief", "One population per optimizer."),
     population: int = typer.Option(4, "--population", "-p", help="Members of the population."),
     steps: int | None = _o_steps("member"),

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
-import tempfile
 
 import numpy as np
 import pytest
+from chromium import CHROMIUM, IMAGE_PROBE, image_sizes, render
 from scipy import stats
 
 from basin.bench import Store
@@ -72,9 +70,6 @@ def test_verdict_names_a_clear_winner_and_refuses_a_noisy_one() -> None:
     assert v["ranking"][0]["label"] == "x" and "untuned" in v["protocol"]
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 def test_tuned_comparison_end_to_end(tmp_path, capsys) -> None:
     db = tmp_path / "c.db"
     args = ["bench", "-w", "mnist1d_mlp", "-o", "adabelief,adamw", "--tune", "3", "--seeds", "2",
@@ -117,28 +112,11 @@ def test_tuned_comparison_end_to_end(tmp_path, capsys) -> None:
 
 
 def _check_in_chromium(tmp_path, html: str) -> None:
-    probe = tmp_path / "probe.html"
-    script = (
-        "<script>window.addEventListener('load',()=>{document.body.setAttribute('data-imgs',"
-        "[...document.images].map(i=>i.complete?i.naturalWidth+'x'+i.naturalHeight:'0x0')"
-        ".join(','));document.body.setAttribute('data-verdict',"
-        "document.querySelector('p.verdict').innerText);});</script>"
+    probe = IMAGE_PROBE + (
+        "document.body.setAttribute('data-verdict',document.querySelector('p.verdict').innerText);"
     )
-    probe.write_text(html.replace("</body>", script + "</body>"))
-    with tempfile.TemporaryDirectory() as profile:
-        out = subprocess.run(
-            [
-                CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=5000",
-                "--dump-dom", probe.as_uri(),
-            ],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    m = re.search(r'data-imgs="([^"]*)"', out.stdout)
-    assert m, "probe script did not run"
-    sizes = [tuple(map(int, s.split("x"))) for s in m.group(1).split(",")]
+    dom = render(html, tmp_path, probe)
+    sizes = image_sizes(dom)
     assert len(sizes) == html.count("<img ") and all(w > 100 and h > 100 for w, h in sizes)
-    verdict = re.search(r'data-verdict="([^"]*)"', out.stdout).group(1)
+    verdict = re.search(r'data-verdict="([^"]*)"', dom).group(1)
     assert "mnist1d_mlp" in verdict and "95% CI" in verdict

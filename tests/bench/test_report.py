@@ -8,10 +8,9 @@ import json
 import re
 import shutil
 import statistics
-import subprocess
-import tempfile
 
 import pytest
+from chromium import CHROMIUM, image_sizes, render
 
 from basin.bench import Store, configs_for, make_config, sweep
 from basin.bench.report import summarize, tune_summaries, write_report
@@ -97,35 +96,13 @@ def test_tuning_section_reads_optuna_studies(storage, tmp_path) -> None:
     assert "<h3>demo</h3>" in html and "alt='tuning demo'" in html
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (CI installs it)")
 def test_html_renders_in_headless_chromium_with_all_images(storage, tmp_path) -> None:
     html_path = write_report(storage, tmp_path / "r")["html"]
     n_imgs = html_path.read_text().count("<img ")
-    # a copy with a probe script that records each image's decoded size into the DOM
-    probe = tmp_path / "probe.html"
-    script = (
-        "<script>window.addEventListener('load',()=>{document.body.setAttribute('data-imgs',"
-        "[...document.images].map(i=>i.complete?i.naturalWidth+'x'+i.naturalHeight:'0x0')"
-        ".join(','));});</script>"
-    )
-    probe.write_text(html_path.read_text().replace("</body>", script + "</body>"))
-    with tempfile.TemporaryDirectory() as profile:
-        out = subprocess.run(
-            [
-                CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=5000",
-                "--dump-dom", probe.as_uri(),
-            ],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    m = re.search(r'data-imgs="([^"]*)"', out.stdout)
-    assert m, "probe script did not run"
-    sizes = [tuple(map(int, s.split("x"))) for s in m.group(1).split(",")]
+    sizes = image_sizes(render(html_path.read_text(), tmp_path))
     assert len(sizes) == n_imgs == 4
     assert all(w > 100 and h > 100 for w, h in sizes), sizes
 

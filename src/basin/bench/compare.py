@@ -309,22 +309,12 @@ def sensitivity(storage: str) -> list[dict[str, Any]]:
     workload, optimizer, ``points`` (``[lr, final objective]`` of complete trials, sorted by
     lr), ``diverged`` (lrs of trials that diverged), total training seconds and steps.
     ``[]`` when there are none. The storage is only read."""
-    from .tune import _has_optuna_tables, _optuna
+    from .tune import read_studies
 
-    url = storage if "://" in storage else f"sqlite:///{storage}"
-    if _has_optuna_tables(url) is False:
-        return []
-    optuna = _optuna()
-    try:
-        st = optuna.storages.RDBStorage(url, skip_table_creation=True)
-        summaries = optuna.get_all_study_summaries(storage=st)
-    except Exception:  # noqa: BLE001 -- not an Optuna database
-        return []
     out = []
-    for s in summaries:
+    for s, study in read_studies(storage):
         if not s.study_name.startswith(STUDY_PREFIX):
             continue
-        study = optuna.load_study(study_name=s.study_name, storage=st)
         pts, div = [], []
         secs, steps = 0.0, 0
         lr_key = _lr_key(study)

@@ -836,6 +836,21 @@ def _has_optuna_tables(url: str) -> bool | None:
     return row is not None
 
 
+def read_studies(storage: str) -> list[tuple[Any, Any]]:
+    """``(summary, study)`` of every Optuna study in ``storage``, read without creating or
+    changing anything (``[]`` when it holds none or is no Optuna database)."""
+    url = storage if "://" in storage else f"sqlite:///{storage}"
+    if _has_optuna_tables(url) is False:
+        return []
+    optuna = _optuna()
+    try:
+        st = optuna.storages.RDBStorage(url, skip_table_creation=True)
+        summaries = optuna.get_all_study_summaries(storage=st)
+    except Exception:  # noqa: BLE001 -- not an Optuna database: no studies to show
+        return []
+    return [(s, optuna.load_study(study_name=s.study_name, storage=st)) for s in summaries]
+
+
 def study_summaries(storage: str) -> list[dict[str, Any]]:
     """Summaries of every Optuna study in ``storage`` for the HTML report (``[]`` if none).
 
@@ -844,20 +859,11 @@ def study_summaries(storage: str) -> list[dict[str, Any]]:
     ``history`` (``[number, value]`` of complete trials in order) and ``importance``
     (fANOVA importance of each parameter, seeded; ``{}`` with fewer than 3 complete trials).
     A SQLite file is never modified."""
-    url = storage if "://" in storage else f"sqlite:///{storage}"
-    if _has_optuna_tables(url) is False:
-        return []
     optuna = _optuna()
     from optuna.trial import TrialState
 
-    try:
-        st = optuna.storages.RDBStorage(url, skip_table_creation=True)
-        summaries = optuna.get_all_study_summaries(storage=st)
-    except Exception:  # noqa: BLE001 -- not an Optuna database: no studies to show
-        return []
     out = []
-    for s in summaries:
-        study = optuna.load_study(study_name=s.study_name, storage=st)
+    for s, study in read_studies(storage):
         trials = study.get_trials(deepcopy=False)
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         states: dict[str, int] = {}
