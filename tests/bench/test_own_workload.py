@@ -324,3 +324,30 @@ def test_examples_own_model_runs_end_to_end(tmp_path) -> None:
     p = _basin("bench", "-w", f"{example}:workload", "-o", "sgd", "--seeds", "1", "--quiet",
                "--storage", str(tmp_path / "e.db"), "--no-report", env=env)  # fmt: skip
     assert p.returncode == 0 and "1 run(s) done" in p.stderr, p.stderr
+
+
+class _NaNGrad(nn.Module):
+    """A finite loss whose gradient is NaN (d sqrt(z)/dz at z = 0, times 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 2)
+        self.z = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + 0.0 * self.z.sqrt()
+
+
+def test_a_nan_gradient_is_a_diverged_run_not_a_failed_one() -> None:
+    w = Workload.from_tensors("own_nan", _NaNGrad, train=_data(), eval=_data(), steps=5)
+    r = run(make_config(w, "adabelief"))  # refuses the step: diverged at step 1
+    assert r.status == "diverged" and r.diverged_step == 1 and r.error is None
+    r = run(make_config(w, "adamw"))  # torch steps into NaN weights: the loss says so next
+    assert r.status == "diverged" and r.error is None
+
+
+def test_an_optimizer_without_a_default_lr_needs_one(tmp_path, capsys) -> None:
+    w = Workload.from_tensors("own_nolr", _mlp, train=_data(), eval=_data(), steps=5)
+    with pytest.raises(ValueError, match="sgdp has no default learning rate"):
+        make_config(w, "sgdp")
+    assert run(make_config(w, "sgdp", {"lr": 0.01})).status == "ok"

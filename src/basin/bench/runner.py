@@ -174,6 +174,7 @@ def make_config(
         _sharpness_fn()  # fails now, not in the middle of a sweep
     sched = validate_schedule(schedule)
     _check_types(optimizer, hp)
+    _check_lr_given(optimizer, hp, w)
     fp, model = probe(w)
     # hyperparameter names and values: the optimizer itself validates them, on the real model
     # with the parameter groups the run will use
@@ -220,6 +221,26 @@ def _check_types(optimizer: str, hp: dict[str, Any]) -> None:
         d = p.default
         if isinstance(d, (int, float)) and not isinstance(d, bool):
             raise ValueError(f"{optimizer}: {name} must be a number, got {value!r}")
+
+
+def _check_lr_given(optimizer: str, hp: dict[str, Any], w: _wl.Workload) -> None:
+    """An optimizer without a default learning rate on a workload that gives none for it."""
+    import inspect
+
+    from basin.optim import info
+
+    entry = info(optimizer)
+    try:
+        p = inspect.signature(entry.cls.__init__).parameters.get("lr")
+    except (TypeError, ValueError):
+        return
+    if p is not None and p.default is p.empty and "lr" not in hp:
+        want = ", ".join(repr(k) for k in entry.lr_from.get("lr", ())) or "none"
+        raise ValueError(
+            f"{optimizer} has no default learning rate and workload {w.name!r} gives none for "
+            f"it (it reads the workload's lr entry {want}): pass lr (--hp lr=...) or add the "
+            "entry to the workload's lr"
+        )
 
 
 @dataclass
@@ -340,6 +361,7 @@ def run(
 ) -> RunResult:
     """Train one configuration and return its result (see the module docstring)."""
     from basin.optim import create, info
+    from basin.optim._base import NonFiniteGradientError
 
     cfg = config
     w = _wl.get(cfg.workload)
@@ -378,20 +400,24 @@ def run(
                 g["lr"] = lr0 * m
             lr_now = base_lrs[0] * m
         x, y = next(batches)
-        if needs_closure:
+        try:
+            if needs_closure:
 
-            def closure(x=x, y=y):
+                def closure(x=x, y=y):
+                    opt.zero_grad(set_to_none=True)
+                    out = loss_fn(model(x), y)
+                    out.backward()
+                    return out
+
+                loss = opt.step(closure)
+            else:
+                loss = loss_fn(model(x), y)
                 opt.zero_grad(set_to_none=True)
-                out = loss_fn(model(x), y)
-                out.backward()
-                return out
-
-            loss = opt.step(closure)
-        else:
-            loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+                loss.backward()
+                opt.step()
+        except NonFiniteGradientError:  # basin's optimizers refuse a NaN/inf gradient
+            status, diverged_step = "diverged", step
+            break
         pending.append(loss.detach())
         last = step >= max_steps
         now = time.perf_counter()

@@ -3,6 +3,7 @@ against its authors' reference code, plus a registry that builds any optimizer b
 
 from __future__ import annotations
 
+from ._base import NonFiniteGradientError
 from .adabelief import AdaBelief
 from .adamp import SGDP, AdamP
 from .cosmos import COSMOS
@@ -35,6 +36,7 @@ __all__ = [
     "DiffGrad",
     "EXAdam",
     "Muon",
+    "NonFiniteGradientError",
     "OptimInfo",
     "Paper",
     "SGDSaI",

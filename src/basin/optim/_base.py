@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 __all__ = [
     "BasinOptimizer",
+    "NonFiniteGradientError",
     "check_betas",
     "check_lr",
     "check_nonnegative",
@@ -98,6 +99,10 @@ def check_foreach(foreach: Any) -> None:
 
 
 NONFINITE = ("raise", "skip")
+
+
+class NonFiniteGradientError(ValueError):
+    """A gradient with NaN/inf entries reached ``step()`` (nothing was changed)."""
 
 
 def check_nonfinite(value: Any) -> None:
@@ -293,7 +298,7 @@ class BasinOptimizer(Optimizer):
         g = p.grad
         n_nan, n_inf = int(g.isnan().sum()), int(g.isinf().sum())
         more = f"; {len(bad) - 1} more parameter(s) too" if len(bad) > 1 else ""
-        raise ValueError(
+        raise NonFiniteGradientError(
             f"{name}: the gradient of parameter {what} is not finite ({n_nan} NaN, {n_inf} inf "
             f"of {g.numel()} entries{more}); nothing was changed (no parameter, no state). "
             f"Pass nonfinite='skip' to skip such steps instead."
