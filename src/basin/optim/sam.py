@@ -319,7 +319,9 @@ class SAM(BasinOptimizer):
         self.base_optimizer.__setstate__({"state": self.state, "param_groups": self.param_groups})
         self.param_groups, self.state = self.base_optimizer.param_groups, self.base_optimizer.state
         params = [p for g in self.param_groups for p in g["params"]]
-        self._backup = {params[int(i)]: v.to(params[int(i)]) for i, v in sam.get("backup", {}).items()}
+        self._backup = {
+            params[int(i)]: v.to(params[int(i)]) for i, v in sam.get("backup", {}).items()
+        }
         self.skipped_steps = sam.get("skipped_steps", 0)
         self._skipped_first = sam.get("skipped_first", False)
 
@@ -411,6 +413,9 @@ def named_decay_groups(model: nn.Module) -> list[dict[str, Any]]:
     return groups
 
 
+# the harness skips a step whose gradient overflows (the perturbed point of a run that is
+# diverging): the run then ends as its loss says, not with an exception
+_HARNESS = {"nonfinite": "skip"}
 _CAPS = frozenset({"closure", "maximize", "param_groups", "amp", "distributed", "wrapper"})
 _NOTE = "SGD momentum (1.0) + the weights saved during the step (1.0); 2 passes per step"
 
@@ -430,9 +435,13 @@ register(
         family="sgd",
         lr_scaling="linear",
         lr_from={"lr": ("sam", "sgd")},
-        search_space={"lr": LR_SGD, "rho": {"type": "float", "low": 0.01, "high": 0.5, "log": True}},
+        search_space={
+            "lr": LR_SGD,
+            "rho": {"type": "float", "low": 0.01, "high": 0.5, "log": True},
+        },
         param_groups=named_decay_groups,
         needs_closure=True,
+        defaults=_HARNESS,
     )
 )
 register(
@@ -452,8 +461,12 @@ register(
         family="sgd",
         lr_scaling="linear",
         lr_from={"lr": ("asam", "sam", "sgd")},
-        search_space={"lr": LR_SGD, "rho": {"type": "float", "low": 0.05, "high": 5.0, "log": True}},
+        search_space={
+            "lr": LR_SGD,
+            "rho": {"type": "float", "low": 0.05, "high": 5.0, "log": True},
+        },
         param_groups=named_decay_groups,
         needs_closure=True,
+        defaults=_HARNESS,
     )
 )
