@@ -285,6 +285,14 @@ def test_grad_scaler_path():
     opt_c.second_step()
     for p, q in zip(b.parameters(), c.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # the caller may unscale the base optimizer itself (to clip) before second_step
+    nn.functional.cross_entropy(b(x), y).mul(scaler.get_scale()).backward()
+    assert opt_d.first_step(zero_grad=True, scaler=scaler)
+    scaler.scale(nn.functional.cross_entropy(b(x), y)).backward()
+    scaler.unscale_(opt_d.base_optimizer)
+    torch.nn.utils.clip_grad_norm_(b.parameters(), 0.05)
+    assert opt_d.second_step(zero_grad=True, scaler=scaler)
+    scaler.update()
 
 
 def test_nonfinite_skip_in_closure_path_restores_weights():

@@ -66,6 +66,10 @@ class SAM(BasinOptimizer):
     runs the next phase (first, then second), so two ``backward(); step()`` per batch are one
     SAM step.
 
+    By name (``create("sam", ...)``, ``basin bench -o sam``) the base is ``torch.optim.SGD``
+    with momentum 0.9, as in the paper's experiments (:class:`SAMSGD`; ``"asam"``:
+    :class:`ASAMSGD`, rho 0.5); the harness runs them with ``nonfinite="skip"``.
+
     The param groups are the base optimizer's (the same dicts): LR schedulers on the wrapper
     drive the base's learning rate, and ``add_param_group`` adds to both. Group keys ``rho``,
     ``adaptive``, ``eta`` and ``perturb`` (``False``: not perturbed, and left out of the norm)
