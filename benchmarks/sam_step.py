@@ -20,6 +20,7 @@ reached.
 
     python benchmarks/sam_step.py                  # everything (a few minutes on 2 cores)
     python benchmarks/sam_step.py --quick          # smoke run
+    python benchmarks/sam_step.py --time-only --rounds 100
 """
 
 from __future__ import annotations
@@ -82,9 +83,9 @@ def _stepper(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     return lambda: opt.step(closure)
 
 
-def step_times(quick: bool) -> list[dict]:
+def step_times(quick: bool, rounds: int = 40) -> list[dict]:
     rows = []
-    warmup, rounds = (2, 5) if quick else (5, 40)
+    warmup, rounds = (2, 5) if quick else (5, rounds)
     for wl in ("mlp", "transformer"):
         model, x, y = _workload(wl)
         steps = {k: _stepper(k, copy.deepcopy(model), x, y) for k in ("sgd", "sam", "asam")}
@@ -127,6 +128,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="few steps (smoke run)")
     ap.add_argument("--steps", type=int, default=1500, help="training steps for part 2")
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=40, help="timed rounds of part 1")
+    ap.add_argument("--time-only", action="store_true", help="part 1 only")
     args = ap.parse_args()
     torch.manual_seed(0)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -134,8 +137,10 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, {stamp}")  # fmt: skip
     print("\n## step time (forward + backward + update), median ms, ratio to SGD")
     print(f"{'model':<12} {'params':>8} {'opt':<6} {'ms':>9} {'x SGD':>7}")
-    for r in step_times(args.quick):
+    for r in step_times(args.quick, args.rounds):
         print(f"{r['model']:<12} {r['params']:>8} {r['opt']:<6} {r['ms']:>9.2f} {r['ratio']:>7.2f}")
+    if args.time_only:
+        return
     steps = 20 if args.quick else args.steps
     seeds = list(range(1 if args.quick else args.seeds))
     print(f"\n## mnist1d_mlp, {steps} steps, lr 0.05 (SGD momentum 0.9 in all), seeds {seeds}")
