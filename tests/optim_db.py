@@ -668,6 +668,66 @@ FRUGAL_CASE = OptimCase(
     has_foreach=False,  # per-matrix work (SVD/QR projectors): no multi-tensor path
 )
 
+# ------------------------------------------------------------------ SAM / ASAM
+# Registered by name as SAM/ASAM over SGD with momentum 0.9 (basin.optim.sam.SAMSGD/ASAMSGD).
+# The generic checks call step() without a closure: each call is one phase (first_step, then
+# second_step), so 200 batches are 100 SAM steps, each phase on its own batch; the float64
+# transcription follows the same protocol. The closure path, pytorch_optimizer's SAM, AMP, DDP
+# and the ASAM name rule are in tests/optim/test_sam.py.
+
+
+def _sam_reference(params: list[torch.Tensor], hp: dict[str, Any], adaptive: bool = False):
+    from references.sam_paper import SAMPaper
+
+    hp = dict(hp)
+    hp.setdefault("rho", 0.5 if adaptive else 0.05)
+    return SAMPaper(params, adaptive=adaptive, **hp)
+
+
+_SAM_ERRORS: list[tuple[dict[str, Any], str]] = [
+    ({"rho": 0.0}, "rho"),
+    ({"rho": -0.05}, "rho"),
+    ({"rho": float("nan")}, "rho"),
+    ({"eta": -0.1}, "eta"),
+    ({"perturb_eps": -1.0}, "perturb_eps"),
+    ({"sync_perturbation": 1}, "sync_perturbation"),
+]
+
+SAM_CASE = OptimCase(
+    name="sam",
+    cls=bo.sam.SAMSGD,
+    variants=[
+        {},
+        {"rho": 0.1, "momentum": 0.0, "lr": 0.05},
+        {"weight_decay": 1e-2, "nesterov": True, "rho": 0.02},
+        {"lr": 0.02, "momentum": 0.5, "rho": 0.2},
+    ],
+    reference=_sam_reference,
+    errors=_SAM_ERRORS,
+    train_hp={"lr": 0.1},
+    # torch.optim.SGD.step (the base) inserts graph breaks (torch's _use_grad wrapper) when it
+    # is called from another step: no fullgraph compile of the wrapper
+    compile_variants=[],
+    has_foreach=False,  # the perturbation is a short loop (one norm, one add per tensor)
+    steps=200,
+)
+
+ASAM_CASE = OptimCase(
+    name="asam",
+    cls=bo.sam.ASAMSGD,
+    variants=[
+        {},
+        {"eta": 0.0, "rho": 1.0},
+        {"lr": 0.05, "momentum": 0.5, "weight_decay": 1e-3, "eta": 0.1},
+    ],
+    reference=lambda params, hp: _sam_reference(params, hp, adaptive=True),
+    errors=_SAM_ERRORS,
+    train_hp={"lr": 0.1},
+    compile_variants=[],
+    has_foreach=False,
+    steps=200,
+)
+
 CASES: list[OptimCase] = [
     ADABELIEF,
     DIFFGRAD,
@@ -679,5 +739,7 @@ CASES: list[OptimCase] = [
     SWAN_CASE,
     COSMOS_CASE,
     FRUGAL_CASE,
+    SAM_CASE,
+    ASAM_CASE,
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}

@@ -23,12 +23,14 @@ from .registry import (
     register,
     resolve,
 )
+from .sam import SAM
 from .sgd_sai import SGDSaI
 from .swan import SWAN
 
 __all__ = [
     "COSMOS",
     "FRUGAL",
+    "SAM",
     "SGDP",
     "SWAN",
     "AdaBelief",

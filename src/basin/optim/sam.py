@@ -1,0 +1,476 @@
+"""SAM and ASAM: sharpness-aware minimization as a wrapper over any base optimizer."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ._base import BasinOptimizer, _maybe_all_finite, check_bool, check_nonnegative, check_positive
+from .param_groups import weight_decay_groups
+from .registry import LR_SGD, OptimInfo, Paper, register
+
+__all__ = ["ASAMSGD", "SAM", "SAMSGD", "frozen_bn_stats", "named_decay_groups"]
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model: nn.Module | None) -> Iterator[None]:
+    """BatchNorm running statistics (and ``num_batches_tracked``) of ``model`` are restored on
+    exit, exactly (a copy): forwards inside still normalise with batch statistics in train mode,
+    but leave no trace. SAM's second, perturbed pass runs inside it, so the statistics come from
+    the first pass only, as in the authors' code."""
+    saved = []
+    if model is not None:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                saved.append((m, {k: b.clone() for k, b in m.named_buffers(recurse=False)}))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, bufs in saved:
+                for k, b in m.named_buffers(recurse=False):
+                    if k in bufs:
+                        b.copy_(bufs[k])
+
+
+def _ddp_no_sync(model: nn.Module | None) -> contextlib.AbstractContextManager:
+    no_sync = getattr(model, "no_sync", None)
+    return no_sync() if callable(no_sync) else contextlib.nullcontext()
+
+
+def _finite(grads: list[Tensor]) -> bool:
+    return not grads or _maybe_all_finite(grads) or all(bool(g.isfinite().all()) for g in grads)
+
+
+class SAM(BasinOptimizer):
+    r"""SAM (Foret et al., 2020) and, with ``adaptive=True``, ASAM (Kwon et al., 2021): minimize
+    the loss at the worst point of a neighbourhood, by a wrapper over any base optimizer.
+
+    One step, two gradients (``g`` at ``w``, then ``g'`` at ``w + e``)::
+
+        SAM:  e = rho g / ||g||                      (global 2-norm over perturbed params)
+        ASAM: e = rho T^2 g / ||T g||,  T = |w| + eta for "weight" params, 1 for the others
+        w_old = copy(w);  w <- w + e;  g' = grad L(w);  w <- w_old (a copy, bit-exact);
+        base_optimizer.step() with g'
+
+    ``step(closure)`` follows torch (``LBFGS``): the optimizer calls ``closure`` (which zeroes
+    the gradients, computes the loss, calls ``backward`` and returns the loss) twice and returns
+    the first loss. ``first_step()`` / ``second_step()`` are the same step in two phases, for
+    loops that run the passes themselves (AMP, gradient clipping). ``step()`` without a closure
+    runs the next phase (first, then second), so two ``backward(); step()`` per batch are one
+    SAM step.
+
+    By name (``create("sam", ...)``, ``basin bench -o sam``) the base is ``torch.optim.SGD``
+    with momentum 0.9, as in the paper's experiments (:class:`SAMSGD`; ``"asam"``:
+    :class:`ASAMSGD`, rho 0.5); the harness runs them with ``nonfinite="skip"``.
+
+    The param groups are the base optimizer's (the same dicts): LR schedulers on the wrapper
+    drive the base's learning rate, and ``add_param_group`` adds to both. Group keys ``rho``,
+    ``adaptive``, ``eta`` and ``perturb`` (``False``: not perturbed, and left out of the norm)
+    may differ per group.
+
+    Args:
+        params: parameters, named parameters (ASAM uses the names) or groups.
+        base_optimizer: an optimizer class, or a registry name (``"torch:sgd"``, ``"adabelief"``).
+        rho: neighbourhood radius, > 0 (default 0.05, the paper's; ASAM's authors use 0.5).
+        adaptive: ASAM (default False).
+        eta: ASAM's offset ``T = |w| + eta``, >= 0 (default 0.01).
+        perturb_eps: added to the norm; None (default): the authors' (0 for SAM, 1e-16 for
+            ASAM); a zero gradient gives no perturbation either way.
+        sync_perturbation: average the first gradient over the default process group before
+            perturbing (default False: each rank perturbs with its own, as the authors).
+        model: the module the closure runs (optional): its BatchNorm statistics are kept from
+            the first pass only (:func:`frozen_bn_stats`), and if it is ``DistributedDataParallel``
+            the first pass of ``step(closure)`` runs under ``no_sync()`` (local gradients).
+        nonfinite: ``"raise"`` (default) or ``"skip"`` for a NaN/inf gradient in either pass;
+            the weights end where the step began either way (see ``second_step``).
+        **base_hp: the base optimizer's hyperparameters (``lr``, ``momentum``, ...).
+
+    AMP (``torch.amp.GradScaler``)::
+
+        scaler.scale(loss_fn(model(x), y)).backward()
+        if opt.first_step(zero_grad=True, scaler=scaler):        # unscales, checks, perturbs
+            scaler.scale(loss_fn(model(x), y)).backward()
+            opt.second_step(zero_grad=True, scaler=scaler, max_grad_norm=1.0)
+        scaler.update()
+
+    The first pass is unscaled on the wrapper and the second on the base optimizer (each
+    once per ``update()``); a non-finite pass skips the whole step (weights restored, no base
+    step) and ``update()`` lowers the scale.
+
+    References:
+        Pierre Foret, Ariel Kleiner, Hossein Mobahi, Behnam Neyshabur. "Sharpness-Aware
+        Minimization for Efficiently Improving Generalization." arXiv:2010.01412, 2020
+        (google-research/sam). Jungmin Kwon, Jeongseop Kim, Hyunseo Park, In Kwon Choi.
+        "ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of Deep Neural
+        Networks." arXiv:2102.11600, 2021 (SamsungLabs/ASAM).
+
+    Differences from the reference code:
+        * The perturbation uses ``p.grad``: weight decay applied by the base optimizer (even
+          torch SGD's coupled L2) is not in it. The authors put L2 in the loss, so their
+          perturbation includes it: put it in the loss to follow them exactly.
+        * ASAM scales parameters whose name contains ``"weight"`` (the authors' rule) when
+          names are known (named parameters, or ``create("asam", model)``); without names every
+          parameter is scaled.
+        * Weights are restored by copy (ASAM's code subtracts ``e``, which is not bit-exact).
+    """
+
+    _algo = "SAM"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: type[Optimizer] | str,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        *,
+        eta: float = 0.01,
+        perturb_eps: float | None = None,
+        sync_perturbation: bool = False,
+        model: nn.Module | None = None,
+        nonfinite: str = "raise",
+        **base_hp: Any,
+    ) -> None:
+        build = _base_builder(base_optimizer, base_hp)
+        check_bool("sync_perturbation", sync_perturbation)
+        if perturb_eps is not None:
+            check_nonnegative("perturb_eps", perturb_eps)
+        sam_defaults = dict(rho=rho, adaptive=adaptive, eta=eta, perturb=True, nonfinite=nonfinite)
+        super().__init__(params, sam_defaults)
+        for gi, group in enumerate(self.param_groups):
+            self._validate(group, gi)
+        self.base_optimizer = build(self.param_groups)
+        self.param_groups = self.base_optimizer.param_groups  # the same dicts
+        self.state = self.base_optimizer.state
+        self.defaults = {**self.base_optimizer.defaults, **sam_defaults}
+        self.perturb_eps, self.sync_perturbation, self.model = perturb_eps, sync_perturbation, model
+        self.skipped_steps = 0
+        self._backup: dict[Tensor, Tensor] = {}
+        self._skipped_first = False
+
+    def _check_hparams(self, group: dict[str, Any]) -> None:
+        check_positive("rho", group["rho"])
+        check_bool("adaptive", group["adaptive"])
+        check_nonnegative("eta", group["eta"])
+        check_bool("perturb", group["perturb"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "base_optimizer" not in self.__dict__:  # during __init__: SAM's own groups
+            return Optimizer.add_param_group(self, param_group)
+        for k in ("rho", "adaptive", "eta", "perturb", "nonfinite"):
+            param_group.setdefault(k, self.defaults[k])
+        self._validate(param_group, len(self.param_groups))
+        self.base_optimizer.add_param_group(param_group)
+
+    @property
+    def perturbed(self) -> bool:
+        """True between ``first_step`` and ``second_step``."""
+        return bool(self._backup)
+
+    # ------------------------------------------------------------ the two phases
+
+    def _perturbed_params(self) -> Iterator[tuple[dict[str, Any], Tensor, str | None]]:
+        for group in self.param_groups:
+            if not group.get("perturb", True):
+                continue
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    yield group, p, names[i] if names else None
+
+    def _grads_ok(self, scaler: Any) -> bool:
+        if scaler is None:
+            return self._check_grads()  # raises (naming the parameter) or False for "skip"
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return _finite(grads)
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False, scaler: Any = None) -> bool:
+        """Save the weights and move to ``w + e`` (gradients of the first pass). With a
+        ``GradScaler``, the gradients are unscaled first (``scaler.unscale_(self)``). Returns
+        False, changing nothing, when a gradient is not finite (the step is skipped)."""
+        if self._backup:
+            raise RuntimeError("SAM.first_step() called twice: call second_step() in between")
+        if scaler is not None:
+            scaler.unscale_(self)
+        ok = self._grads_ok(scaler)
+        self._skipped_first = not ok
+        if not ok:
+            self.skipped_steps += 1
+        else:
+            self._perturb()
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+        return ok
+
+    def _perturb(self) -> None:
+        items = list(self._perturbed_params())
+        if not items:
+            return
+        if self.sync_perturbation:
+            _average_over_ranks([p.grad for _, p, _ in items])
+        dirs, sq = [], []
+        for group, p, name in items:
+            g = p.grad.double() if p.dtype in (torch.float16, torch.bfloat16) else p.grad
+            t = None
+            if group.get("adaptive", False) and (name is None or "weight" in name):
+                t = p.to(g.dtype).abs().add_(group.get("eta", 0.01))
+                g = g * t
+            sq.append(torch.linalg.vector_norm(g).double().square())
+            dirs.append(g if t is None else g * t)  # T^2 g for ASAM
+        norm = torch.stack(sq).sum().sqrt()
+        adaptive = any(group.get("adaptive", False) for group, _, _ in items)
+        eps = self.perturb_eps if self.perturb_eps is not None else (1e-16 if adaptive else 0.0)
+        inv = torch.where(norm > 0, 1.0 / (norm + eps), torch.zeros_like(norm))
+        for (group, p, _), d in zip(items, dirs):
+            self._backup[p] = p.detach().clone(memory_format=torch.preserve_format)
+            scale = inv * group.get("rho", 0.05)
+            if group.get("maximize", False):
+                scale = -scale
+            p.add_((d * scale.to(d.dtype)).to(p.dtype))
+
+    @torch.no_grad()
+    def second_step(
+        self, zero_grad: bool = False, scaler: Any = None, max_grad_norm: float | None = None
+    ) -> bool:
+        """Restore the weights (copy) and step the base optimizer with the gradients at
+        ``w + e``. With a ``GradScaler``: unscale on the base optimizer (unless done already),
+        clip to ``max_grad_norm`` if given, ``scaler.step(base_optimizer)``. A non-finite
+        gradient: weights restored, no base step; ``nonfinite="raise"`` then raises. Returns
+        whether the base optimizer stepped."""
+        if not self._backup:
+            if self._skipped_first:  # the first pass was skipped: so is the whole step
+                self._skipped_first = False
+                if zero_grad:
+                    self.zero_grad(set_to_none=True)
+                return False
+            raise RuntimeError("SAM.second_step() called before first_step()")
+        if scaler is not None:
+            try:
+                scaler.unscale_(self.base_optimizer)
+            except RuntimeError as err:  # the caller unscaled (to clip) already
+                if "already been called" not in str(err):
+                    raise
+        try:
+            ok = self._grads_ok(scaler)
+        finally:  # the weights go back whatever happens (a raise included)
+            for p, old in self._backup.items():
+                p.copy_(old)
+            self._backup.clear()
+        if ok and max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in self.param_groups for p in g["params"]], max_grad_norm
+            )
+        if not ok:
+            self.skipped_steps += 1
+        elif scaler is not None:
+            scaler.step(self.base_optimizer)
+        else:
+            self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+        return ok
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One SAM step with ``closure`` (called twice; returns its first loss); without a
+        closure, the next phase (see the class docstring)."""
+        if closure is None:
+            if self._backup:
+                self.second_step()
+            else:
+                self.first_step()
+            return None
+        with torch.enable_grad(), _ddp_no_sync(self.model):
+            loss = closure()
+        if not self.first_step(zero_grad=True):
+            return loss
+        with torch.enable_grad(), frozen_bn_stats(self.model):
+            closure()
+        self.second_step()
+        return loss
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state and the shared groups (torch's packing), the class under
+        ``"basin_optimizer"`` and, taken between the phases, the saved weights."""
+        out = super().state_dict()
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        out["sam"] = {
+            "base_optimizer": type(self.base_optimizer).__name__,
+            "skipped_steps": self.skipped_steps,
+            "skipped_first": self._skipped_first,
+            "backup": {index[id(p)]: v.clone() for p, v in self._backup.items()},
+        }
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        sam = state_dict.get("sam", {})
+        if sam and sam.get("base_optimizer") != type(self.base_optimizer).__name__:
+            raise ValueError(
+                f"this SAM state dict wraps {sam.get('base_optimizer')}, not "
+                f"{type(self.base_optimizer).__name__}: load it into a SAM over that optimizer"
+            )
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "sam"})
+        # torch rebuilt the groups and the state: hand the same objects to the base again
+        self.base_optimizer.__setstate__({"state": self.state, "param_groups": self.param_groups})
+        self.param_groups, self.state = self.base_optimizer.param_groups, self.base_optimizer.state
+        params = [p for g in self.param_groups for p in g["params"]]
+        self._backup = {
+            params[int(i)]: v.to(params[int(i)]) for i, v in sam.get("backup", {}).items()
+        }
+        self.skipped_steps = sam.get("skipped_steps", 0)
+        self._skipped_first = sam.get("skipped_first", False)
+
+
+def _base_builder(base: Any, hp: dict[str, Any]) -> Callable[[list[dict[str, Any]]], Optimizer]:
+    """Check ``base_optimizer`` now (``ValueError`` naming it) and return its builder."""
+    from .registry import create, resolve
+
+    if isinstance(base, str):
+        try:
+            name = resolve(base)
+        except ValueError as err:
+            raise ValueError(f"base_optimizer: {err}") from None
+        if name in ("sam", "asam"):
+            raise ValueError("base_optimizer cannot be SAM itself")
+        return lambda groups: create(name, groups, **hp)
+    if inspect.isclass(base) and issubclass(base, Optimizer):
+        if issubclass(base, SAM):
+            raise ValueError("base_optimizer cannot be SAM itself")
+        return lambda groups: base(groups, **hp)
+    raise ValueError(
+        f"base_optimizer must be a torch.optim.Optimizer class or a registry name, got {base!r}"
+    )
+
+
+def _average_over_ranks(grads: list[Tensor]) -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+# ---------------------------------------------------------------- built by name
+
+
+class SAMSGD(SAM):
+    """``SAM`` over ``torch.optim.SGD`` with momentum 0.9 (the paper's experiments): what the
+    registry builds for ``"sam"`` (``basin bench -o sam``). Same arguments as SAM and SGD."""
+
+    _adaptive = False
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 0.1,
+        momentum: float = 0.9,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        rho: float | None = None,
+        eta: float = 0.01,
+        perturb_eps: float | None = None,
+        sync_perturbation: bool = False,
+        model: nn.Module | None = None,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        nonfinite: str = "raise",
+    ) -> None:
+        super().__init__(
+            params, torch.optim.SGD, (0.5 if self._adaptive else 0.05) if rho is None else rho,
+            self._adaptive, eta=eta, perturb_eps=perturb_eps, sync_perturbation=sync_perturbation,
+            model=model, nonfinite=nonfinite, lr=lr, momentum=momentum, dampening=dampening,
+            weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, foreach=foreach,
+        )  # fmt: skip
+
+
+class ASAMSGD(SAMSGD):
+    """``SAM(adaptive=True)`` over SGD with momentum 0.9, ``rho`` 0.5 and ``eta`` 0.01 (the ASAM
+    authors' defaults): what the registry builds for ``"asam"``."""
+
+    _adaptive = True
+
+
+def named_decay_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """:func:`basin.optim.weight_decay_groups` (the optimizer's weight decay on weights, none
+    on biases and norms) with ``param_names``, which ASAM's rule reads."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = weight_decay_groups(model, None)
+    for g in groups:
+        g["param_names"] = [names[id(p)] for p in g["params"]]
+    return groups
+
+
+# the harness skips a step whose gradient overflows (the perturbed point of a run that is
+# diverging): the run then ends as its loss says, not with an exception
+_HARNESS = {"nonfinite": "skip"}
+_CAPS = frozenset({"closure", "maximize", "param_groups", "amp", "distributed", "wrapper"})
+_NOTE = "SGD momentum (1.0) + the weights saved during the step (1.0); 2 passes per step"
+
+register(
+    OptimInfo(
+        name="sam",
+        cls=SAMSGD,
+        paper=Paper(
+            "Sharpness-Aware Minimization for Efficiently Improving Generalization",
+            "Foret et al.",
+            "2010.01412",
+            2020,
+        ),
+        state_memory=2.0,
+        capabilities=_CAPS,
+        state_note=_NOTE,
+        family="sgd",
+        lr_scaling="linear",
+        lr_from={"lr": ("sam", "sgd")},
+        search_space={
+            "lr": LR_SGD,
+            "rho": {"type": "float", "low": 0.01, "high": 0.5, "log": True},
+        },
+        param_groups=named_decay_groups,
+        needs_closure=True,
+        defaults=_HARNESS,
+    )
+)
+register(
+    OptimInfo(
+        name="asam",
+        cls=ASAMSGD,
+        paper=Paper(
+            "ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of Deep "
+            "Neural Networks",
+            "Kwon et al.",
+            "2102.11600",
+            2021,
+        ),
+        state_memory=2.0,
+        capabilities=_CAPS,
+        state_note=_NOTE,
+        family="sgd",
+        lr_scaling="linear",
+        lr_from={"lr": ("asam", "sam", "sgd")},
+        search_space={
+            "lr": LR_SGD,
+            "rho": {"type": "float", "low": 0.05, "high": 5.0, "log": True},
+        },
+        param_groups=named_decay_groups,
+        needs_closure=True,
+        defaults=_HARNESS,
+    )
+)
