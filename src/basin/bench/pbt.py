@@ -113,9 +113,9 @@ def _trainable(config: dict[str, Any], workload: Any = None) -> None:
     import torch
     from ray import tune
 
-    from basin.optim import create
+    from basin.optim import create, info
 
-    from .runner import make_config
+    from .runner import make_config, train_step
 
     torch.set_num_threads(1)
     job = config["_job"]
@@ -164,14 +164,12 @@ def _trainable(config: dict[str, Any], workload: Any = None) -> None:
         for g, f in zip(opt.param_groups, fresh):
             g.update(f)
     model.train()
+    needs_closure = info(cfg.optimizer).needs_closure
     total, interval = job["steps"], job["interval"]
     while step < total:
         for _ in range(min(interval, total - step)):
             x, y = next(task.batches)
-            loss = task.loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            train_step(model, task.loss_fn, opt, x, y, needs_closure)
             step += 1
         res = task.evaluate(model)
         ok = math.isfinite(res["eval_loss"]) and math.isfinite(res["metric"])

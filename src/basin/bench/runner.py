@@ -401,20 +401,7 @@ def run(
             lr_now = base_lrs[0] * m
         x, y = next(batches)
         try:
-            if needs_closure:
-
-                def closure(x=x, y=y):
-                    opt.zero_grad(set_to_none=True)
-                    out = loss_fn(model(x), y)
-                    out.backward()
-                    return out
-
-                loss = opt.step(closure)
-            else:
-                loss = loss_fn(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+            loss = train_step(model, loss_fn, opt, x, y, needs_closure)
         except NonFiniteGradientError:  # basin's optimizers refuse a NaN/inf gradient
             status, diverged_step = "diverged", step
             break
@@ -497,6 +484,28 @@ def run(
         model=model,
         **_provenance(),
     )
+
+
+def train_step(
+    model: torch.nn.Module, loss_fn: Any, opt: torch.optim.Optimizer, x: Any, y: Any, closure: bool
+) -> torch.Tensor:
+    """One optimizer step on a batch; its loss. Optimizers that re-evaluate the loss inside
+    ``step()`` (the registry's ``needs_closure``: L-BFGS, SAM) get a closure, whose first value
+    is the step's loss, as for every torch optimizer."""
+    if closure:
+
+        def fn() -> torch.Tensor:
+            opt.zero_grad(set_to_none=True)
+            out = loss_fn(model(x), y)
+            out.backward()
+            return out
+
+        return opt.step(fn)
+    loss = loss_fn(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
 
 
 def math_attention() -> Any:
