@@ -20,6 +20,7 @@ from .gradients import (
     gradient_noise_scale,
     per_example_gradients,
 )
+from .hf import hf_adapter
 from .report import LandscapeReport, run_landscape
 from .surface import SurfaceResult, loss_surface
 from .trace import TraceResult, hessian_trace
@@ -48,6 +49,7 @@ __all__ = [
     "hessian_eigenvalues",
     "hessian_trace",
     "hessian_vector_product",
+    "hf_adapter",
     "lmc_barrier",
     "loss_surface",
     "per_example_gradients",
