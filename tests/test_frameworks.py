@@ -161,10 +161,16 @@ def test_lightning_configure_optimizers(tmp_path) -> None:
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    import basin.landscape as bl
+
     data = torch.utils.data.TensorDataset(torch.randint(0, VOCAB, (16, SEQ)))
     lm = LM()
+    module, loss_fn = bl.hf_adapter(lm.model)
+    ids = data.tensors[0][:4]
+    tracker = bl.SharpnessTracker(module, loss_fn, (ids, ids), every=3, tol=1e-3)
     trainer = pl.Trainer(
         max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+        callbacks=[bl.lightning_callback(tracker)],
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
     )  # fmt: skip
     trainer.fit(lm, torch.utils.data.DataLoader(data, batch_size=4))
@@ -173,6 +179,7 @@ def test_lightning_configure_optimizers(tmp_path) -> None:
     assert roles["model.transformer.wte.weight"] == (False, False)
     assert roles["model.transformer.h.1.attn.c_proj.weight"] == (True, True)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.02 / 4)  # the scheduler ran 3 steps
+    assert tracker.steps == [3] and tracker.sharpness[0] > 0  # the callback measured step 3
 
 
 def test_conv1d_layer_trains_like_linear_in_gpt2() -> None:
@@ -186,3 +193,21 @@ def test_conv1d_layer_trains_like_linear_in_gpt2() -> None:
     opt.step()
     sigma = torch.linalg.matrix_norm(w.detach() - before, ord=2).item()
     assert 2.0 < sigma < 2.6  # sqrt(128 / 32) = 2 times NS5's ~[0.7, 1.2]; 1.13 before the fix
+
+
+def test_sharpness_tracker_as_a_trainer_callback(tmp_path) -> None:
+    pytest.importorskip("accelerate")
+    import basin.landscape as bl
+
+    model = _gpt2()
+    module, loss_fn = bl.hf_adapter(model)
+    ids = torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(3))
+    tracker = bl.SharpnessTracker(module, loss_fn, (ids, ids), every=2, tol=1e-3)
+    opt = bo.create("adabelief", model, lr=1e-3, rectify=False)
+    trainer = _trainer(model, opt, tmp_path, max_steps=4)
+    trainer.add_callback(bl.trainer_callback(tracker))
+    trainer.train()
+    assert tracker.steps == [2, 4]
+    assert all(s > 0 for s in tracker.sharpness)
+    logged = [e for e in trainer.state.log_history if "sharpness" in e]
+    assert [e["step"] for e in logged] == [2, 4]
