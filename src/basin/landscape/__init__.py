@@ -6,7 +6,7 @@ size). Every function returns a frozen dataclass with its estimate and its cost 
 Plotting lives in :mod:`basin.landscape.plot` (needs matplotlib)."""
 
 from ._hvp import CurvatureOperator, ggn_vector_product, hessian_vector_product
-from .callbacks import SharpnessRecord, SharpnessTracker
+from .callbacks import SharpnessRecord, SharpnessTracker, lightning_callback, trainer_callback
 from .connectivity import LMCResult, lmc_barrier
 from .density import DensityResult, hessian_density
 from .directions import direction_to, eigenvector_direction, filter_normalize, random_direction
@@ -20,6 +20,7 @@ from .gradients import (
     gradient_noise_scale,
     per_example_gradients,
 )
+from .hf import hf_adapter
 from .report import LandscapeReport, run_landscape
 from .surface import SurfaceResult, loss_surface
 from .trace import TraceResult, hessian_trace
@@ -48,9 +49,12 @@ __all__ = [
     "hessian_eigenvalues",
     "hessian_trace",
     "hessian_vector_product",
+    "hf_adapter",
+    "lightning_callback",
     "lmc_barrier",
     "loss_surface",
     "per_example_gradients",
     "random_direction",
     "run_landscape",
+    "trainer_callback",
 ]

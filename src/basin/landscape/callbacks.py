@@ -21,7 +21,7 @@ from ._hvp import CurvatureOperator, normalize_batches, select_parameters
 from .eigen import hessian_eigenvalues
 from .trace import METHODS, MIN_PRODUCTS, hessian_trace
 
-__all__ = ["SharpnessRecord", "SharpnessTracker"]
+__all__ = ["SharpnessRecord", "SharpnessTracker", "lightning_callback", "trainer_callback"]
 
 
 @dataclass(frozen=True)
@@ -159,3 +159,51 @@ class SharpnessTracker:
     def as_dicts(self) -> list[dict]:
         """Records as plain dicts (for JSON / the bench store)."""
         return [asdict(r) for r in self.records]
+
+
+def trainer_callback(tracker: SharpnessTracker) -> Any:
+    """A ``transformers.TrainerCallback`` that calls ``tracker(state.global_step)`` after every
+    optimizer step and adds each record to the Trainer's logs (``sharpness``, and ``trace``
+    when measured)::
+
+        module, loss_fn = basin.landscape.hf_adapter(model)
+        tracker = SharpnessTracker(module, loss_fn, fixed_batch, every=100)
+        Trainer(model, args, ..., callbacks=[basin.landscape.trainer_callback(tracker)])
+
+    ``tracker`` must measure the model the Trainer trains (through :func:`hf_adapter`, which
+    wraps it without copying). Needs transformers (imported here, not by basin)."""
+    from transformers import TrainerCallback
+
+    class SharpnessCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            rec = tracker(state.global_step)
+            if rec is not None:
+                entry = {"sharpness": rec.sharpness, "step": rec.step}
+                if not math.isnan(rec.trace):
+                    entry["trace"] = rec.trace
+                state.log_history.append(entry)
+            return control
+
+    return SharpnessCallback()
+
+
+def lightning_callback(tracker: SharpnessTracker) -> Any:
+    """A Lightning ``Callback`` that calls ``tracker(trainer.global_step)`` after every training
+    batch (``global_step`` counts optimizer steps) and logs ``sharpness`` (and ``trace``) with
+    the LightningModule's logger. Needs lightning (``lightning.pytorch``, else
+    ``pytorch_lightning``)."""
+    try:
+        from lightning.pytorch import Callback
+    except ImportError:
+        from pytorch_lightning import Callback
+
+    class SharpnessCallback(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            rec = tracker(trainer.global_step)
+            if rec is not None and trainer.logger is not None:
+                metrics = {"sharpness": rec.sharpness}
+                if not math.isnan(rec.trace):
+                    metrics["trace"] = rec.trace
+                trainer.logger.log_metrics(metrics, step=rec.step)
+
+    return SharpnessCallback()

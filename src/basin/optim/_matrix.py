@@ -15,7 +15,18 @@ Every parameter group carries ``matrix_rule``:
   ``matrix_rule=False`` group right after it, which takes the fallback defaults (group 0 stays
   the matrix group).
 
-:func:`basin.optim.matrix_param_groups` builds a ``True`` and a ``False`` group from a model.
+Orientation: the matrix rules are defined on a weight as ``(out, in)`` (``nn.Linear``'s
+layout): Muon's scale ``sqrt(max(1, out/in))``, SWAN's row standardisation and whitening side,
+COSMOS's subspace of the input side, FRUGAL's projected side. A group with ``transposed=True``
+holds weights stored ``(in, out, ...)`` (HF's GPT-2 ``Conv1D``, ``nn.ConvTranspose*d``): the
+rules then act on the weight with dims 0 and 1 swapped (:func:`as_matrix`), so such a layer gets
+exactly the update of the same layer stored as ``nn.Linear``, transposed. Elementwise state
+(momentum) stays in the parameter's layout; shape-dependent state (COSMOS's subspace, FRUGAL's
+projector and moments) is in the ``(out, in)`` orientation.
+
+:func:`basin.optim.matrix_param_groups` builds ``True`` groups (one with ``transposed=True`` for
+weights stored ``(in, out)``) and a ``False`` group from a model; passing the model itself as
+``params`` (``Muon(model)``) does the same.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._base import (
     BasinOptimizer,
@@ -36,8 +47,9 @@ from ._base import (
     scalar_lr,
     use_foreach,
 )
+from .param_groups import matrix_param_groups
 
-__all__ = ["MatrixOptimizer", "adamw_fallback"]
+__all__ = ["MatrixOptimizer", "adamw_fallback", "as_matrix", "from_matrix", "matrix_shape"]
 
 FALLBACK_KEYS = ("lr", "betas", "eps", "weight_decay")
 
@@ -66,12 +78,14 @@ class MatrixOptimizer(BasinOptimizer):
         fallback: dict[str, Any] | None = None,
         fallback_prefix: str = "",
     ) -> None:
+        if isinstance(params, nn.Module):  # Muon(model): routed (and oriented) from its modules
+            params = matrix_param_groups(params)
         if fallback is None:
             fallback = {k: defaults[k] for k in FALLBACK_KEYS}
         else:
             check_fallback(fallback, fallback_prefix)
         self._fallback_defaults = {**fallback, "betas": tuple(fallback["betas"])}
-        super().__init__(params, {**defaults, "matrix_rule": matrix_rule})
+        super().__init__(params, {**defaults, "matrix_rule": matrix_rule, "transposed": False})
 
     # ------------------------------------------------------------ routing
 
@@ -98,6 +112,11 @@ class MatrixOptimizer(BasinOptimizer):
         rule = group.setdefault("matrix_rule", self.defaults["matrix_rule"])
         if rule is not None and not isinstance(rule, bool):
             raise ValueError(f"matrix_rule must be None, True or False, got {rule!r}")
+        transposed = group.get("transposed", False)
+        if not isinstance(transposed, bool):
+            raise ValueError(
+                f"transposed must be True (weights stored (in, out)) or False, got {transposed!r}"
+            )
         if rule is None and self._companion:
             merged = {**self.defaults, **group}
             matrix, other = [], []
@@ -129,13 +148,21 @@ class MatrixOptimizer(BasinOptimizer):
                     auto = f"pass {self._fallback_kw}=True (or set matrix_rule=None on the group)"
                 else:
                     auto = "leave matrix_rule=None (the default)"
+                name = self._algo.lower()
                 raise ValueError(
                     f"{self._algo} updates only matrices (ndim >= 2) with its matrix rule, but "
                     f"parameter {what} of param group {gi} (matrix_rule=True) has shape "
-                    f"{tuple(p.shape)} ({len(bad)} such parameter(s)). Put embeddings, the output "
-                    f"head, biases and gains in a group with matrix_rule=False "
-                    f"(basin.optim.matrix_param_groups(model) builds these groups), or {auto} to "
-                    f"route every parameter the matrix rule cannot take to the built-in AdamW."
+                    f"{tuple(p.shape)} ({len(bad)} such parameter(s)). Put embeddings, the "
+                    f"output head, biases and gains in a group with matrix_rule=False: build the "
+                    f"optimizer from the model, which does that and knows each layer's (out, in) "
+                    f"orientation: basin.optim.create({name!r}, model, ...) or "
+                    f"{self._algo}(model, ...) (basin.optim.matrix_param_groups(model) builds "
+                    f"these groups). In a framework that passes parameter lists, hand it that "
+                    f"optimizer instead: HF Trainer(..., optimizers=(basin.optim.create({name!r}, "
+                    f"model), None)), Lightning's configure_optimizers returning it, "
+                    f"accelerator.prepare(model, optimizer) (docs/frameworks.md). Or {auto} to "
+                    f"route every parameter the matrix rule cannot take to the built-in AdamW (by "
+                    f"ndim alone: embeddings and the head then get the matrix rule)."
                 )
         try:
             self._check_common(group)
@@ -198,6 +225,37 @@ class MatrixOptimizer(BasinOptimizer):
             maximize=group["maximize"],
             foreach=group["foreach"],
         )
+
+
+def matrix_shape(p: Tensor, transposed: bool = False) -> tuple[int, int]:
+    """``(rows, cols)`` of the ``(out, in)`` matrix the matrix rules see for ``p``."""
+    if transposed:
+        return p.size(1), p.numel() // p.size(1)
+    return p.size(0), p.numel() // p.size(0)
+
+
+def as_matrix(t: Tensor, transposed: bool = False) -> Tensor:
+    """``t`` (a weight, its gradient or a state buffer in the weight's layout) as the
+    ``(out, in)`` matrix of the matrix rules: ``t`` itself if 2-D, else ``(size(0), -1)``; for a
+    weight stored ``(in, out, ...)`` (``transposed``) dims 0 and 1 are swapped first, into a
+    contiguous copy, so that the rule runs on exactly the tensor an ``nn.Linear`` would give it."""
+    if transposed:
+        t = t.transpose(0, 1).contiguous()
+    return t if t.ndim == 2 else t.reshape(t.size(0), -1)
+
+
+def from_matrix(u: Tensor, shape: torch.Size | tuple[int, ...], transposed: bool = False) -> Tensor:
+    """The ``(out, in)`` update ``u`` back in the parameter's ``shape`` (inverse of
+    :func:`as_matrix`). Transposed, the result mirrors ``u``'s memory layout relative to the
+    parameter (contiguous for a contiguous ``u``; transposed for a transposed view, as a tall
+    matrix's Newton-Schulz result is), so that the parameter's elementwise update runs the same
+    kernel, with the same rounding, as an ``nn.Linear``'s."""
+    if not transposed:
+        return u.reshape(shape)
+    stored = (shape[1], shape[0], *shape[2:])
+    if u.is_contiguous():
+        return u.reshape(stored).transpose(0, 1).contiguous()
+    return u.contiguous().reshape(stored).transpose(0, 1)
 
 
 def check_fallback(group: dict[str, Any], prefix: str = "") -> None:

@@ -16,7 +16,15 @@ from ._base import (
     scalar_lr,
 )
 from ._kernels import newton_schulz5
-from ._matrix import MatrixOptimizer, check_fallback, check_int, compute_dtype
+from ._matrix import (
+    MatrixOptimizer,
+    as_matrix,
+    check_fallback,
+    check_int,
+    compute_dtype,
+    from_matrix,
+    matrix_shape,
+)
 from .param_groups import matrix_groups
 from .registry import ADAM_SPACE, OptimInfo, Paper, register
 
@@ -64,6 +72,12 @@ class COSMOS(MatrixOptimizer):
     fallback (:func:`basin.optim._matrix.adamw_fallback`) uses the group's ``lr``, ``betas``,
     ``eps`` and ``weight_decay``; :func:`basin.optim.matrix_param_groups` builds a matrix and a
     fallback group from a model (embeddings and the output head to AdamW).
+
+    ``m x n`` is the weight as ``(out, in)``: in groups with ``transposed=True`` (weights stored
+    ``(in, out)``, e.g. HF's GPT-2 ``Conv1D``; detected by :func:`basin.optim.matrix_param_groups`)
+    ``G``, ``M`` and the update are taken transposed, ``P``, ``S``, ``V`` are kept in that
+    orientation, and ``max_rows`` counts output units, so such a layer gets the update of the
+    same ``nn.Linear``, transposed.
 
     Keep ``rank`` below the rank of the gradients (for a classifier head trained with
     cross-entropy that is ``classes - 1``): otherwise the residual ``G~ - G~ P P^T`` is rounding
@@ -187,7 +201,7 @@ class COSMOS(MatrixOptimizer):
         super().__init__(params, defaults, None)
 
     def _takes(self, p: Tensor, group: dict[str, Any]) -> bool:
-        return p.ndim == 2 and p.size(0) <= group["max_rows"]
+        return p.ndim == 2 and matrix_shape(p, group["transposed"])[0] <= group["max_rows"]
 
     def _check_hparams(self, group: dict[str, Any]) -> None:
         _check_hparams(group)
@@ -197,7 +211,7 @@ class COSMOS(MatrixOptimizer):
             state = self.state[p]
             first = len(state) == 0
             if first:
-                m, n = p.size(0), p[0].numel()
+                m, n = matrix_shape(p, group["transposed"])
                 r = min(group["rank"], m, n)  # the rank a small matrix allows
                 kw = dict(dtype=p.dtype, device=p.device)
                 state["step"] = self._new_step()
@@ -221,6 +235,7 @@ class COSMOS(MatrixOptimizer):
                 ns_dtype=group["ns_dtype"],
                 variant=group["variant"],
                 maximize=group["maximize"],
+                transposed=group["transposed"],
             )
 
 
@@ -257,8 +272,10 @@ def cosmos(
     ns_dtype: torch.dtype | None,
     maximize: bool,
     variant: str = "code",
+    transposed: bool = False,
 ) -> None:
-    """Functional COSMOS step of one matrix parameter; see :class:`COSMOS`."""
+    """Functional COSMOS step of one matrix parameter; see :class:`COSMOS`. ``transposed``:
+    ``p`` is stored ``(in, out)`` (``M`` in its layout, ``V``, ``P``, ``S`` as ``(out, in)``)."""
     lr = scalar_lr(lr)  # a one-element tensor lr on every path
     beta1, beta2 = betas
     g = -grad if maximize else grad
@@ -266,8 +283,7 @@ def cosmos(
     step = get_value(state["step"])
     M, V, P, S = state["exp_avg"], state["exp_avg_sq"], state["subspace"], state["subspace_cov"]
     cd = compute_dtype(p.dtype)
-    shape2d = (p.size(0), -1)
-    G = g.reshape(shape2d).to(cd)
+    G = as_matrix(g, transposed).to(cd)
     paper = variant == "paper"
     if paper:
         M.lerp_(g, 1 - beta1)  # M <- b1 M + (1 - b1) G
@@ -291,7 +307,7 @@ def cosmos(
     V.mul_(beta2).addcmul_(GP.to(V.dtype), GP.to(V.dtype), value=1 - beta2)
 
     bc2 = 1 - beta2**step
-    Mc = M.reshape(shape2d).to(cd)
+    Mc = as_matrix(M, transposed).to(cd)
     if paper:
         # normalised momentum: the same G~ as below, i.e. a reparametrisation of M
         bc1 = 1 - beta1**step
@@ -315,7 +331,7 @@ def cosmos(
     update = update / (update.norm() + eps)
     if weight_decay != 0:
         p.mul_(1 - lr * weight_decay)
-    p.sub_((update * (lr * lr_ratio * scale)).reshape(p.shape).to(p.dtype))
+    p.sub_(from_matrix(update * (lr * lr_ratio * scale), p.shape, transposed).to(p.dtype))
 
 
 register(

@@ -16,7 +16,16 @@ from ._base import (
     is_compiling,
     scalar_lr,
 )
-from ._matrix import MatrixOptimizer, adamw_fallback, check_fallback, check_int, compute_dtype
+from ._matrix import (
+    MatrixOptimizer,
+    adamw_fallback,
+    as_matrix,
+    check_fallback,
+    check_int,
+    compute_dtype,
+    from_matrix,
+    matrix_shape,
+)
 from .param_groups import matrix_groups
 from .registry import ADAM_SPACE, OptimInfo, Paper, register
 
@@ -47,6 +56,12 @@ class FRUGAL(MatrixOptimizer):
         R  = G - Q g_low
         W  <- W - lr proj_params_lr_scale inactive_lr_scale sign(R)   (sign_sgd; R for sgd;
                                                                       nothing for "no")
+
+    ``G`` is the gradient as ``(out, in)``: in groups with ``transposed=True`` (weights stored
+    ``(in, out)``, e.g. HF's GPT-2 ``Conv1D``; detected by :func:`basin.optim.matrix_param_groups`)
+    the side, the projector and the moments are those of the transposed weight, so such a layer
+    gets the update of the same ``nn.Linear``, transposed (the block variant is elementwise per
+    tensor: orientation does not matter there).
 
     Projectors (``proj_type``): ``"svd"`` top-``r`` singular vectors of ``G``; ``"random"`` a
     random semi-orthogonal matrix (QR of a Gaussian, R with positive diagonal); ``"randperm"``
@@ -285,8 +300,9 @@ class FRUGAL(MatrixOptimizer):
             state = self.state[p]
             if len(state) == 0:
                 init_frugal_state(
-                    p, state, group["density"], group["proj_type"], group["proj_side"]
-                )
+                    p, state, group["density"], group["proj_type"], group["proj_side"],
+                    group["transposed"],
+                )  # fmt: skip
             frugal(
                 p,
                 p.grad,
@@ -304,6 +320,7 @@ class FRUGAL(MatrixOptimizer):
                 reset_statistics=group["reset_statistics"],
                 seed=seeds[id(p)],
                 maximize=group["maximize"],
+                transposed=group["transposed"],
             )
 
     def _block_step(self, group: dict[str, Any], blocks: list[Tensor]) -> None:
@@ -706,13 +723,18 @@ def _up(low: Tensor, proj: Tensor, side: str, shape: tuple[int, int]) -> Tensor:
 
 
 def init_frugal_state(
-    p: Tensor, state: dict[str, Any], density: float, proj_type: str, proj_side: str
+    p: Tensor,
+    state: dict[str, Any],
+    density: float,
+    proj_type: str,
+    proj_side: str,
+    transposed: bool = False,
 ) -> None:
     """Allocate the state of a projected matrix, fixed in size for the whole run (so that a
     compiled step never sees it change): the step counters (CPU; ``global_step`` int64 because
     ``load_state_dict`` casts floating state to the parameter's dtype), the projector and the
     moments (filled by the first rebuild) and, for the random projectors, the generator state."""
-    shape = (p.size(0), p[0].numel())
+    shape = matrix_shape(p, transposed)
     proj_shape, low_shape = _projected_shapes(shape, _side(shape, proj_side), density, proj_type)
     state["step"] = MatrixOptimizer._new_step()
     state["global_step"] = torch.tensor(0, dtype=torch.int64)
@@ -742,15 +764,17 @@ def frugal(
     reset_statistics: bool,
     seed: int,
     maximize: bool,
+    transposed: bool = False,
 ) -> None:
     """Functional FRUGAL step of one projected matrix; see :class:`FRUGAL`. ``state`` holds
-    the buffers of :func:`init_frugal_state` (``seed``: the parameter's generator seed)."""
+    the buffers of :func:`init_frugal_state` (``seed``: the parameter's generator seed;
+    ``transposed``: ``p`` is stored ``(in, out)``)."""
     lr = scalar_lr(lr)  # a one-element tensor lr on every path
     beta1, beta2 = betas
     g = -grad if maximize else grad
     cd = compute_dtype(p.dtype)
-    shape = (p.size(0), p[0].numel())
-    G = g.reshape(shape).to(cd)
+    shape = matrix_shape(p, transposed)
+    G = as_matrix(g, transposed).to(cd)
     side = _side(shape, proj_side)
 
     # rebuild phase (eager; one opaque op when compiled), then branch-free per-step math
@@ -782,7 +806,7 @@ def frugal(
     if inactive_update_rule != "no" and not full_rank:
         residual = _inactive_direction(G - _up(low, proj, side, shape), inactive_update_rule)
         update = update + residual * (scale * inactive_lr_scale)
-    p.sub_(update.reshape(p.shape).to(p.dtype))
+    p.sub_(from_matrix(update, p.shape, transposed).to(p.dtype))
 
 
 register(

@@ -18,7 +18,14 @@ from ._base import (
     use_foreach,
 )
 from ._kernels import newton_schulz5
-from ._matrix import MatrixOptimizer, _decay_and_add, _foreach_decay_and_add, check_int
+from ._matrix import (
+    MatrixOptimizer,
+    _decay_and_add,
+    _foreach_decay_and_add,
+    as_matrix,
+    check_int,
+    from_matrix,
+)
 from .param_groups import matrix_groups
 from .registry import ELEMENTWISE_CAPS, LR_ADAPTIVE, WEIGHT_DECAY, OptimInfo, Paper, register
 
@@ -45,6 +52,11 @@ class Muon(MatrixOptimizer):
         m <- b m + (1-b) g                           (torch.lerp)
         u = (1-b) g + b m  if nesterov else m
         O = NS5(u) * sqrt(max(1, rows/cols))         (NS5: basin.optim._kernels.newton_schulz5)
+
+    ``rows x cols`` is the weight as ``(out, in)``: groups with ``transposed=True`` (weights stored
+    ``(in, out)``, e.g. HF's GPT-2 ``Conv1D``, which :func:`basin.optim.matrix_param_groups` and
+    ``Muon(model)`` detect) are orthogonalised and scaled as their transpose, so a ``Conv1D``
+    gets exactly the update of the same layer as ``nn.Linear``, transposed.
         p <- p (1 - lr wd) - lr O
 
     Fallback (``matrix_rule=False`` groups): AdamW,
@@ -171,17 +183,21 @@ class Muon(MatrixOptimizer):
             ns_dtype=group["ns_dtype"],
             maximize=group["maximize"],
             foreach=group["foreach"],
+            transposed=group["transposed"],
         )
 
 
-def _orthogonalized(u: Tensor, ns_steps: int, ns_dtype: torch.dtype | None) -> Tensor:
-    """NS5 of ``u`` viewed as a matrix, scaled by ``sqrt(max(1, rows/cols))``, in ``u``'s shape
-    (and in the compute dtype: the caller adds it to the parameter)."""
-    mat = u.reshape(u.size(0), -1) if u.ndim > 2 else u
+def _orthogonalized(
+    u: Tensor, ns_steps: int, ns_dtype: torch.dtype | None, transposed: bool = False
+) -> Tensor:
+    """NS5 of ``u`` viewed as an ``(out, in)`` matrix (:func:`basin.optim._matrix.as_matrix`),
+    scaled by ``sqrt(max(1, rows/cols))``, in ``u``'s layout (and in the compute dtype: the
+    caller adds it to the parameter)."""
+    mat = as_matrix(u, transposed)
     rows, cols = mat.shape
     out = newton_schulz5(mat, ns_steps, dtype=ns_dtype)
     out = out * max(1.0, rows / cols) ** 0.5  # in the compute dtype, as the reference
-    return out.reshape(u.shape)
+    return from_matrix(out, u.shape, transposed)
 
 
 def muon(
@@ -197,39 +213,44 @@ def muon(
     ns_dtype: torch.dtype | None,
     maximize: bool,
     foreach: bool | None = None,
+    transposed: bool = False,
 ) -> None:
-    """Functional Muon (matrix parameters only); see :class:`Muon`."""
+    """Functional Muon (matrix parameters only); see :class:`Muon`. ``transposed``: the
+    parameters are stored ``(in, out)``."""
     lr = scalar_lr(lr)  # a one-element tensor lr on every path
     fn = _multi_tensor_muon if use_foreach(foreach, params) else _single_tensor_muon
     fn(
         params, grads, momentum_buffers, lr=lr, momentum=momentum, weight_decay=weight_decay,
         nesterov=nesterov, ns_steps=ns_steps, ns_dtype=ns_dtype, maximize=maximize,
+        transposed=transposed,
     )  # fmt: skip
 
 
 def _single_tensor_muon(
     params, grads, momentum_buffers, *, lr, momentum, weight_decay, nesterov, ns_steps, ns_dtype,
-    maximize,
+    maximize, transposed=False,
 ):  # fmt: skip
     for i, p in enumerate(params):
         g = -grads[i] if maximize else grads[i]
         buf = momentum_buffers[i]
         buf.lerp_(g, 1 - momentum)
         u = g.lerp(buf, momentum) if nesterov else buf
-        update = _orthogonalized(u, ns_steps, ns_dtype).to(p.dtype)
+        update = _orthogonalized(u, ns_steps, ns_dtype, transposed).to(p.dtype)
         _decay_and_add(p, update, lr, weight_decay)
 
 
 def _multi_tensor_muon(
     params, grads, momentum_buffers, *, lr, momentum, weight_decay, nesterov, ns_steps, ns_dtype,
-    maximize,
+    maximize, transposed=False,
 ):  # fmt: skip
     for ps, gs, bufs in group_by_device_and_dtype([params, grads, momentum_buffers]).values():
         gs = torch._foreach_neg(gs) if maximize else gs
         torch._foreach_lerp_(bufs, gs, 1 - momentum)
         us = torch._foreach_lerp(gs, bufs, momentum) if nesterov else bufs
         # Newton-Schulz is a chain of matmuls per matrix: no foreach form
-        updates = [_orthogonalized(u, ns_steps, ns_dtype).to(p.dtype) for u, p in zip(us, ps)]
+        updates = [
+            _orthogonalized(u, ns_steps, ns_dtype, transposed).to(p.dtype) for u, p in zip(us, ps)
+        ]
         _foreach_decay_and_add(ps, updates, lr, weight_decay)
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torch import nn
 
-__all__ = ["matrix_param_groups", "weight_decay_groups"]
+__all__ = ["matrix_param_groups", "stores_in_out", "weight_decay_groups"]
 
 _NORM_TYPES = (
     nn.modules.batchnorm._NormBase,
@@ -48,12 +48,45 @@ def weight_decay_groups(
     return [g for g in groups if g["params"]]
 
 
+def stores_in_out(module: nn.Module) -> bool:
+    """Does ``module`` store its ``weight`` as ``(in, out, ...)``, the transpose of
+    ``nn.Linear``'s ``(out, in)``? True for HF transformers' ``Conv1D`` (GPT-2, GPT, ...:
+    recognised by its class name and ``nf`` attribute, without importing transformers) and for
+    ``nn.ConvTranspose1d/2d/3d`` with ``groups=1``."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return module.groups == 1
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(getattr(module, "nf", None), int)
+        and isinstance(weight, nn.Parameter)
+        and weight.ndim == 2
+        and weight.size(1) == module.nf
+    )
+
+
+def _named_ids(model: nn.Module, names: Iterable[str], what: str) -> dict[str, set[int]]:
+    """The parameter ids of each module or parameter name (``ValueError`` for unknown names)."""
+    modules = dict(model.named_modules())
+    named = dict(model.named_parameters())
+    names = list(names)
+    unknown = sorted(n for n in names if n not in modules and n not in named)
+    if unknown:
+        raise ValueError(
+            f"{what}: no module or parameter named {', '.join(map(repr, unknown))} in the model"
+        )
+    return {
+        n: {id(named[n])} if n in named else {id(p) for p in modules[n].parameters()} for n in names
+    }
+
+
 def matrix_param_groups(
     model: nn.Module,
     *,
     head: str | Iterable[str] | None = "auto",
     matrix: dict[str, Any] | None = None,
     fallback: dict[str, Any] | None = None,
+    transposed: Iterable[str] | Mapping[str, bool] | None = None,
 ) -> list[dict[str, Any]]:
     """Split ``model``'s parameters for a matrix optimizer (Muon, SWAN, COSMOS, FRUGAL): hidden
     weight matrices and convolution kernels in a group with ``matrix_rule=True``; embeddings
@@ -68,8 +101,16 @@ def matrix_param_groups(
     head; ``None`` means no head; otherwise an iterable of module or parameter names (as in
     ``model.named_modules()`` / ``model.named_parameters()``) whose parameters go to the fallback.
     ``matrix`` / ``fallback`` are extra options of the two groups (e.g. ``{"lr": 0.02}``).
-    Parameters that do not require gradients are left out; shared parameters appear once; empty
-    groups are dropped."""
+    Parameters that do not require gradients are left out; shared parameters appear once (a
+    head tied to the token embedding, as in GPT-2, is the embedding: fallback); empty groups
+    are dropped.
+
+    Orientation: the matrix rules read a weight as ``(out, in)``. Weights stored ``(in, out)``
+    -- HF transformers' ``Conv1D`` (GPT-2's attention and MLP) and ``nn.ConvTranspose*d`` (see
+    :func:`stores_in_out`) -- go to a second matrix group with ``transposed=True``, in which the
+    optimizers update them as their transpose (the update of the same layer as ``nn.Linear``).
+    ``transposed`` overrides the detection: module or parameter names stored ``(in, out)``, or a
+    mapping ``{name: True | False}`` (False: stored ``(out, in)`` although detected)."""
     if isinstance(head, str) and head != "auto":
         head = [head]
     head_ids: set[int] = set()
@@ -78,22 +119,27 @@ def matrix_param_groups(
         if linears:
             head_ids = {id(p) for p in linears[-1].parameters()}
     elif head is not None:
-        names = set(head)
-        modules = dict(model.named_modules())
-        named = dict(model.named_parameters())
-        unknown = sorted(n for n in names if n not in modules and n not in named)
-        if unknown:
+        for ids in _named_ids(model, set(head), "head").values():
+            head_ids |= ids
+    flip: dict[int, bool] = {}
+    if transposed is not None:
+        spec = (
+            dict(transposed) if isinstance(transposed, Mapping) else dict.fromkeys(transposed, True)
+        )
+        bad = [n for n, v in spec.items() if not isinstance(v, bool)]
+        if bad:
             raise ValueError(
-                f"head: no module or parameter named {', '.join(map(repr, unknown))} in the model"
+                f"transposed: values must be True or False, got {spec[bad[0]]!r} for {bad[0]!r}"
             )
-        for n in names:
-            if n in named:
-                head_ids.add(id(named[n]))
-            else:
-                head_ids.update(id(p) for p in modules[n].parameters())
-    matrix_params, fallback_params, seen = [], [], set()
+        named_ids = _named_ids(model, spec, "transposed")
+        # module names first, then parameter names (the more specific one wins)
+        params = dict(model.named_parameters())
+        for n in sorted(spec, key=lambda n: n in params):
+            flip.update(dict.fromkeys(named_ids[n], spec[n]))
+    matrix_params, transposed_params, fallback_params, seen = [], [], [], set()
     for module in model.modules():
-        for p in module.parameters(recurse=False):
+        in_out = stores_in_out(module)
+        for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
@@ -103,10 +149,13 @@ def matrix_param_groups(
                 or isinstance(module, (nn.Embedding, nn.EmbeddingBag))
             ):
                 fallback_params.append(p)
+            elif flip.get(id(p), in_out and name == "weight"):
+                transposed_params.append(p)
             else:
                 matrix_params.append(p)
     groups = [
         {"params": matrix_params, "matrix_rule": True, **(matrix or {})},
+        {"params": transposed_params, "matrix_rule": True, "transposed": True, **(matrix or {})},
         {"params": fallback_params, "matrix_rule": False, **(fallback or {})},
     ]
     return [g for g in groups if g["params"]]

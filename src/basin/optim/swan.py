@@ -18,7 +18,14 @@ from ._base import (
     use_foreach,
 )
 from ._kernels import whiten_newton_schulz
-from ._matrix import MatrixOptimizer, _decay_and_add, _foreach_decay_and_add, check_int
+from ._matrix import (
+    MatrixOptimizer,
+    _decay_and_add,
+    _foreach_decay_and_add,
+    as_matrix,
+    check_int,
+    from_matrix,
+)
 from .param_groups import matrix_groups
 from .registry import ELEMENTWISE_CAPS, LR_ADAPTIVE, WEIGHT_DECAY, OptimInfo, Paper, register
 
@@ -38,6 +45,11 @@ class SWAN(MatrixOptimizer):
                                                           steps of size ns_beta
         W <- W * ||G~||_F / (||W||_F + eps)               if rescale
         p <- p (1 - lr wd) - lr W
+
+    ``G`` is the gradient as ``(out, in)``: in groups with ``transposed=True`` (weights stored
+    ``(in, out)``, e.g. HF's GPT-2 ``Conv1D``; detected by :func:`basin.optim.matrix_param_groups`)
+    rows are output units there too, so such a layer gets the update of the same ``nn.Linear``,
+    transposed.
 
     Routing works as in :class:`Muon` (shared, :mod:`basin.optim._matrix`): a group's
     ``matrix_rule`` is ``True`` (default: SWAN; an ``ndim < 2`` parameter raises ``ValueError``
@@ -183,14 +195,21 @@ class SWAN(MatrixOptimizer):
             rescale=group["rescale"],
             maximize=group["maximize"],
             foreach=group["foreach"],
+            transposed=group["transposed"],
         )
 
 
 def _swan_direction(
-    g: Tensor, ns_steps: int, eps: float, rescale: bool, ns_beta: float = 0.5
+    g: Tensor,
+    ns_steps: int,
+    eps: float,
+    rescale: bool,
+    ns_beta: float = 0.5,
+    transposed: bool = False,
 ) -> Tensor:
-    """GradNorm then GradWhitening (then rescaling) of one gradient, in ``g``'s shape."""
-    mat = g.reshape(g.size(0), -1) if g.ndim > 2 else g
+    """GradNorm then GradWhitening (then rescaling) of one gradient viewed as ``(out, in)``
+    (:func:`basin.optim._matrix.as_matrix`), in ``g``'s layout."""
+    mat = as_matrix(g, transposed)
     mat = mat.to(torch.promote_types(mat.dtype, torch.float32))
     mean = mat.mean(dim=1, keepdim=True)
     std = mat.std(dim=1, keepdim=True, correction=0)
@@ -198,7 +217,7 @@ def _swan_direction(
     white = whiten_newton_schulz(normed, ns_steps, beta=ns_beta)
     if rescale:
         white = white * (normed.norm() / (white.norm() + eps))
-    return white.reshape(g.shape)
+    return from_matrix(white, g.shape, transposed)
 
 
 def swan(
@@ -213,33 +232,36 @@ def swan(
     maximize: bool,
     foreach: bool | None = None,
     ns_beta: float = 0.5,
+    transposed: bool = False,
 ) -> None:
-    """Functional SWAN (matrix parameters only); see :class:`SWAN`."""
+    """Functional SWAN (matrix parameters only); see :class:`SWAN`. ``transposed``: the
+    parameters are stored ``(in, out)``."""
     lr = scalar_lr(lr)  # a one-element tensor lr on every path
     fn = _multi_tensor_swan if use_foreach(foreach, params) else _single_tensor_swan
     fn(
         params, grads, lr=lr, weight_decay=weight_decay, ns_steps=ns_steps, ns_beta=ns_beta,
-        eps=eps, rescale=rescale, maximize=maximize,
+        eps=eps, rescale=rescale, maximize=maximize, transposed=transposed,
     )  # fmt: skip
 
 
 def _single_tensor_swan(
-    params, grads, *, lr, weight_decay, ns_steps, ns_beta, eps, rescale, maximize
+    params, grads, *, lr, weight_decay, ns_steps, ns_beta, eps, rescale, maximize, transposed=False
 ):
     for p, g in zip(params, grads):
         g = -g if maximize else g
-        update = _swan_direction(g, ns_steps, eps, rescale, ns_beta).to(p.dtype)
+        update = _swan_direction(g, ns_steps, eps, rescale, ns_beta, transposed).to(p.dtype)
         _decay_and_add(p, update, lr, weight_decay)
 
 
 def _multi_tensor_swan(
-    params, grads, *, lr, weight_decay, ns_steps, ns_beta, eps, rescale, maximize
+    params, grads, *, lr, weight_decay, ns_steps, ns_beta, eps, rescale, maximize, transposed=False
 ):
     for ps, gs in group_by_device_and_dtype([params, grads]).values():
         gs = torch._foreach_neg(gs) if maximize else gs
         # the whitening is a chain of matmuls per matrix: no foreach form
         updates = [
-            _swan_direction(g, ns_steps, eps, rescale, ns_beta).to(p.dtype) for g, p in zip(gs, ps)
+            _swan_direction(g, ns_steps, eps, rescale, ns_beta, transposed).to(p.dtype)
+            for g, p in zip(gs, ps)
         ]
         _foreach_decay_and_add(ps, updates, lr, weight_decay)
 
