@@ -63,6 +63,12 @@ def test_verdict_names_a_clear_winner_and_refuses_a_noisy_one() -> None:
     noisy += [_rec(f"b{s}", "torch:adamw", s, 0.895 + (-0.05 if s % 2 else 0.05)) for s in range(4)]
     v = verdicts(noisy, labels(noisy))["w"]
     assert v["verdict"].startswith("no clear winner on w") and "includes 0" in v["verdict"]
+    # an interval off 0 from 3 seeds whose paired test is not significant is no win either
+    few = [_rec(f"a{s}", "adabelief", s, m) for s, m in enumerate([0.62, 0.64, 0.66])]
+    few += [_rec(f"b{s}", "torch:adamw", s, m) for s, m in enumerate([0.615, 0.60, 0.64])]
+    v = verdicts(few, labels(few))["w"]
+    assert v["pairs"][0]["ci"][0] > 0 and v["pairs"][0]["p_value"] > 0.05
+    assert "the paired test is not significant" in v["verdict"]
     # minimised metrics rank the other way; untuned comparisons say so
     low = [_rec(f"a{s}", "x", s, 1.0 + s * 0.01, tuning="", mode="min") for s in range(3)]
     low += [_rec(f"b{s}", "y", s, 2.0 + s * 0.01, tuning="", mode="min") for s in range(3)]

@@ -12,7 +12,9 @@ the comparison ranks optimizers, not the defaults someone picked.
 Statistics (:func:`verdicts`): per workload, each configuration's mean final metric with a
 95% bootstrap confidence interval over seeds; the winner against every other configuration
 with the mean paired difference (same seed = same initialisation and data order), its 95%
-bootstrap interval and a two-sided paired t-test; and a plain-language verdict line.
+bootstrap interval and a two-sided paired t-test; and a plain-language verdict line, which
+says "beats" only when the interval excludes 0 *and* the paired test gives p < 0.05 (with few
+seeds the percentile bootstrap alone is too optimistic).
 """
 
 from __future__ import annotations
@@ -293,11 +295,13 @@ def _verdict(wname: str, metric: str, best: dict[str, Any], pairs: list[dict[str
     diff = _diff_text(runner_up["mean"], metric)
     ci = f"95% CI [{_diff_text(lo, metric).split()[0]}, {_diff_text(hi, metric).split()[0]}]"
     tail = f"paired over {runner_up['n']} seeds, p = {runner_up['p_value']:.2g}"
-    if (lo > 0 and runner_up["mean"] > 0) or (hi < 0 and runner_up["mean"] < 0):
+    excludes_zero = (lo > 0 and runner_up["mean"] > 0) or (hi < 0 and runner_up["mean"] < 0)
+    if excludes_zero and runner_up["p_value"] < 0.05:
         return f"{best['label']} beats {runner_up['label']} on {wname}: {diff}, {ci} ({tail})"
+    why = f"the {ci} includes 0" if not excludes_zero else "the paired test is not significant"
     return (
         f"no clear winner on {wname}: {best['label']} leads {runner_up['label']} by {diff}, "
-        f"but the {ci} includes 0 ({tail}); run more seeds to separate them"
+        f"but {why} ({tail}); run more seeds to separate them"
     )
 
 
