@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -11,41 +10,11 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ._base import BasinOptimizer, _maybe_all_finite, check_bool, check_nonnegative, check_positive
-from .param_groups import weight_decay_groups
-from .registry import LR_SGD, OptimInfo, Paper, register
+from .._base import BasinOptimizer, check_bool, check_nonnegative, check_positive, use_foreach
+from .passes import average_over_ranks, ddp_no_sync, finite, frozen_bn_stats
+from .perturb import ascent_step
 
-__all__ = ["ASAMSGD", "SAM", "SAMSGD", "frozen_bn_stats", "named_decay_groups"]
-
-
-@contextlib.contextmanager
-def frozen_bn_stats(model: nn.Module | None) -> Iterator[None]:
-    """BatchNorm running statistics (and ``num_batches_tracked``) of ``model`` are restored on
-    exit, exactly (a copy): forwards inside still normalise with batch statistics in train mode,
-    but leave no trace. SAM's second, perturbed pass runs inside it, so the statistics come from
-    the first pass only, as in the authors' code."""
-    saved = []
-    if model is not None:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-                saved.append((m, {k: b.clone() for k, b in m.named_buffers(recurse=False)}))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for m, bufs in saved:
-                for k, b in m.named_buffers(recurse=False):
-                    if k in bufs:
-                        b.copy_(bufs[k])
-
-
-def _ddp_no_sync(model: nn.Module | None) -> contextlib.AbstractContextManager:
-    no_sync = getattr(model, "no_sync", None)
-    return no_sync() if callable(no_sync) else contextlib.nullcontext()
-
-
-def _finite(grads: list[Tensor]) -> bool:
-    return not grads or _maybe_all_finite(grads) or all(bool(g.isfinite().all()) for g in grads)
+__all__ = ["SAM"]
 
 
 class SAM(BasinOptimizer):
@@ -188,7 +157,7 @@ class SAM(BasinOptimizer):
         if scaler is None:
             return self._check_grads()  # raises (naming the parameter) or False for "skip"
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        return _finite(grads)
+        return finite(grads)
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, scaler: Any = None) -> bool:
@@ -214,26 +183,13 @@ class SAM(BasinOptimizer):
         if not items:
             return
         if self.sync_perturbation:
-            _average_over_ranks([p.grad for _, p, _ in items])
-        dirs, sq = [], []
-        for group, p, name in items:
-            g = p.grad.double() if p.dtype in (torch.float16, torch.bfloat16) else p.grad
-            t = None
-            if group.get("adaptive", False) and (name is None or "weight" in name):
-                t = p.to(g.dtype).abs().add_(group.get("eta", 0.01))
-                g = g * t
-            sq.append(torch.linalg.vector_norm(g).double().square())
-            dirs.append(g if t is None else g * t)  # T^2 g for ASAM
-        norm = torch.stack(sq).sum().sqrt()
+            average_over_ranks([p.grad for _, p, _ in items])
         adaptive = any(group.get("adaptive", False) for group, _, _ in items)
         eps = self.perturb_eps if self.perturb_eps is not None else (1e-16 if adaptive else 0.0)
-        inv = torch.where(norm > 0, 1.0 / (norm + eps), torch.zeros_like(norm))
-        for (group, p, _), d in zip(items, dirs):
+        foreach = use_foreach(self.defaults.get("foreach"), [p for _, p, _ in items])
+        for (_, p, _), e in zip(items, ascent_step(items, eps, foreach)):
             self._backup[p] = p.detach().clone(memory_format=torch.preserve_format)
-            scale = inv * group.get("rho", 0.05)
-            if group.get("maximize", False):
-                scale = -scale
-            p.add_((d * scale.to(d.dtype)).to(p.dtype))
+            p.add_(e)
 
     @torch.no_grad()
     def second_step(
@@ -287,7 +243,7 @@ class SAM(BasinOptimizer):
             else:
                 self.first_step()
             return None
-        with torch.enable_grad(), _ddp_no_sync(self.model):
+        with torch.enable_grad(), ddp_no_sync(self.model):
             loss = closure()
         if not self.first_step(zero_grad=True):
             return loss
@@ -332,7 +288,7 @@ class SAM(BasinOptimizer):
 
 def _base_builder(base: Any, hp: dict[str, Any]) -> Callable[[list[dict[str, Any]]], Optimizer]:
     """Check ``base_optimizer`` now (``ValueError`` naming it) and return its builder."""
-    from .registry import create, resolve
+    from ..registry import create, resolve
 
     if isinstance(base, str):
         try:
@@ -349,128 +305,3 @@ def _base_builder(base: Any, hp: dict[str, Any]) -> Callable[[list[dict[str, Any
     raise ValueError(
         f"base_optimizer must be a torch.optim.Optimizer class or a registry name, got {base!r}"
     )
-
-
-def _average_over_ranks(grads: list[Tensor]) -> None:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-# ---------------------------------------------------------------- built by name
-
-
-class SAMSGD(SAM):
-    """``SAM`` over ``torch.optim.SGD`` with momentum 0.9 (the paper's experiments): what the
-    registry builds for ``"sam"`` (``basin bench -o sam``). Same arguments as SAM and SGD."""
-
-    _adaptive = False
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float | Tensor = 0.1,
-        momentum: float = 0.9,
-        dampening: float = 0.0,
-        weight_decay: float = 0.0,
-        nesterov: bool = False,
-        *,
-        rho: float | None = None,
-        eta: float = 0.01,
-        perturb_eps: float | None = None,
-        sync_perturbation: bool = False,
-        model: nn.Module | None = None,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        nonfinite: str = "raise",
-    ) -> None:
-        super().__init__(
-            params, torch.optim.SGD, (0.5 if self._adaptive else 0.05) if rho is None else rho,
-            self._adaptive, eta=eta, perturb_eps=perturb_eps, sync_perturbation=sync_perturbation,
-            model=model, nonfinite=nonfinite, lr=lr, momentum=momentum, dampening=dampening,
-            weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, foreach=foreach,
-        )  # fmt: skip
-
-
-class ASAMSGD(SAMSGD):
-    """``SAM(adaptive=True)`` over SGD with momentum 0.9, ``rho`` 0.5 and ``eta`` 0.01 (the ASAM
-    authors' defaults): what the registry builds for ``"asam"``."""
-
-    _adaptive = True
-
-
-def named_decay_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """:func:`basin.optim.weight_decay_groups` (the optimizer's weight decay on weights, none
-    on biases and norms) with ``param_names``, which ASAM's rule reads."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = weight_decay_groups(model, None)
-    for g in groups:
-        g["param_names"] = [names[id(p)] for p in g["params"]]
-    return groups
-
-
-# the harness skips a step whose gradient overflows (the perturbed point of a run that is
-# diverging): the run then ends as its loss says, not with an exception
-_HARNESS = {"nonfinite": "skip"}
-_CAPS = frozenset({"closure", "maximize", "param_groups", "amp", "distributed", "wrapper"})
-_NOTE = "SGD momentum (1.0) + the weights saved during the step (1.0); 2 passes per step"
-
-register(
-    OptimInfo(
-        name="sam",
-        cls=SAMSGD,
-        paper=Paper(
-            "Sharpness-Aware Minimization for Efficiently Improving Generalization",
-            "Foret et al.",
-            "2010.01412",
-            2020,
-        ),
-        state_memory=2.0,
-        capabilities=_CAPS,
-        state_note=_NOTE,
-        family="sgd",
-        lr_scaling="linear",
-        lr_from={"lr": ("sam", "sgd")},
-        search_space={
-            "lr": LR_SGD,
-            "rho": {"type": "float", "low": 0.01, "high": 0.5, "log": True},
-        },
-        param_groups=named_decay_groups,
-        needs_closure=True,
-        defaults=_HARNESS,
-    )
-)
-register(
-    OptimInfo(
-        name="asam",
-        cls=ASAMSGD,
-        paper=Paper(
-            "ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of Deep "
-            "Neural Networks",
-            "Kwon et al.",
-            "2102.11600",
-            2021,
-        ),
-        state_memory=2.0,
-        capabilities=_CAPS,
-        state_note=_NOTE,
-        family="sgd",
-        lr_scaling="linear",
-        lr_from={"lr": ("asam", "sam", "sgd")},
-        search_space={
-            "lr": LR_SGD,
-            "rho": {"type": "float", "low": 0.05, "high": 5.0, "log": True},
-        },
-        param_groups=named_decay_groups,
-        needs_closure=True,
-        defaults=_HARNESS,
-    )
-)
