@@ -55,12 +55,34 @@ def test_files_written(storage, tmp_path) -> None:
     assert len(summary) == 6
     html = paths["html"].read_text()
     assert "diverged at step" in html and "Performance profiles" in html
+    assert "generalization gap" in html and "final sharpness" in html
     # self-contained: no external resources, every image is an embedded PNG
     assert not re.search(r"(src|href)=['\"](?!data:)", html)
     imgs = re.findall(r"src='data:image/png;base64,([^']+)'", html)
     assert len(imgs) == 4  # three workloads' curves + the profiles
     for b in imgs:
         assert base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generalization_gap_and_sharpness_beside_accuracy(tmp_path) -> None:
+    """Two seeds with --landscape: the row holds the mean gap and final top eigenvalue of the
+    runs, and the HTML table prints them."""
+    path = tmp_path / "g.db"
+    cfgs = [
+        make_config("mnist1d_mlp", "torch:sgd", seed=s, steps=30, eval_every=30, landscape=True)
+        for s in (0, 1)
+    ]
+    with Store(str(path)) as st:
+        sweep(cfgs, st)
+        runs = st.runs()
+    (row,) = summarize(runs)
+    gaps = [r["final"]["generalization_gap"] for r in runs]
+    eigs = [r["final"]["top_eigenvalue"] for r in runs]
+    assert row["gap_mean"] == pytest.approx(statistics.fmean(gaps))
+    assert row["sharpness_mean"] == pytest.approx(statistics.fmean(eigs))
+    html = write_report(f"sqlite:///{path}", tmp_path / "out")["html"].read_text()
+    assert f"{row['gap_mean']:.4g} &plusmn;" in html
+    assert f"{row['sharpness_mean']:.4g} &plusmn;" in html
 
 
 def test_empty_or_missing_storage(tmp_path) -> None:

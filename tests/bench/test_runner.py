@@ -37,6 +37,31 @@ def test_record_contents() -> None:
     assert r.step_time is not None and r.step_time > 0
 
 
+def test_generalization_gap_is_eval_minus_train_loss_of_the_final_model() -> None:
+    """The final model on the same fixed training sample, evaluated by hand: the recorded train
+    loss/accuracy and the gap (eval loss minus that train loss) agree with it."""
+    from torch.nn import functional as F
+
+    from basin.bench import workloads as wl
+    from basin.bench.workloads.mnist1d import data
+
+    r = run(make_config("mnist1d_mlp", "torch:adamw", seed=0, steps=60, eval_every=30))
+    x, y, xt, _ = data()
+    xs, ys = wl.train_sample(x, y, len(xt))
+    assert len(xs) == len(xt) and len(xs) < len(x)
+    model = r.model.eval()
+    with torch.no_grad():
+        out = model(xs)
+        loss, acc = float(F.cross_entropy(out, ys)), float((out.argmax(-1) == ys).float().mean())
+    f = r.final
+    assert f["train_eval_loss"] == pytest.approx(loss, rel=1e-5)
+    assert f["train_metric"] == pytest.approx(acc, abs=1e-6)  # acc: a float32 mean
+    assert f["generalization_gap"] == pytest.approx(f["eval_loss"] - loss, rel=1e-5)
+    # a workload without a training evaluation records no gap
+    q = run(make_config("quadratic_deep", "torch:sgd", seed=0, steps=5, eval_every=5))
+    assert "generalization_gap" not in q.final
+
+
 def test_train_loss_is_the_window_mean_of_a_bare_loop() -> None:
     """The runner's logged loss equals a hand-written loop with the same seed."""
     import basin.optim as bo

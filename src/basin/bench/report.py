@@ -165,6 +165,14 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         m, s = _mean_std(fin("metric"))
         el, els = _mean_std(fin("eval_loss"))
         tl, tls = _mean_std(fin("train_loss"))
+        gap, gaps = _mean_std([v for v in fin("generalization_gap") if v is not None])
+        tm, tms = _mean_std([v for v in fin("train_metric") if v is not None])
+        sharp_vals = [
+            r["final"].get("top_eigenvalue", r["final"].get("sharpness"))
+            for r in ok
+            if r["final"].get("top_eigenvalue", r["final"].get("sharpness")) is not None
+        ]
+        sh, shs = _mean_std(sharp_vals)
         ttt_steps = [
             r["time_to_target"]["step"] if r.get("time_to_target") else math.inf
             for r in rs
@@ -195,6 +203,12 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "eval_loss_std": els,
                 "train_loss_mean": tl,
                 "train_loss_std": tls,
+                "train_metric_mean": tm,
+                "train_metric_std": tms,
+                "gap_mean": gap,
+                "gap_std": gaps,
+                "sharpness_mean": sh,
+                "sharpness_std": shs,
                 "reached": sum(math.isfinite(t) for t in ttt_steps),
                 "ttt_steps": _median_inf(ttt_steps),
                 "ttt_seconds": _median_inf(ttt_secs),
@@ -519,6 +533,10 @@ def _run_row(r: dict[str, Any]) -> dict[str, Any]:
         "final_train_loss": f.get("train_loss"),
         "final_eval_loss": f.get("eval_loss"),
         "final_metric": f.get("metric"),
+        "final_train_metric": f.get("train_metric"),
+        "generalization_gap": f.get("generalization_gap"),
+        "top_eigenvalue": f.get("top_eigenvalue"),
+        "hessian_trace": f.get("hessian_trace"),
         "best_metric": f.get("best_metric"),
         "ttt_step": ttt.get("step"),
         "ttt_seconds": ttt.get("seconds"),
@@ -640,8 +658,13 @@ def _html(
         best = (min(vals) if mode == "min" else max(vals)) if vals else None
         parts.append(
             "<table><tr><th>optimizer</th><th>runs (ok/div./failed)</th>"
-            f"<th>final {e(mname)} (mean &plusmn; std)</th><th>final eval loss</th>"
-            "<th>final train loss</th><th>time-to-target (steps)</th><th>(seconds)</th>"
+            f"<th>final {e(mname)} (mean &plusmn; std)</th><th>{e(mname)} on train data</th>"
+            "<th>final eval loss</th><th>final train loss</th>"
+            "<th title='eval loss minus the loss on a fixed sample of the training data'>"
+            "generalization gap (eval &minus; train loss)</th>"
+            "<th title='top Hessian eigenvalue of the final model (--landscape or "
+            "--sharpness-every)'>final sharpness</th>"
+            "<th>time-to-target (steps)</th><th>(seconds)</th>"
             "<th>reached</th><th>step time (ms)</th><th>optimizer state</th>"
             "<th>hyperparameters</th></tr>"
         )
@@ -651,8 +674,11 @@ def _html(
             parts.append(
                 f"<tr><td>{e(r['optimizer'])}</td><td>{r['runs']} ({r['ok']}/{r['diverged']}/"
                 f"{r['failed']})</td><td{cls}>{_pm(r['metric_mean'], r['metric_std'])}</td>"
+                f"<td>{_pm(r['train_metric_mean'], r['train_metric_std'])}</td>"
                 f"<td>{_pm(r['eval_loss_mean'], r['eval_loss_std'])}</td>"
                 f"<td>{_pm(r['train_loss_mean'], r['train_loss_std'])}</td>"
+                f"<td>{_pm(r['gap_mean'], r['gap_std'])}</td>"
+                f"<td>{_pm(r['sharpness_mean'], r['sharpness_std'])}</td>"
                 f"<td>{_fmt(r['ttt_steps'], 'g')}</td><td>{_fmt(r['ttt_seconds'], '.3g')}</td>"
                 f"<td>{r['reached']}/{r['runs'] - r['failed']}</td>"
                 f"<td>{_fmt(r['step_time_ms'], '.3g')}</td>"

@@ -463,8 +463,10 @@ def run(
     }
     if status == "diverged":
         final = {k: None for k in final}
-    elif cfg.landscape:
-        final.update(_landscape(model, loss_fn, task.probe_batch, cfg.seed))
+    else:
+        final.update(_generalization(task, final))
+        if cfg.landscape:
+            final.update(_landscape(model, loss_fn, task.probe_batch, cfg.seed))
     return RunResult(
         config=cfg.to_dict(),
         key=cfg.key(),
@@ -514,6 +516,19 @@ def math_attention() -> Any:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel(SDPBackend.MATH)
+
+
+def _generalization(task: _wl.Task, final: dict[str, Any]) -> dict[str, Any]:
+    """The trained model evaluated on a fixed sample of its training data, and the gap
+    ``eval_loss - train_eval_loss`` (positive: it fits the training data better)."""
+    if task.evaluate_train is None or final["eval_loss"] is None:
+        return {}
+    res = task.evaluate_train(task.model)
+    return {
+        "train_eval_loss": res["eval_loss"],
+        "train_metric": res["metric"],
+        "generalization_gap": final["eval_loss"] - res["eval_loss"],
+    }
 
 
 def _n_params(model: torch.nn.Module) -> int:

@@ -39,7 +39,8 @@ class Task:
     ``batches`` yields training batches forever in a seed-determined order;
     ``evaluate(model)`` returns ``{"eval_loss": ..., "metric": ...}`` on the held-out data
     (the model is put in eval mode and back); ``probe_batch`` is a fixed training batch used
-    for periodic diagnostics such as sharpness."""
+    for periodic diagnostics such as sharpness. ``evaluate_train`` (optional) is ``evaluate`` on a
+    fixed sample of the training data, for the generalization gap (eval minus train loss)."""
 
     model: nn.Module
     loss_fn: Callable[[Tensor, Tensor], Tensor]
@@ -47,6 +48,7 @@ class Task:
     evaluate: Callable[[nn.Module], dict[str, float]]
     probe_batch: Batch
     data_digest: str | None = None  # digest of all the data, where the builder has it
+    evaluate_train: Callable[[nn.Module], dict[str, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,15 @@ class _Forever:
         idx = self._perm[self._pos : self._pos + self.bs]
         self._pos += self.bs
         return self.x[idx], self.y[idx]
+
+
+def train_sample(x: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """A fixed sample of ``n`` training examples (the same for every seed), on which the
+    generalization gap is measured."""
+    if n >= len(x):
+        return x, y
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]
+    return x[idx], y[idx]
 
 
 def classification_eval(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import sysconfig
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -104,9 +105,21 @@ class _Windows:
 def _build(seed: int, batch_size: int) -> Task:
     train, val = corpus()
     model = CharTransformer()
-    n_eval = 128
-    starts = torch.linspace(0, len(val) - CONTEXT - 2, n_eval).long()
-    w = val[starts[:, None] + torch.arange(CONTEXT + 1)]
+    probe = next(_Windows(train, 32, seed + 1_000_003))
+    return Task(
+        model,
+        lm_loss,
+        _Windows(train, batch_size, seed),
+        _evaluator(val),
+        probe,
+        evaluate_train=_evaluator(train),
+    )
+
+
+def _evaluator(text: Tensor, n_windows: int = 128) -> Callable[[nn.Module], dict[str, float]]:
+    """Mean loss and bits/char over ``n_windows`` evenly spaced windows of ``text``."""
+    starts = torch.linspace(0, len(text) - CONTEXT - 2, n_windows).long()
+    w = text[starts[:, None] + torch.arange(CONTEXT + 1)]
     vx, vy = w[:, :-1], w[:, 1:]
 
     def evaluate(m: nn.Module) -> dict[str, float]:
@@ -117,8 +130,7 @@ def _build(seed: int, batch_size: int) -> Task:
         m.train(was)
         return {"eval_loss": loss, "metric": loss / math.log(2)}
 
-    probe = next(_Windows(train, 32, seed + 1_000_003))
-    return Task(model, lm_loss, _Windows(train, batch_size, seed), evaluate, probe)
+    return evaluate
 
 
 register(

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import Task, Workload, _Forever, classification_eval, register
+from . import Task, Workload, _Forever, classification_eval, register, train_sample
 
 
 @cache
@@ -56,6 +56,7 @@ def _build(seed: int, batch_size: int) -> Task:
         _Forever(x, y, batch_size, seed),
         classification_eval(xt, yt, loss_fn),
         (x[probe_idx], y[probe_idx]),
+        evaluate_train=classification_eval(*train_sample(x, y, len(xt)), loss_fn),
     )
 
 

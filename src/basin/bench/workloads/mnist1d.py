@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import Task, Workload, _Forever, classification_eval, register
+from . import Task, Workload, _Forever, classification_eval, register, train_sample
 
 
 def _cache_dir() -> Path:
@@ -108,6 +108,7 @@ def _builder(make_model):
             _Forever(x, y, batch_size, seed),
             classification_eval(xt, yt, loss_fn),
             (x[probe_idx], y[probe_idx]),
+            evaluate_train=classification_eval(*train_sample(x, y, len(xt)), loss_fn),
         )
 
     return build

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import Task, Workload, _Forever
+from . import Task, Workload, _Forever, train_sample
 
 __all__ = ["LOSSES", "METRICS", "fingerprint", "from_loaders", "from_tensors", "load"]
 
@@ -211,19 +211,25 @@ def from_tensors(
     _check_positive_int("batch_size", batch_size)
     digest = _digest_tensors(x, y, xe, ye)
 
-    def eval_batches() -> Iterator[tuple[Tensor, Tensor]]:
-        for i in range(0, len(xe), 2048):
-            yield xe[i : i + 2048], ye[i : i + 2048]
+    def chunks(a: Tensor, b: Tensor) -> Callable[[], Iterator[tuple[Tensor, Tensor]]]:
+        def batches() -> Iterator[tuple[Tensor, Tensor]]:
+            for i in range(0, len(a), 2048):
+                yield a[i : i + 2048], b[i : i + 2048]
 
-    evaluate = _evaluator(eval_batches, loss_fn, metric_fn)
+        return batches
+
+    evaluate = _evaluator(chunks(xe, ye), loss_fn, metric_fn)
+    # the generalization gap: the same evaluation on as many training examples
+    evaluate_train = _evaluator(chunks(*train_sample(x, y, len(xe))), loss_fn, metric_fn)
 
     def build(seed: int, bs: int) -> Task:
         model = _model(model_fn)
         g = torch.Generator().manual_seed(seed)
         probe = torch.randperm(len(x), generator=g)[:_PROBE]
         return Task(
-            model, loss_fn, _Forever(x, y, bs, seed), evaluate, (x[probe], y[probe]), digest
-        )
+            model, loss_fn, _Forever(x, y, bs, seed), evaluate, (x[probe], y[probe]), digest,
+            evaluate_train=evaluate_train,
+        )  # fmt: skip
 
     return _workload(
         name, model_fn, build, mname, mode, steps=steps, eval_every=eval_every, target=target,
