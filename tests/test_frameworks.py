@@ -211,3 +211,123 @@ def test_sharpness_tracker_as_a_trainer_callback(tmp_path) -> None:
     assert all(s > 0 for s in tracker.sharpness)
     logged = [e for e in trainer.state.log_history if "sharpness" in e]
     assert [e["step"] for e in logged] == [2, 4]
+
+
+def test_ndim_routing_of_a_parameter_list_warns_with_the_fix() -> None:
+    """adamw_fallback=True on a framework's list: vectors go to AdamW but the embeddings stay
+    on the matrix rule (the list cannot tell); the optimizer says so, once."""
+    model = _gpt2()
+    groups = [{"params": [p for p in model.parameters()]}]
+    with pytest.warns(
+        UserWarning, match=r"embeddings and the output head .*create\('muon', model"
+    ):
+        opt = bo.Muon(groups, adamw_fallback=True)
+    roles = _roles(opt, model)
+    assert roles["transformer.wte.weight"] == (True, False)  # what the warning is about
+    assert roles["transformer.h.0.ln_1.weight"] == (False, False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bo.create("muon", model)  # from the model: no warning
+        bo.Muon([torch.nn.Parameter(torch.randn(4, 4))], adamw_fallback=True)  # only matrices
+
+
+def test_create_passes_group_builder_options() -> None:
+    model = _gpt2()
+    opt = bo.create(
+        "muon", model, groups={"head": None, "transposed": {"transformer.h.0.mlp.c_fc": False}}
+    )
+    roles = _roles(opt, model)
+    assert roles["transformer.h.0.mlp.c_fc.weight"] == (True, False)  # override
+    assert roles["transformer.h.1.mlp.c_fc.weight"] == (True, True)  # detected
+    opt = bo.create("adabelief", model, groups={"weight_decay": 0.1, "lr": 1e-3})
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert all(g["lr"] == 1e-3 for g in opt.param_groups)
+    with pytest.raises(ValueError, match="groups= options need a model"):
+        bo.create("muon", model.parameters(), groups={"head": None})
+    with pytest.raises(ValueError, match="bad groups= option"):
+        bo.create("muon", model, groups={"heads": None})
+
+
+def test_accelerate_checkpoint_resume_continues_identically(tmp_path) -> None:
+    """accelerator.save_state after 2 steps, load_state into a fresh model, optimizer and
+    scheduler: steps 3-4 give the same weights as the uninterrupted run."""
+    accelerate = pytest.importorskip("accelerate")
+    batches = [torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(i))
+               for i in range(4)]  # fmt: skip
+
+    def setup(seed: int):
+        acc = accelerate.Accelerator(cpu=True)
+        model = _gpt2(seed)
+        opt = bo.create("muon", model, lr=0.02, adamw_lr=3e-3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+        model, opt, sched = acc.prepare(model, opt, sched)
+        return acc, model, opt, sched
+
+    def train(acc, model, opt, sched, xs):
+        for x in xs:
+            acc.backward(model(input_ids=x, labels=x).loss)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+
+    acc, model, opt, sched = setup(0)
+    train(acc, model, opt, sched, batches[:2])
+    acc.save_state(str(tmp_path / "ckpt"))
+    train(acc, model, opt, sched, batches[2:])
+    acc_b, model_b, opt_b, sched_b = setup(1)  # other init: the checkpoint overwrites it
+    acc_b.load_state(str(tmp_path / "ckpt"))
+    train(acc_b, model_b, opt_b, sched_b, batches[2:])
+    for (n, p), q in zip(model.named_parameters(), model_b.parameters()):
+        assert torch.equal(p, q), n
+    assert opt_b.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
+
+
+def test_lightning_checkpoint_resume_continues_identically(tmp_path) -> None:
+    """A Lightning checkpoint at the end of epoch 1, resumed with ckpt_path into a fresh
+    module: the same weights after epoch 2 as the uninterrupted fit (basin optimizer and a
+    per-step scheduler in configure_optimizers)."""
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class LM(pl.LightningModule):
+        def __init__(self, seed: int) -> None:
+            super().__init__()
+            self.model = _gpt2(seed)
+
+        def training_step(self, batch, batch_idx):
+            (x,) = batch
+            return self.model(input_ids=x, labels=x).loss
+
+        def configure_optimizers(self):
+            opt = bo.create("adabelief", self, lr=1e-3, rectify=False)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    data = torch.utils.data.TensorDataset(
+        torch.randint(0, VOCAB, (8, SEQ), generator=torch.Generator().manual_seed(0))
+    )
+
+    def fit(lm, epochs, root, ckpt=None, save=False):
+        cb = [pl.callbacks.ModelCheckpoint(dirpath=str(root), save_top_k=-1)] if save else []
+        trainer = pl.Trainer(
+            max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=save,
+            callbacks=cb, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=str(root),
+        )  # fmt: skip
+        loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=False)
+        trainer.fit(lm, loader, ckpt_path=ckpt)
+        return trainer
+
+    full = LM(0)
+    fit(full, 2, tmp_path / "full")
+    first = LM(0)
+    fit(first, 1, tmp_path / "a", save=True)
+    (ckpt,) = (tmp_path / "a").glob("*.ckpt")
+    resumed = LM(1)
+    trainer = fit(resumed, 2, tmp_path / "b", ckpt=str(ckpt))
+    assert trainer.global_step == 4
+    for (n, p), q in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), n
+    (opt,) = trainer.optimizers
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 / 5)  # 4 scheduler steps

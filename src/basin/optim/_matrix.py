@@ -31,6 +31,7 @@ weights stored ``(in, out)``) and a ``False`` group from a model; passing the mo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -123,6 +124,7 @@ class MatrixOptimizer(BasinOptimizer):
             for item in group["params"]:
                 p = item[1] if isinstance(item, tuple) else item
                 (matrix if self._takes(p, merged) else other).append(item)
+            self._warn_ndim_routing(matrix, other)
             if matrix or not other:
                 self.add_param_group({**group, "params": matrix, "matrix_rule": True})
             if other:
@@ -134,6 +136,25 @@ class MatrixOptimizer(BasinOptimizer):
             for key in FALLBACK_KEYS:
                 group.setdefault(key, self._fallback_defaults[key])
         super().add_param_group(group)  # validates it (BasinOptimizer.add_param_group)
+
+    def _warn_ndim_routing(self, matrix: list[Any], other: list[Any]) -> None:
+        """A parameter list routed by ``ndim`` (``adamw_fallback=True`` on a framework's list):
+        the vectors go to AdamW, but embeddings and the head, being 2-D, get the matrix rule.
+        Say so once per optimizer, with the fix (the list cannot tell them apart)."""
+        if not (matrix and other) or self._fallback_kw is None or self.__dict__.get("_warned"):
+            return
+        self._warned = True
+        name = self._algo.lower()
+        warnings.warn(
+            f"{self._algo}: {self._fallback_kw}=True routes a parameter list by ndim alone, so "
+            f"token/position embeddings and the output head (2-D) get the matrix rule, which the "
+            f"papers advise against, and (in, out)-stored weights (HF Conv1D) the transposed "
+            f"update. Build the optimizer from the model instead: "
+            f"basin.optim.create({name!r}, model, ...) and hand it to the framework "
+            f"(docs/frameworks.md).",
+            UserWarning,
+            stacklevel=4,
+        )
 
     def _validate(self, group: dict[str, Any], gi: int) -> None:
         """The one validation path of every group: matrix-only groups hold only matrices, the

@@ -161,12 +161,16 @@ def matrix_param_groups(
     return [g for g in groups if g["params"]]
 
 
-def decay_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """:func:`weight_decay_groups` with the optimizer's own weight decay on the first group
-    (the builder of the elementwise optimizers' registry entries)."""
-    return weight_decay_groups(model, None)
+def decay_groups(
+    model: nn.Module, weight_decay: float | None = None, **group_options: Any
+) -> list[dict[str, Any]]:
+    """:func:`weight_decay_groups`, by default with the optimizer's own weight decay on the
+    first group (the builder of the elementwise optimizers' registry entries; options from
+    ``create(name, model, groups={...})``)."""
+    return weight_decay_groups(model, weight_decay, **group_options)
 
 
-def matrix_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """:func:`matrix_param_groups` with its defaults (the matrix optimizers' builder)."""
-    return matrix_param_groups(model)
+def matrix_groups(model: nn.Module, **options: Any) -> list[dict[str, Any]]:
+    """:func:`matrix_param_groups` (the matrix optimizers' builder; options such as ``head=``
+    and ``transposed=`` from ``create(name, model, groups={...})``)."""
+    return matrix_param_groups(model, **options)

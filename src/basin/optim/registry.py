@@ -127,11 +127,22 @@ class OptimInfo:
         )
         object.__setattr__(self, "capabilities", frozenset(self.capabilities))
 
-    def build_params(self, model: nn.Module) -> list[Any]:
-        """The parameter groups (or parameters) this optimizer is built with from ``model``."""
+    def build_params(self, model: nn.Module, **options: Any) -> list[Any]:
+        """The parameter groups (or parameters) this optimizer is built with from ``model``;
+        ``options`` go to the builder (``head=``, ``transposed=`` for the matrix optimizers'
+        :func:`basin.optim.matrix_param_groups`, ``weight_decay=`` and group options for
+        :func:`basin.optim.weight_decay_groups`)."""
         if self.param_groups is None:
+            if options:
+                raise ValueError(
+                    f"{self.name}: groups={options!r} given, but this optimizer is built from "
+                    f"plain parameters (no group builder takes options)"
+                )
             return [p for p in model.parameters() if p.requires_grad]
-        return self.param_groups(model)
+        try:
+            return self.param_groups(model, **options)
+        except TypeError as err:
+            raise ValueError(f"{self.name}: bad groups= option(s) {options!r}: {err}") from None
 
 
 FAMILIES = ("adaptive", "sgd", "matrix", "quasi-newton")
@@ -262,7 +273,13 @@ def infos() -> list[OptimInfo]:
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
-def create(name: str, params: Iterable[Any] | nn.Module, **hyperparameters: Any) -> Optimizer:
+def create(
+    name: str,
+    params: Iterable[Any] | nn.Module,
+    *,
+    groups: Mapping[str, Any] | None = None,
+    **hyperparameters: Any,
+) -> Optimizer:
     """Build an optimizer by name.
 
     ``params`` is what ``torch.optim`` takes (parameters or groups), or a model
@@ -272,8 +289,10 @@ def create(name: str, params: Iterable[Any] | nn.Module, **hyperparameters: Any)
 
         create("adabelief", model.parameters(), lr=1e-3)
         create("muon", model, lr=0.02)          # routed by basin.optim.matrix_param_groups
+        create("muon", model, groups={"head": ["lm_head"], "transposed": ["proj"]})
 
-    Unknown hyperparameter names raise ``ValueError`` listing the accepted ones."""
+    ``groups`` (with a model only) are options of the entry's group builder. Unknown
+    hyperparameter names raise ``ValueError`` listing the accepted ones."""
     entry = info(name)
     accepted = _accepted_hyperparameters(entry.cls)
     if accepted is not None:
@@ -284,7 +303,9 @@ def create(name: str, params: Iterable[Any] | nn.Module, **hyperparameters: Any)
                 f"accepted: {', '.join(sorted(accepted))}"
             )
     if isinstance(params, nn.Module):
-        params = entry.build_params(params)
+        params = entry.build_params(params, **dict(groups or {}))
+    elif groups:
+        raise ValueError("groups= options need a model (nn.Module) as params, not a list")
     return entry.cls(params, **hyperparameters)
 
 

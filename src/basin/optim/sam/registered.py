@@ -55,11 +55,13 @@ class ASAMSGD(SAMSGD):
     _adaptive = True
 
 
-def named_decay_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """:func:`basin.optim.weight_decay_groups` (the optimizer's weight decay on weights, none
-    on biases and norms) with ``param_names``, which ASAM's rule reads."""
+def named_decay_groups(
+    model: nn.Module, weight_decay: float | None = None, **group_options: Any
+) -> list[dict[str, Any]]:
+    """:func:`basin.optim.weight_decay_groups` (by default the optimizer's weight decay on
+    weights, none on biases and norms) with ``param_names``, which ASAM's rule reads."""
     names = {id(p): n for n, p in model.named_parameters()}
-    groups = weight_decay_groups(model, None)
+    groups = weight_decay_groups(model, weight_decay, **group_options)
     for g in groups:
         g["param_names"] = [names[id(p)] for p in g["params"]]
     return groups
