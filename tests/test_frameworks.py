@@ -106,12 +106,12 @@ def test_trainer_with_a_basin_optimizer_scheduler_and_resume(tmp_path) -> None:
     assert "momentum_buffer" in opt_b.state[w]
 
 
-def test_trainer_optimizer_cls_and_kwargs_with_the_model() -> None:
+def test_trainer_optimizer_cls_and_kwargs_with_the_model(tmp_path) -> None:
     """The Trainer's class-and-kwargs path: pass the model (Trainer hands it over as params)."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     model = _gpt2()
-    args = transformers.TrainingArguments(output_dir="unused", report_to=[], use_cpu=True)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     trainer = transformers.Trainer(
         model=model, args=args, optimizer_cls_and_kwargs=(bo.Muon, {"model": model, "lr": 0.01})
     )

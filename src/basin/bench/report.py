@@ -30,7 +30,6 @@ import json
 import math
 import os
 import re
-import sqlite3
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
@@ -41,7 +40,7 @@ import numpy as np
 
 from . import workloads as _wl
 from .profiles import performance_profiles, profile_scores, taus
-from .store import Store, pid_alive, sqlite_path
+from .store import Store, pid_alive
 
 __all__ = ["load_runs", "summarize", "tune_summaries", "write_report"]
 
@@ -224,58 +223,11 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def tune_summaries(storage: str) -> list[dict[str, Any]]:
-    """Summaries of the tuning studies stored alongside the runs, or ``[]`` if there are none.
+    """Summaries of the tuning studies stored alongside the runs (``[]`` if there are none;
+    the file is never modified): :func:`basin.bench.tune.study_summaries`."""
+    from .tune import study_summaries
 
-    Uses ``basin.bench.tune.study_summaries`` when that module provides it; otherwise reads
-    Optuna studies directly (only if Optuna's tables exist, so the file is never modified)."""
-    try:
-        from . import tune  # type: ignore[attr-defined]
-
-        if hasattr(tune, "study_summaries"):
-            return list(tune.study_summaries(storage))
-    except ImportError:
-        pass
-    try:
-        path = sqlite_path(storage)
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        has = con.execute(
-            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='studies'"
-        ).fetchone()
-        con.close()
-    except (sqlite3.Error, ValueError):
-        return []
-    if not has:
-        return []
-    try:
-        import optuna
-    except ImportError:
-        return []
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = storage if "://" in storage else f"sqlite:///{storage}"
-    out = []
-    for s in optuna.get_all_study_summaries(storage=url):
-        study = optuna.load_study(study_name=s.study_name, storage=url)
-        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if not done:
-            continue
-        importance: dict[str, float] = {}
-        if len(done) >= 2:
-            try:
-                importance = dict(optuna.importance.get_param_importances(study))
-            except Exception:  # noqa: BLE001  -- importance is optional decoration
-                importance = {}
-        out.append(
-            {
-                "name": s.study_name,
-                "n_trials": len(study.trials),
-                "direction": study.direction.name.lower(),
-                "best_value": study.best_value,
-                "best_params": study.best_params,
-                "history": [[t.number, t.value] for t in done],
-                "importance": importance,
-            }
-        )
-    return out
+    return study_summaries(storage)
 
 
 # ------------------------------------------------------------------ plots

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -529,16 +528,6 @@ def ggn_vector_product(
     outputs with respect to the parameters, ``H_L`` the Hessian of ``loss_fn`` with respect to the
     outputs), averaged over batches like :func:`hessian_vector_product`."""
     return _product(model, loss_fn, data, vector, params, "ggn")
-
-
-class _Timer:
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0
-        return False
 
 
 def make_operator(
