@@ -40,8 +40,9 @@ class SharpnessTracker:
     ``every`` steps: call ``tracker(step)`` (or ``tracker.step(step)``) from the training loop.
 
     Args:
-        model, loss_fn, data: as for :func:`~basin.landscape.hessian_eigenvalues`; ``data`` is
-            read once, checked and kept (a fixed measurement set: an iterator or DataLoader is
+        model: as for :func:`~basin.landscape.hessian_eigenvalues`.
+        loss_fn: as for :func:`~basin.landscape.hessian_eigenvalues`.
+        data: as for :func:`~basin.landscape.hessian_eigenvalues`; read once, checked and kept (a fixed measurement set: an iterator or DataLoader is
             materialised here), so empty data, a model without trainable parameters or an
             empty ``params`` selection raise ``ValueError`` at construction, not at the first
             measurement.

@@ -107,9 +107,10 @@ def hessian_eigenvalues(
     """Top-k (largest algebraic), bottom-k (most negative) or both extreme eigenpairs.
 
     Args:
-        model, loss_fn, data: the network, ``loss_fn(outputs, targets) -> scalar`` and one batch
-            or an iterable of batches (see :class:`~basin.landscape.CurvatureOperator`); or pass a
-            ``CurvatureOperator`` as ``model`` to reuse its cached graphs.
+        model: the network; or a ``CurvatureOperator``, to reuse its cached graphs.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
+        data: one batch or an iterable of batches (see
+            :class:`~basin.landscape.CurvatureOperator`).
         k: eigenpairs per end. which: ``"top"``, ``"bottom"`` or ``"both"`` (2k values).
         params: parameter names / prefixes for a per-layer spectrum (default: all).
         kind: ``"hessian"`` (default) or ``"ggn"`` (the generalised Gauss-Newton matrix). With

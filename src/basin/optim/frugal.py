@@ -141,7 +141,8 @@ class FRUGAL(MatrixOptimizer):
     Args:
         params: iterable of parameters or parameter groups.
         lr: learning rate (default 1e-3).
-        betas, eps: AdamW coefficients (default (0.9, 0.999), 1e-8).
+        betas: AdamW coefficients (default (0.9, 0.999)).
+        eps: AdamW's epsilon (default 1e-8).
         weight_decay: decoupled weight decay, on every parameter (default 0.01, as the authors'
             AdamW).
         density: fraction of the projected side kept in the state-full subspace (for

@@ -81,8 +81,11 @@ class Muon(MatrixOptimizer):
         ns_steps: Newton-Schulz iterations (default 5).
         ns_dtype: compute dtype of Newton-Schulz: ``torch.bfloat16`` (default, as the reference),
             ``torch.float32``/``torch.float64``, or None for the parameter's dtype.
-        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: fallback AdamW defaults (3e-4,
-            (0.9, 0.95), 1e-10, 0), as in the reference's ``SingleDeviceMuonWithAuxAdam``.
+        adamw_lr: the AdamW fallback's learning rate (default 3e-4; the fallback defaults are
+            the reference's ``SingleDeviceMuonWithAuxAdam``'s).
+        adamw_betas: the fallback's betas (default (0.9, 0.95)).
+        adamw_eps: the fallback's epsilon (default 1e-10).
+        adamw_weight_decay: the fallback's decoupled weight decay (default 0).
         adamw_fallback: default ``matrix_rule=None`` (automatic routing) instead of True
             (default False).
         maximize: maximize the objective (default False).

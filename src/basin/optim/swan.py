@@ -68,7 +68,10 @@ class SWAN(MatrixOptimizer):
             coupled iteration; see :func:`basin.optim._kernels.whiten_newton_schulz`).
         eps: added to the row std and to the norm in the rescaling (default 1e-8).
         rescale: rescale the whitened matrix to the Frobenius norm of ``G~`` (default True).
-        adam_lr, adam_betas, adam_eps, adam_weight_decay: fallback defaults.
+        adam_lr: the AdamW fallback's learning rate.
+        adam_betas: the fallback's betas.
+        adam_eps: the fallback's epsilon.
+        adam_weight_decay: the fallback's decoupled weight decay.
         adam_fallback: default ``matrix_rule=None`` (automatic routing) instead of True
             (default False).
         maximize: maximize the objective (default False).
