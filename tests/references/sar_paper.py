@@ -55,8 +55,11 @@ def collect_params(model):
     return params
 
 
+IMAGENET_MARGIN = 0.4 * math.log(1000)
+
+
 class SARPaper:
-    def __init__(self, model, lr, rho=0.05, margin=0.4 * math.log(1000), reset_constant=0.2):
+    def __init__(self, model, lr, rho=0.05, margin=IMAGENET_MARGIN, reset_constant=0.2):
         self.model = configure_model(model)
         self.params = collect_params(self.model)
         self.lr, self.rho, self.margin, self.reset_constant = lr, rho, margin, reset_constant

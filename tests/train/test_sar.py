@@ -92,9 +92,9 @@ def test_reset_events_match_and_restore_exactly():
     assert sar.resets == ref.resets == 4 and sar.ema is None
     for k, v in net.state_dict().items():
         assert torch.equal(v, initial[k]), k
-    assert not sar.optimizer.state or all(
-        not st for st in sar.optimizer.state.values()
-    ), "momentum kept"
+    assert not sar.optimizer.state or all(not st for st in sar.optimizer.state.values()), (
+        "momentum kept"
+    )
 
 
 def test_reset_is_public_and_exact():
@@ -114,7 +114,14 @@ def test_only_norm_affine_parameters_change_and_the_skip_rule():
     net = make_net(scale=3.0)
     start = {k: v.clone() for k, v in net.named_parameters()}
     sar = SAR(net, lr=0.05, margin=0.9 * math.log(C))
-    assert sar.param_names == ["bn.weight", "bn.bias", "gn.weight", "gn.bias", "ln.weight", "ln.bias"]
+    assert sar.param_names == [
+        "bn.weight",
+        "bn.bias",
+        "gn.weight",
+        "gn.bias",
+        "ln.weight",
+        "ln.bias",
+    ]
     for x in batches(3):
         sar(x)
     for k, v in net.named_parameters():

@@ -248,7 +248,7 @@ class GGPO(BasinOptimizer):
                     "GGPO.step() without a closure, and perturb() was not called before the "
                     "forward: this step is the base optimizer's alone. Pass a closure, or call "
                     "opt.perturb() before each forward.",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
             try:
                 ok = self._check_grads()  # raises, or False for "skip"
