@@ -728,6 +728,49 @@ ASAM_CASE = OptimCase(
     steps=200,
 )
 
+# ------------------------------------------------------------------ LoRA-GGPO
+# Registered by name as GGPO over AdamW (basin.optim.ggpo.GGPOAdamW). The generic checks call
+# step() without a closure and without perturb() before the forward: each step is then AdamW's
+# alone (GGPO warns), which the float64 transcription's AdamW checks, with the gradient norms
+# GGPO keeps. The perturbed protocols (closure; perturb() + step()) against the same
+# transcription with the same draws over 120 steps, the per-row scales, the exact restore and the
+# LoRA layer are in tests/optim/test_ggpo.py and tests/train/test_lora.py.
+
+
+def _ggpo_reference(params: list[torch.Tensor], hp: dict[str, Any]) -> Optimizer | None:
+    from references.ggpo_paper import GGPOPaper
+
+    return GGPOPaper(params, **hp)
+
+
+GGPO_CASE = OptimCase(
+    name="ggpo",
+    cls=bo.ggpo.GGPOAdamW,
+    variants=[
+        {},
+        {"variant": "port"},
+        {"sigma": 0.1, "beta": 0.5, "lr": 3e-3, "weight_decay": 0.0},
+        {"sigma": 0.0, "beta": 0.0},
+        {"variant": "port", "sigma": 0.05, "beta": 0.1, "betas": (0.8, 0.99), "seed": 7},
+    ],
+    reference=_ggpo_reference,
+    state_map={"exp_avg": "m", "exp_avg_sq": "v"},
+    errors=_ADAM_LIKE_ERRORS
+    + [
+        ({"sigma": -0.1}, "sigma"),
+        ({"sigma": float("nan")}, "sigma"),
+        ({"beta": -1.0}, "beta"),
+        ({"variant": "Paper"}, "variant"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"amsgrad": 1}, "amsgrad"),
+    ],
+    train_hp={"lr": 1e-2},
+    # torch.optim.AdamW.step (the base) inserts graph breaks when called from another step
+    compile_variants=[],
+    has_foreach=False,  # the perturbation is a short loop (one randn, one add per matrix)
+)
+
 CASES: list[OptimCase] = [
     ADABELIEF,
     DIFFGRAD,
@@ -741,5 +784,6 @@ CASES: list[OptimCase] = [
     FRUGAL_CASE,
     SAM_CASE,
     ASAM_CASE,
+    GGPO_CASE,
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}

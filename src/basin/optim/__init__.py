@@ -10,6 +10,7 @@ from .cosmos import COSMOS
 from .diffgrad import DiffGrad
 from .exadam import EXAdam
 from .frugal import FRUGAL
+from .ggpo import GGPO
 from .muon import Muon
 from .param_groups import matrix_param_groups, weight_decay_groups
 from .registry import (
@@ -30,6 +31,7 @@ from .swan import SWAN
 __all__ = [
     "COSMOS",
     "FRUGAL",
+    "GGPO",
     "SAM",
     "SGDP",
     "SWAN",
