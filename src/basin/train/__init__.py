@@ -1,0 +1,11 @@
+"""basin.train: training methods that are more than an optimizer step (losses, layers,
+controllers). Each is a plain object a user calls in their own loop; the ones with a registry
+entry also run in ``basin bench`` / ``tune`` / ``pbt`` by name (``-o saf``)."""
+
+from __future__ import annotations
+
+from .data import IndexedDataset
+from .mesa import MESA
+from .saf import SAF
+
+__all__ = ["MESA", "SAF", "IndexedDataset"]
