@@ -41,6 +41,11 @@ class OptimCase:
     has_foreach: bool = True
     model: Callable[[], nn.Module] | None = None  # default: tests.optim_db.mlp
     steps: int = 100
+    # a training method (the entry's OptimInfo.method: SAF, MESA) over a torch optimizer: not
+    # an update rule of its own, so the generic optimizer checks (CASES) skip it; its own
+    # tests are in ``tested_in``
+    method: bool = False
+    tested_in: str = ""
 
     def ids(self) -> list[str]:
         return [variant_id(v) for v in self.variants]
@@ -786,4 +791,21 @@ CASES: list[OptimCase] = [
     ASAM_CASE,
     GGPO_CASE,
 ]
-CASES_BY_NAME = {c.name: c for c in CASES}
+# ------------------------------------------------------------------ training methods
+# saf / mesa: a loss term (basin.train.SAF / MESA) that the harness adds beside the base
+# optimizer torch.optim.SGD (momentum 0.9), which torch tests. Their checks -- a float64
+# transcription of the authors' loss over epochs, closed forms, state round trips, validation,
+# and the harness hook -- are in tests/train/test_saf_mesa.py.
+
+METHOD_CASES: list[OptimCase] = [
+    OptimCase(
+        name=name,
+        cls=torch.optim.SGD,
+        variants=[{}],
+        method=True,
+        tested_in="tests/train/test_saf_mesa.py",
+    )
+    for name in ("saf", "mesa")
+]
+
+CASES_BY_NAME = {c.name: c for c in CASES + METHOD_CASES}

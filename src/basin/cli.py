@@ -46,7 +46,7 @@ def optimizers(
         mem = f"{info.state_memory:g}x" + (f" ({info.state_note})" if info.state_note else "")
         table.add_row(
             info.name,
-            info.cls.__name__,
+            info.cls.__name__ + (f" + {info.method}" if info.method else ""),
             info.paper.title,
             info.paper.arxiv,
             str(info.paper.year),

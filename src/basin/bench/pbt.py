@@ -113,9 +113,9 @@ def _trainable(config: dict[str, Any], workload: Any = None) -> None:
     import torch
     from ray import tune
 
-    from basin.optim import create, info
+    from basin.optim import info
 
-    from .runner import make_config, train_step
+    from .runner import build_training, make_config, train_step
 
     torch.set_num_threads(1)
     job = config["_job"]
@@ -154,9 +154,11 @@ def _trainable(config: dict[str, Any], workload: Any = None) -> None:
             exploits[me] = exploits.get(me, 0) + 1
     task = w.build(cfg.seed + step, cfg.batch_size)  # new data order after a restore
     model = task.model
-    opt = create(cfg.optimizer, model, **cfg.hparams)  # the registry's parameter groups
+    opt, method = build_training(cfg.optimizer, cfg.hparams, task)  # + SAF/MESA, if any
     if state is not None:
         model.load_state_dict(state["model"])
+        if method is not None and state.get("method") is not None:
+            method.load_state_dict(state["method"])
         # the donor's moments, this trial's (possibly mutated) hyperparameters: each group keeps
         # what the constructor just gave it (e.g. Muon's fallback group gets adamw_lr as "lr")
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
@@ -169,7 +171,7 @@ def _trainable(config: dict[str, Any], workload: Any = None) -> None:
     while step < total:
         for _ in range(min(interval, total - step)):
             x, y = next(task.batches)
-            train_step(model, task.loss_fn, opt, x, y, needs_closure)
+            train_step(model, task.loss_fn, opt, x, y, needs_closure, method)
             step += 1
         res = task.evaluate(model)
         ok = math.isfinite(res["eval_loss"]) and math.isfinite(res["metric"])
@@ -183,7 +185,11 @@ def _trainable(config: dict[str, Any], workload: Any = None) -> None:
             # what this member's optimizer was built with; after an exploit its groups were
             # given exactly these (the donor's state, not its hyperparameters)
             "hparams": json.dumps(
-                {k: opt.defaults[k] for k in cfg.hparams if k in opt.defaults},
+                {
+                    k: opt.defaults[k] if k in opt.defaults else v
+                    for k, v in cfg.hparams.items()
+                    if k in opt.defaults or k in info(cfg.optimizer).method_defaults
+                },
                 sort_keys=True,
                 default=str,
             ),
@@ -193,6 +199,7 @@ def _trainable(config: dict[str, Any], workload: Any = None) -> None:
                 {
                     "model": model.state_dict(),
                     "optimizer": opt.state_dict(),
+                    "method": None if method is None else method.state_dict(),
                     "step": step,
                     "trial_id": me,
                     "lineage": lineage,

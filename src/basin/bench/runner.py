@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_OPTIMIZERS",
     "RunConfig",
     "RunResult",
+    "build_training",
     "environment",
     "git_revision",
     "make_config",
@@ -141,9 +142,9 @@ def make_config(
     optimizer (see :func:`basin.bench.workloads.default_hparams`) updated by ``hparams``,
     checked by building the optimizer on the workload's real model. If neither ``steps`` nor
     ``time_budget`` is given, the workload's step budget is used."""
-    from basin.optim import create, resolve
+    from basin.optim import create, info, resolve
 
-    from .workloads.own import probe
+    from .workloads.own import probe, probe_task
 
     w = _wl.get(workload)
     optimizer = resolve(optimizer)  # unknown names raise with close matches
@@ -176,10 +177,15 @@ def make_config(
     _check_types(optimizer, hp)
     _check_lr_given(optimizer, hp, w)
     fp, model = probe(w)
+    entry = info(optimizer)
+    opt_hp, method_hp = entry.split_hparams(hp)
     # hyperparameter names and values: the optimizer itself validates them, on the real model
-    # with the parameter groups the run will use
+    # with the parameter groups the run will use; a training method (saf, mesa) validates its
+    # own, and refuses a workload that lacks what it needs, on the workload's probe task
     try:
-        create(optimizer, model, **hp)
+        create(optimizer, model, **opt_hp)
+        if entry.method is not None:
+            entry.build_method(probe_task(w), **method_hp)
     except TypeError as exc:
         raise ValueError(f"{optimizer}: invalid hyperparameters {hp}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 -- third-party optimizers raise their own types
@@ -360,7 +366,7 @@ def run(
     progress: Callable[[int, int | None], None] | None = None,
 ) -> RunResult:
     """Train one configuration and return its result (see the module docstring)."""
-    from basin.optim import create, info
+    from basin.optim import info
     from basin.optim._base import NonFiniteGradientError
 
     cfg = config
@@ -369,7 +375,7 @@ def run(
     task = w.build(cfg.seed, cfg.batch_size)
     model, loss_fn, batches = task.model, task.loss_fn, task.batches
     model.train()
-    opt = create(cfg.optimizer, model, **cfg.hparams)  # the registry's parameter groups
+    opt, method = build_training(cfg.optimizer, cfg.hparams, task)
     base_lrs = [g["lr"] for g in opt.param_groups] if "lr" in opt.param_groups[0] else None
     constant = cfg.schedule["name"] == "constant"
     # optimizers that re-evaluate the loss inside step() get a closure (its first value is
@@ -401,7 +407,7 @@ def run(
             lr_now = base_lrs[0] * m
         x, y = next(batches)
         try:
-            loss = train_step(model, loss_fn, opt, x, y, needs_closure)
+            loss = train_step(model, loss_fn, opt, x, y, needs_closure, method)
         except NonFiniteGradientError:  # basin's optimizers refuse a NaN/inf gradient
             status, diverged_step = "diverged", step
             break
@@ -479,7 +485,7 @@ def run(
         wall_seconds=time.perf_counter() - wall0,
         cpu_seconds=time.process_time() - cpu0,
         step_time=statistics.median(tr["step_time"]) if tr["step_time"] else None,
-        state_bytes=_state_bytes(opt),
+        state_bytes=_state_bytes(opt) + (method.state_bytes if method is not None else 0),
         n_params=sum(p.numel() for p in model.parameters()),
         diverged_step=diverged_step,
         workload_meta=w.meta(),
@@ -488,26 +494,59 @@ def run(
     )
 
 
+def build_training(optimizer: str, hparams: dict[str, Any], task: _wl.Task) -> tuple[Any, Any]:
+    """``(optimizer, training method or None)`` of a run on ``task``: the registry entry's
+    hyperparameters split (:meth:`basin.optim.OptimInfo.split_hparams`), the optimizer built
+    on the task's model with the entry's parameter groups, and its training method (SAF,
+    MESA; :attr:`basin.optim.OptimInfo.method`) from the task."""
+    from basin.optim import create, info
+
+    entry = info(optimizer)
+    opt_hp, method_hp = entry.split_hparams(hparams)
+    opt = create(optimizer, task.model, **opt_hp)  # the registry's parameter groups
+    return opt, entry.build_method(task, **method_hp)
+
+
 def train_step(
-    model: torch.nn.Module, loss_fn: Any, opt: torch.optim.Optimizer, x: Any, y: Any, closure: bool
+    model: torch.nn.Module,
+    loss_fn: Any,
+    opt: torch.optim.Optimizer,
+    x: Any,
+    y: Any,
+    closure: bool,
+    method: Any = None,
 ) -> torch.Tensor:
-    """One optimizer step on a batch; its loss. Optimizers that re-evaluate the loss inside
-    ``step()`` (the registry's ``needs_closure``: L-BFGS, SAM) get a closure, whose first value
-    is the step's loss, as for every torch optimizer."""
+    """One optimizer step on a batch; the task's loss on it (before the step, without a
+    method's penalty). Optimizers that re-evaluate the loss inside ``step()`` (the registry's
+    ``needs_closure``: L-BFGS, SAM) get a closure, whose value is what they minimise. A
+    training ``method`` (:meth:`build_training`) adds ``method.penalty(x, y, out)`` to every
+    evaluation of the loss, and ``method.after_step(model)`` runs after the step."""
+    first: list[torch.Tensor] = []
+
+    def objective() -> torch.Tensor:
+        out = model(x)
+        loss = loss_fn(out, y)
+        if not first:
+            first.append(loss.detach())
+        return loss if method is None else loss + method.penalty(x, y, out)
+
     if closure:
 
         def fn() -> torch.Tensor:
             opt.zero_grad(set_to_none=True)
-            out = loss_fn(model(x), y)
+            out = objective()
             out.backward()
             return out
 
-        return opt.step(fn)
-    loss = loss_fn(model(x), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss
+        opt.step(fn)
+    else:
+        total = objective()
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+    if method is not None:
+        method.after_step(model)
+    return first[0]
 
 
 def math_attention() -> Any:

@@ -108,14 +108,15 @@ def _num(x: Any) -> bool:
 
 def _accepted(optimizer: str) -> tuple[set[str] | None, dict[str, Any]]:
     """Constructor keyword names of the optimizer (None: accepts **kwargs) and defaults."""
-    from basin.optim import get_class
+    from basin.optim import info
 
-    cls = get_class(optimizer)
+    entry = info(optimizer)
+    # a training method's hyperparameters (saf's lam) are searchable like the optimizer's
+    names, defaults = set(entry.method_defaults), dict(entry.method_defaults)
     try:
-        sig = inspect.signature(cls.__init__)
+        sig = inspect.signature(entry.cls.__init__)
     except (TypeError, ValueError):
         return None, {}
-    names, defaults = set(), {}
     for p in list(sig.parameters.values())[1:]:
         if p.kind is p.VAR_KEYWORD:
             return None, defaults

@@ -94,6 +94,17 @@ class OptimInfo:
     - ``param_groups``: ``model -> parameter groups`` the optimizer needs when it is built from
       a model (weight-decay split, matrix/fallback split); ``None``: ``model.parameters()``.
     - ``needs_closure``: ``step(closure)`` re-evaluates the loss (L-BFGS).
+    - ``method``: a training method that is more than an optimizer step (a loss term, an EMA
+      teacher), run by the harness beside ``cls``: the import path ``"module:function"`` of its
+      factory ``function(task, **method_hparams)``, resolved only when a run needs it (so
+      ``basin.optim`` never imports ``basin.train``). The factory returns an object with
+      ``penalty(x, y, out)`` (added to the task's loss), ``after_step(model)``,
+      ``state_dict()`` / ``load_state_dict()`` and ``state_bytes``
+      (:class:`basin.train._common.HarnessMethod`), or raises ``ValueError`` when the task lacks
+      what the method needs. ``create(name, ...)`` builds ``cls`` alone, the method's base
+      optimizer.
+    - ``method_defaults``: every hyperparameter of the method, with the harness's value; a
+      run's hyperparameters named here go to the method, the others to ``cls``.
     - ``capabilities``: flags such as ``foreach``, ``fused``, ``compile``, ``maximize``,
       ``distributed``.
     """
@@ -113,6 +124,8 @@ class OptimInfo:
     search_space: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: _frozen(LR_SPACE))
     param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None = None
     needs_closure: bool = False
+    method: str | None = None
+    method_defaults: Mapping[str, Any] = field(default_factory=lambda: _frozen({}))
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -122,6 +135,14 @@ class OptimInfo:
         lr_from = {k: (v,) if isinstance(v, str) else tuple(v) for k, v in self.lr_from.items()}
         object.__setattr__(self, "lr_from", _frozen(lr_from))
         object.__setattr__(self, "defaults", _frozen(self.defaults))
+        object.__setattr__(self, "method_defaults", _frozen(self.method_defaults))
+        if self.method is not None and (":" not in self.method or self.method.startswith(":")):
+            raise ValueError(f"{self.name}: method must be 'module:function', got {self.method!r}")
+        if self.method is None and self.method_defaults:
+            raise ValueError(f"{self.name}: method_defaults without a method")
+        both = set(self.method_defaults) & set(self.defaults)
+        if both:
+            raise ValueError(f"{self.name}: {sorted(both)} both optimizer and method defaults")
         object.__setattr__(
             self, "search_space", _frozen({k: _frozen(v) for k, v in self.search_space.items()})
         )
@@ -143,6 +164,23 @@ class OptimInfo:
             return self.param_groups(model, **options)
         except TypeError as err:
             raise ValueError(f"{self.name}: bad groups= option(s) {options!r}: {err}") from None
+
+    def split_hparams(self, hp: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(optimizer hyperparameters, method hyperparameters)`` of a run's ``hp``."""
+        opt = {k: v for k, v in hp.items() if k not in self.method_defaults}
+        return opt, {k: v for k, v in hp.items() if k in self.method_defaults}
+
+    def build_method(self, task: Any, **method_hp: Any) -> Any:
+        """The entry's training method for a bench ``task`` (``None`` for a plain optimizer):
+        the factory named by :attr:`method`, called with :attr:`method_defaults` updated by
+        ``method_hp``."""
+        if self.method is None:
+            if method_hp:
+                raise ValueError(f"{self.name}: no training method takes {sorted(method_hp)}")
+            return None
+        module, _, fn = self.method.partition(":")
+        factory = getattr(importlib.import_module(module), fn)
+        return factory(task, **{**self.method_defaults, **method_hp})
 
 
 FAMILIES = ("adaptive", "sgd", "matrix", "quasi-newton")
@@ -184,6 +222,8 @@ def _pytorch_optimizer_names() -> tuple[str, ...]:
 
 def _load_all() -> None:
     importlib.import_module("basin.optim")  # importing the package registers basin's optimizers
+    # training methods with a registry entry (saf, mesa) register from their own modules
+    importlib.import_module("basin.train")
 
 
 def available() -> list[str]:
@@ -292,11 +332,24 @@ def create(
         create("muon", model, groups={"head": ["lm_head"], "transposed": ["proj"]})
 
     ``groups`` (with a model only) are options of the entry's group builder. Unknown
-    hyperparameter names raise ``ValueError`` listing the accepted ones."""
+    hyperparameter names raise ``ValueError`` listing the accepted ones.
+
+    An entry with a training method (:attr:`OptimInfo.method`: ``"saf"``, ``"mesa"``) builds
+    its base optimizer alone (for both: ``torch.optim.SGD``, with the hyperparameters given;
+    the harness adds momentum 0.9): the method itself is a loss term the benchmark harness
+    adds, and in your own loop it is ``basin.train.SAF`` / ``basin.train.MESA``. Method
+    hyperparameters (``lam``) are refused here, with a pointer to them."""
     entry = info(name)
     accepted = _accepted_hyperparameters(entry.cls)
     if accepted is not None:
         unknown = sorted(set(hyperparameters) - accepted)
+        of_method = sorted(set(unknown) & set(entry.method_defaults))
+        if of_method:
+            raise ValueError(
+                f"{name}: {', '.join(of_method)} belong to its training method "
+                f"({entry.method}), not to its base optimizer {entry.cls.__name__}; "
+                "basin.bench runs both, or build the method yourself (basin.train)"
+            )
         if unknown:
             raise ValueError(
                 f"{name}: unknown hyperparameter(s) {', '.join(unknown)}; "

@@ -192,14 +192,15 @@ def _register_own(w: Workload) -> Workload:
 
 def default_hparams(workload: Workload | str, optimizer: str) -> dict[str, Any]:
     """Default hyperparameters of ``optimizer`` on ``workload``: the registry entry's harness
-    defaults (:attr:`basin.optim.OptimInfo.defaults`), each learning rate from the workload
+    defaults (:attr:`basin.optim.OptimInfo.defaults`, and its training method's
+    :attr:`~basin.optim.OptimInfo.method_defaults`), each learning rate from the workload
     entry the optimizer takes (:attr:`~basin.optim.OptimInfo.lr_from`; none: the optimizer's
     own default), then the workload's per-optimizer overrides."""
     from basin.optim import info
 
     w = get(workload)
     entry = info(optimizer)
-    hp: dict[str, Any] = dict(entry.defaults)
+    hp: dict[str, Any] = {**entry.defaults, **entry.method_defaults}
     for hp_name, keys in entry.lr_from.items():
         for k in keys:
             if k in w.lr:
@@ -210,14 +211,22 @@ def default_hparams(workload: Workload | str, optimizer: str) -> dict[str, Any]:
 
 
 class _Forever:
-    """Seeded infinite mini-batch iterator over in-memory tensors (reshuffled each epoch)."""
+    """Seeded infinite mini-batch iterator over in-memory tensors (reshuffled each epoch; the
+    last partial batch of an epoch is dropped).
+
+    For training methods that need them (:mod:`basin.train`: SAF keys a logit bank on sample
+    indices), it exposes ``n_samples``, ``last_indices`` (the indices into ``x`` of the batch
+    last returned) and ``epoch`` (the epoch, from 0, that batch belongs to)."""
 
     def __init__(self, x: Tensor, y: Tensor, batch_size: int, seed: int) -> None:
         self.x, self.y = x, y
+        self.n_samples = len(x)
         self.bs = min(batch_size, len(x))
         self.gen = torch.Generator().manual_seed(seed)
         self._perm = torch.randperm(len(x), generator=self.gen)
         self._pos = 0
+        self.epoch = 0
+        self.last_indices = torch.empty(0, dtype=torch.long)
 
     def __iter__(self) -> _Forever:
         return self
@@ -226,8 +235,10 @@ class _Forever:
         if self._pos + self.bs > len(self._perm):
             self._perm = torch.randperm(len(self.x), generator=self.gen)
             self._pos = 0
+            self.epoch += 1
         idx = self._perm[self._pos : self._pos + self.bs]
         self._pos += self.bs
+        self.last_indices = idx
         return self.x[idx], self.y[idx]
 
 

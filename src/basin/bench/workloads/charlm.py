@@ -88,16 +88,22 @@ def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 class _Windows:
+    """Random training windows; ``epoch``: the passes over the training text (in tokens) that
+    the batches before the last one returned made (windows are drawn with replacement)."""
+
     def __init__(self, text: Tensor, batch_size: int, seed: int) -> None:
         self.text, self.bs = text, batch_size
         self.gen = torch.Generator().manual_seed(seed)
         self.offsets = torch.arange(CONTEXT + 1)
+        self.epoch, self._drawn = 0, 0
 
     def __iter__(self) -> _Windows:
         return self
 
     def __next__(self) -> tuple[Tensor, Tensor]:
         starts = torch.randint(0, len(self.text) - CONTEXT - 1, (self.bs,), generator=self.gen)
+        self.epoch = self._drawn * self.bs * CONTEXT // len(self.text)
+        self._drawn += 1
         w = self.text[starts[:, None] + self.offsets]
         return w[:, :-1], w[:, 1:]
 

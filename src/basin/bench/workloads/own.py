@@ -238,11 +238,21 @@ def from_tensors(
 
 
 class _Epochs:
-    """Batches of a DataLoader forever, one epoch after another."""
+    """Batches of a DataLoader forever, one epoch after another; ``epoch`` counts the passes.
+    A loader over :class:`basin.train.IndexedDataset` yields ``(x, y, indices)``: the indices
+    of the batch last returned are then ``last_indices`` (and ``n_samples`` the dataset's
+    length), for training methods keyed on samples (SAF)."""
 
     def __init__(self, loader: Iterable[Any]) -> None:
         self.loader = loader
         self.it = iter(loader)
+        self.epoch = 0
+        from basin.train.data import IndexedDataset
+
+        ds = getattr(loader, "dataset", None)
+        if isinstance(ds, IndexedDataset):
+            self.n_samples = len(ds)
+            self.last_indices = torch.empty(0, dtype=torch.long)
 
     def __iter__(self) -> _Epochs:
         return self
@@ -252,12 +262,18 @@ class _Epochs:
             batch = next(self.it)
         except StopIteration:
             self.it = iter(self.loader)
+            self.epoch += 1
             try:
                 batch = next(self.it)
             except StopIteration:
                 raise ValueError("the training DataLoader is empty") from None
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ValueError("a training DataLoader must yield (inputs, targets) pairs")
+        if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+            raise ValueError(
+                "a training DataLoader must yield (inputs, targets) pairs, or (inputs, targets, "
+                "indices) triples (basin.train.IndexedDataset)"
+            )
+        if len(batch) == 3:
+            self.last_indices = torch.as_tensor(batch[2])
         return batch[0], batch[1]
 
 
@@ -400,7 +416,7 @@ def _loader_digest(train: Any, eval_: Any) -> str | None:
     return _digest_tensors(*tensors)
 
 
-_FINGERPRINTS: dict[int, tuple[Workload, str, nn.Module]] = {}
+_FINGERPRINTS: dict[int, tuple[Workload, str, nn.Module, Task]] = {}
 
 
 def probe(w: Workload) -> tuple[str, nn.Module]:
@@ -408,6 +424,19 @@ def probe(w: Workload) -> tuple[str, nn.Module]:
     hit = _FINGERPRINTS.get(id(w))
     if hit is not None and hit[0] is w:
         return hit[1], hit[2]
+    return _probe(w)[1:3]
+
+
+def probe_task(w: Workload) -> Task:
+    """The task (seed 0) :func:`probe` built, computed once per process: what a training
+    method's checks look at (its batch iterator, its model's output on the probe batch)."""
+    hit = _FINGERPRINTS.get(id(w))
+    if hit is not None and hit[0] is w:
+        return hit[3]
+    return _probe(w)[3]
+
+
+def _probe(w: Workload) -> tuple[Workload, str, nn.Module, Task]:
     rng = torch.random.get_rng_state()
     try:
         task = w.build(0)
@@ -435,8 +464,8 @@ def probe(w: Workload) -> tuple[str, nn.Module]:
     finally:
         torch.random.set_rng_state(rng)
     digest = h.hexdigest()[:16]
-    _FINGERPRINTS[id(w)] = (w, digest, task.model)
-    return digest, task.model
+    _FINGERPRINTS[id(w)] = (w, digest, task.model, task)
+    return _FINGERPRINTS[id(w)]
 
 
 def fingerprint(w: Workload) -> str:

@@ -1,0 +1,125 @@
+"""Shared pieces of the loss-based training methods: the trajectory KL term, hyperparameter
+checks, and what the benchmark harness needs from a method (:class:`HarnessMethod`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def softened_kl(logits: Tensor, target_logits: Tensor, tau: float) -> Tensor:
+    """``tau**2 * KL(softmax(target/tau) || softmax(logits/tau))``, summed over the last dim and
+    averaged over every other position (``batchmean`` for ``[B, C]``), as Hinton et al.'s
+    distillation loss and the SAF authors' ``F.kl_div(..., reduction="none").sum(-1).mean()``.
+    Gradients flow into ``logits`` only."""
+    target = F.softmax(target_logits.detach().to(logits.dtype) / tau, dim=-1)
+    log_p = F.log_softmax(logits / tau, dim=-1)
+    kl = F.kl_div(log_p, target, reduction="none").sum(-1)
+    return kl.mean() * tau**2
+
+
+def check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
+                 high_open: bool = False) -> float:  # fmt: skip
+    """``value`` as a float in the range ``[low, high]`` (ends open as told), else ``ValueError``
+    naming ``name`` and the range."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high
+        )
+    if not ok:
+        lo = f"({low}" if low_open else f"[{low}"
+        hi = f"{high})" if high_open else f"{high}]"
+        raise ValueError(f"{name} must be a finite number in {lo}, {hi}, got {value!r}")
+    return float(value)
+
+
+def check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def check_window(start_epoch: Any, end_epoch: Any) -> tuple[int, int | None]:
+    """``start_epoch`` an integer >= -1; ``end_epoch`` None (never ends) or an integer > start."""
+    start = check_int("start_epoch", start_epoch, -1)
+    if end_epoch is not None:
+        if isinstance(end_epoch, bool) or not isinstance(end_epoch, int) or end_epoch <= start:
+            raise ValueError(
+                f"end_epoch must be None or an integer > start_epoch ({start}), got {end_epoch!r}"
+            )
+    return start, end_epoch
+
+
+def active(epoch: int, start_epoch: int, end_epoch: int | None) -> bool:
+    """The authors' window: ``start_epoch < epoch < end_epoch`` (both strict)."""
+    return epoch > start_epoch and (end_epoch is None or epoch < end_epoch)
+
+
+class HarnessMethod(Protocol):
+    """What ``basin bench`` / ``tune`` / ``pbt`` call on a training method, built per run by the
+    registry entry's ``method`` factory ``factory(task, **method_hparams)`` (which raises
+    ``ValueError`` when the task lacks what the method needs):
+
+    - ``penalty(x, y, out)``: the term added to the task's loss for the batch ``(x, y)`` whose
+      model output is ``out`` (called once per forward of the step, inside the closure for
+      closure optimizers); its extra forward passes run here, so the run's measured step time
+      includes them.
+    - ``after_step(model)``: after each optimizer step (EMA updates).
+    - ``state_dict()`` / ``load_state_dict(d)``: the method's state (PBT checkpoints it).
+    - ``state_bytes``: bytes of the method's state, added to the run's ``state_bytes``."""
+
+    state_bytes: int
+
+    def penalty(self, x: Any, y: Any, out: Tensor) -> Tensor: ...
+
+    def after_step(self, model: nn.Module) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def probe_output(task: Any, method: str) -> tuple[Tensor, Tensor]:
+    """The model's output and the targets on the task's probe batch (eval mode, no grad, the
+    model's mode restored), for checking what a method needs from the task."""
+    x, y = task.probe_batch
+    model = task.model
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        model.train(was)
+    if not isinstance(out, Tensor) or not isinstance(y, Tensor):
+        raise ValueError(f"{method} needs a model returning a tensor of logits")
+    return out, y
+
+
+def require_class_logits(task: Any, method: str, *, per_sample: bool) -> int:
+    """The number of classes of a task whose model outputs class logits for integer targets:
+    ``[B, C]`` for ``[B]`` targets (``per_sample``), or ``[..., C]`` for ``[...]`` targets (per
+    token). ``ValueError`` naming the method otherwise (regression, scalar objectives)."""
+    out, y = probe_output(task, method)
+    integer = not (y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool)
+    if per_sample:
+        ok = integer and out.ndim == 2 and y.ndim == 1 and out.shape[0] == y.shape[0]
+        want = "per-sample class logits [batch, classes] for integer class targets [batch]"
+    else:
+        ok = integer and out.ndim >= 2 and tuple(out.shape[:-1]) == tuple(y.shape)
+        want = "class logits [..., classes] for integer class targets [...]"
+    if not ok or out.shape[-1] < 2:
+        raise ValueError(
+            f"{method} needs {want}; this workload's model gives {tuple(out.shape)} for "
+            f"targets {tuple(y.shape)} ({y.dtype})"
+        )
+    return int(out.shape[-1])
+
+
+def tensor_bytes(*tensors: Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
