@@ -104,3 +104,18 @@ def test_matrix_only_state_bytes() -> None:
     assert moments / mn == 2 * 0.25
     projector = sum(r * 32 for _ in shapes)  # svd: an r-column basis of the 32-wide side
     assert abs(ob.state_bytes_ratio(opt, ids) - (2 * 0.25 + projector / mn)) < 1e-12
+
+
+def test_sharpness_aware_benchmark_quick() -> None:
+    """benchmarks/sam_step.py --quick: every method's step time against its base, and the
+    sharpness rows of every method run through the harness by name."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sam_step.py"), "--quick"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for kind in ("sam", "asam", "saf", "mesa", "ggpo"):
+        assert f"mlp            399370 {kind:<6}" in proc.stdout, kind
+    for opt in ("torch:sgd", "sam", "asam", "saf", "mesa"):
+        assert f"mean {opt:<10} top eigenvalue" in proc.stdout, opt
