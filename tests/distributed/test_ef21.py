@@ -261,3 +261,27 @@ def test_world_size_one_is_a_clear_error(ranks):
     for key in ("state_world1", "hook_world1"):  # at construction, or at the first hook call
         msg = ranks[2][key]
         assert "ef21_hook needs a process group of at least 2 ranks, this one has 1" in msg, msg
+
+
+@pytest.mark.slow
+def test_ef21_comm_benchmark_quick(tmp_path):
+    """benchmarks/ef21_comm.py still runs (small model, 6 steps), so it can't rot."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "ef21_comm.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"allreduce", "powersgd", "ef21 d=0.1", "ef21 d=0.01"}
+    assert rows["allreduce"]["bytes_vs_allreduce"] == 1.0
+    assert rows["ef21 d=0.01"]["bytes_per_step"] < rows["ef21 d=0.1"]["bytes_per_step"]
+    assert all(r["step_ms"] > 0 and r["final_loss"] > 0 for r in rows.values())
