@@ -75,7 +75,7 @@ def _ring_allreduce(numel: int, elem: int, n: int) -> float:
     return 2 * (n - 1) / n * numel * elem
 
 
-def _run_method(method: str, rank: int, n: int, steps: int, dims) -> dict:
+def _run_method(method: str, rank: int, n: int, steps: int, dims, lr: float) -> dict:
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -107,7 +107,7 @@ def _run_method(method: str, rank: int, n: int, steps: int, dims) -> dict:
     elif method.startswith("ef21"):
         state = EF21State(density=float(method.split("=")[1]))
         ddp.register_comm_hook(state, ef21_hook)
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
     times, losses = [], []
     try:
         for x, y in batches(rank, steps, dims):
@@ -139,14 +139,14 @@ def _run_method(method: str, rank: int, n: int, steps: int, dims) -> dict:
     }
 
 
-def _worker(rank: int, n: int, store: str, steps: int, dims, out: str) -> None:
+def _worker(rank: int, n: int, store: str, steps: int, dims, out: str, lr: float, methods) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=n)
     rows = []
-    for m in METHODS:
+    for m in methods:
         if os.environ.get("EF21_BENCH_VERBOSE"):
             print(rank, m, flush=True)
-        rows.append(_run_method(m, rank, n, steps, dims))
+        rows.append(_run_method(m, rank, n, steps, dims, lr))
     if rank == 0:
         Path(out).write_text(json.dumps(rows))
     dist.destroy_process_group()
@@ -157,10 +157,22 @@ def main(argv=None) -> int:
     ap.add_argument("--world", type=int, default=2, help="gloo ranks (2-4)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--quick", action="store_true", help="small model, 6 steps (smoke run)")
+    ap.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9)")
+    ap.add_argument(
+        "--methods", default=",".join(METHODS), help="comma-separated, the first is the baseline"
+    )
     ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args(argv)
     if not 2 <= args.world <= 4:
         print(f"--world must be 2, 3 or 4, got {args.world}", file=sys.stderr)
+        return 2
+    methods = [m.strip() for m in args.methods.split(",")]
+    bad = [m for m in methods if m not in METHODS and not m.startswith("ef21 d=")]
+    if bad:
+        print(
+            f"unknown method(s) {bad}; known: {', '.join(METHODS)}, 'ef21 d=<density>'",
+            file=sys.stderr,
+        )
         return 2
     steps, dims = (6, (32, 64, 10)) if args.quick else (args.steps, DIMS)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -169,7 +181,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         mp.spawn(
             _worker,
-            args=(args.world, os.path.join(tmp, "store"), steps, dims, out),
+            args=(args.world, os.path.join(tmp, "store"), steps, dims, out, args.lr, methods),
             nprocs=args.world,
             join=True,
         )
@@ -180,7 +192,7 @@ def main(argv=None) -> int:
         r["time_vs_allreduce"] = r["step_ms"] / base["step_ms"]
     print(
         f"ef21_comm {dt.date.today()}: {args.world} gloo ranks, {rows[0]['params']:,} params, "
-        f"{steps} steps, batch {BATCH}/rank, torch {torch.__version__} "
+        f"{steps} steps, lr {args.lr}, batch {BATCH}/rank, torch {torch.__version__} "
         f"({time.perf_counter() - t0:.0f} s)"
     )
     print(f"{'method':<13}{'MB/step':>10}{'x allreduce':>13}{'ms/step':>10}{'x':>7}{'loss':>9}")
