@@ -1,0 +1,10 @@
+"""basin.distributed: training beyond one process, built on torch.distributed.
+
+``EF21State`` / ``ef21_hook``: EF21 and EF21-W Top-K error feedback as a DDP communication hook::
+
+    model.register_comm_hook(EF21State(density=0.01), ef21_hook)
+"""
+
+from basin.distributed.ef21 import EF21State, ef21_hook
+
+__all__ = ["EF21State", "ef21_hook"]
