@@ -668,6 +668,45 @@ FRUGAL_CASE = OptimCase(
     has_foreach=False,  # per-matrix work (SVD/QR projectors): no multi-tensor path
 )
 
+# ------------------------------------------------------------------ Schedule-Free AdamW
+# The generic checks train without train()/eval() calls: basin's optimizer starts in train mode
+# (the reference starts in eval mode; the factory switches it), so every check runs on y. The
+# switches, x against the reference's x and the eval-mode error are in
+# tests/optim/test_schedule_free.py.
+
+
+def _schedule_free_reference(params: list[torch.Tensor], hp: dict[str, Any]) -> Optimizer | None:
+    from schedulefree import AdamWScheduleFree
+
+    ref = AdamWScheduleFree(params, foreach=False, **hp)
+    ref.train()
+    return ref
+
+
+SCHEDULE_FREE = OptimCase(
+    name="schedulefree_adamw",
+    cls=bo.ScheduleFreeAdamW,
+    variants=[
+        {},
+        {"warmup_steps": 20},
+        {"weight_decay": 0.1, "warmup_steps": 10},
+        {"lr": 1e-2, "betas": (0.5, 0.99), "eps": 1e-6, "r": 1.0, "weight_lr_power": 0.0},
+        {"betas": (0.95, 0.9), "weight_decay": 0.01, "r": 0.5, "warmup_steps": 150},
+    ],
+    reference=_schedule_free_reference,
+    state_map={"z": "z", "exp_avg_sq": "exp_avg_sq"},
+    errors=_ADAM_LIKE_ERRORS
+    + [
+        ({"betas": (0.0, 0.999)}, "betas[0]"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"warmup_steps": 2.5}, "warmup_steps"),
+        ({"r": -1.0}, "r"),
+        ({"weight_lr_power": float("nan")}, "weight_lr_power"),
+    ],
+    train_hp={"lr": 1e-2},
+    compile_variants=[0, 2],
+)
+
 # ------------------------------------------------------------------ SAM / ASAM
 # Registered by name as SAM/ASAM over SGD with momentum 0.9 (basin.optim.sam.SAMSGD/ASAMSGD).
 # The generic checks call step() without a closure: each call is one phase (first_step, then
@@ -739,6 +778,7 @@ CASES: list[OptimCase] = [
     SWAN_CASE,
     COSMOS_CASE,
     FRUGAL_CASE,
+    SCHEDULE_FREE,
     SAM_CASE,
     ASAM_CASE,
 ]

@@ -24,6 +24,7 @@ from .registry import (
     resolve,
 )
 from .sam import SAM
+from .schedule_free import ScheduleFreeAdamW
 from .sgd_sai import SGDSaI
 from .swan import SWAN
 
@@ -42,6 +43,7 @@ __all__ = [
     "OptimInfo",
     "Paper",
     "SGDSaI",
+    "ScheduleFreeAdamW",
     "available",
     "create",
     "get_class",
