@@ -26,6 +26,7 @@ from .registry import (
 from .sam import SAM
 from .schedule_free import ScheduleFreeAdamW
 from .sgd_sai import SGDSaI
+from .soap import SOAP
 from .swan import SWAN
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "FRUGAL",
     "SAM",
     "SGDP",
+    "SOAP",
     "SWAN",
     "AdaBelief",
     "AdamP",
