@@ -80,6 +80,7 @@ def test_entry_has_what_the_harness_needs(name: str) -> None:
     model(x).square().mean().backward()
     before = [p.detach().clone() for p in model.parameters()]
     opt.step()
+    opt.step()  # SOAP's first gradient only seeds its preconditioner (the authors' rule)
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
     # the harness's defaults per workload resolve from the entry
     for w in wl.workloads():

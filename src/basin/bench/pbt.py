@@ -115,6 +115,7 @@ def _trainable(config: dict[str, Any], workload: Any = None) -> None:
 
     from basin.optim import info
 
+    from .evalpoint import at_eval_point, to_train_point
     from .runner import build_training, make_config, train_step
 
     torch.set_num_threads(1)
@@ -155,6 +156,7 @@ def _trainable(config: dict[str, Any], workload: Any = None) -> None:
     task = w.build(cfg.seed + step, cfg.batch_size)  # new data order after a restore
     model = task.model
     opt, method = build_training(cfg.optimizer, cfg.hparams, task)  # + SAF/MESA, if any
+    to_train_point(opt, cfg.optimizer)  # checkpoints are written at the training point
     if state is not None:
         model.load_state_dict(state["model"])
         if method is not None and state.get("method") is not None:
@@ -173,7 +175,8 @@ def _trainable(config: dict[str, Any], workload: Any = None) -> None:
             x, y = next(task.batches)
             train_step(model, task.loss_fn, opt, x, y, needs_closure, method)
             step += 1
-        res = task.evaluate(model)
+        with at_eval_point(opt, cfg.optimizer):  # Schedule-Free: evaluated at x
+            res = task.evaluate(model)
         ok = math.isfinite(res["eval_loss"]) and math.isfinite(res["metric"])
         bad = -math.inf if w.metric_mode == "max" else math.inf
         metrics = {

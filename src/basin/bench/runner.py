@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from . import workloads as _wl
+from .evalpoint import at_eval_point, to_eval_point, to_train_point
 from .schedules import lr_multiplier, validate_schedule
 
 __all__ = [
@@ -376,6 +377,7 @@ def run(
     model, loss_fn, batches = task.model, task.loss_fn, task.batches
     model.train()
     opt, method = build_training(cfg.optimizer, cfg.hparams, task)
+    to_train_point(opt, cfg.optimizer)  # Schedule-Free: train at y, evaluate at x
     base_lrs = [g["lr"] for g in opt.param_groups] if "lr" in opt.param_groups[0] else None
     constant = cfg.schedule["name"] == "constant"
     # optimizers that re-evaluate the loss inside step() get a closure (its first value is
@@ -436,13 +438,14 @@ def run(
             if progress is not None:
                 progress(step, cfg.steps)
         if cfg.sharpness_every and (step % cfg.sharpness_every == 0 or last):
-            with math_attention():
+            with math_attention(), at_eval_point(opt, cfg.optimizer):
                 val = sharp_fn(model, loss_fn, task.probe_batch, k=1).eigenvalues[0]
             sh["step"].append(step)
             sh["value"].append(float(val))
             model.train()
         if step % cfg.eval_every == 0 or last:
-            res = task.evaluate(model)
+            with at_eval_point(opt, cfg.optimizer):
+                res = task.evaluate(model)
             if not (math.isfinite(res["eval_loss"]) and math.isfinite(res["metric"])):
                 status, diverged_step = "diverged", step
                 break
@@ -457,6 +460,7 @@ def run(
                 report(step, {"train_loss": train_loss, "seconds": train_s, **res})
         t = time.perf_counter()  # evaluation, sharpness and callbacks are not training time
 
+    to_eval_point(opt, cfg.optimizer)  # the diagnostics and the returned model: at x
     metrics = ev["metric"]
     final = {
         "train_loss": tr["loss"][-1] if tr["loss"] else None,

@@ -25,7 +25,9 @@ from .registry import (
     resolve,
 )
 from .sam import SAM
+from .schedule_free import ScheduleFreeAdamW
 from .sgd_sai import SGDSaI
+from .soap import SOAP
 from .swan import SWAN
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "GGPO",
     "SAM",
     "SGDP",
+    "SOAP",
     "SWAN",
     "AdaBelief",
     "AdamP",
@@ -44,6 +47,7 @@ __all__ = [
     "OptimInfo",
     "Paper",
     "SGDSaI",
+    "ScheduleFreeAdamW",
     "available",
     "create",
     "get_class",

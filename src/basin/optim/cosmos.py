@@ -115,6 +115,7 @@ class COSMOS(MatrixOptimizer):
         Liming Liu, Zhenghao Xu, Zixuan Zhang, Hao Kang, Zichong Li, Chen Liang, Weizhu Chen,
         Tuo Zhao. "COSMOS: A Hybrid Adaptive Optimizer for Memory-Efficient Training of LLMs."
         arXiv:2502.17410, 2025. Reference code: github.com/lliu606/COSMOS (COSMOS_optim.py).
+        The paper compares COSMOS against SOAP (full eigenbases, :class:`basin.optim.SOAP`).
 
     Differences from the paper / reference code:
         * The AdamW fallback uses ``beta1``; the reference hard-codes 0.9 in its bias correction
