@@ -13,7 +13,7 @@ one backward pass) over SGD with momentum 0.9; GGPO (one pass, a perturbation) o
                       head, sequences of 64 tokens, batch 16 (0.5M parameters).
 
    Each optimizer gets its own copy of the same model and batch; after warm-up they are
-   stepped round-robin (one step each per round) and the median per-step time is reported
+   stepped round-robin (one step each per round, in a shuffled order) and the median per-step time is reported
    with its ratio to the base (SGD; AdamW for GGPO). SAM's two passes: ~2x; SAF / MESA's
    target (the paper's claim): <= 1.15x.
 
@@ -36,6 +36,7 @@ import argparse
 import copy
 import datetime as dt
 import platform
+import random
 import statistics
 import time
 
@@ -128,10 +129,13 @@ def step_times(quick: bool, rounds: int = 40) -> list[dict]:
         for _ in range(warmup):
             for f in steps.values():
                 f()
+        order = list(steps)
+        shuffle = random.Random(0).shuffle
         for _ in range(rounds):
-            for k, f in steps.items():
+            shuffle(order)  # no optimizer always first (cold caches) or last in a round
+            for k in order:
                 t = time.perf_counter()
-                f()
+                steps[k]()
                 times[k].append(time.perf_counter() - t)
         med = {k: statistics.median(ts) for k, ts in times.items()}
         n = sum(p.numel() for p in model.parameters())
