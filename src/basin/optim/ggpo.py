@@ -4,7 +4,6 @@ wrapper over any base optimizer (AdamW by name)."""
 from __future__ import annotations
 
 import contextlib
-import inspect
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -14,7 +13,6 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ._base import (
-    BasinOptimizer,
     check_betas,
     check_bool,
     check_foreach,
@@ -22,6 +20,7 @@ from ._base import (
     check_nonnegative,
     scalar_lr,
 )
+from ._wrapper import WrapperOptimizer
 from .param_groups import decay_groups
 from .registry import LR_ADAPTIVE, OptimInfo, Paper, register
 
@@ -30,7 +29,7 @@ __all__ = ["GGPO", "GGPOAdamW", "VARIANTS"]
 VARIANTS = ("paper", "port")
 
 
-class GGPO(BasinOptimizer):
+class GGPO(WrapperOptimizer):
     r"""LoRA-GGPO (Chang et al., 2025): before the forward, every perturbed weight matrix gets a
     Gaussian perturbation whose per-row scale grows with the row's weight norm and with the row's
     gradient norm of the previous step; after the backward the weights are restored (a copy,
@@ -103,6 +102,7 @@ class GGPO(BasinOptimizer):
     """
 
     _algo = "GGPO"
+    _registry_names = ("ggpo",)
 
     def __init__(
         self,
@@ -116,22 +116,13 @@ class GGPO(BasinOptimizer):
         nonfinite: str = "raise",
         **base_hp: Any,
     ) -> None:
-        build = _base_builder(base_optimizer, base_hp)
         if seed is not None and (
             isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63
         ):
             raise ValueError(f"seed must be None or an integer in [0, 2**63), got {seed!r}")
         own = dict(sigma=sigma, beta=beta, variant=variant, perturb=True, nonfinite=nonfinite)
-        super().__init__(params, own)
-        for gi, group in enumerate(self.param_groups):
-            self._validate(group, gi)
-        self.base_optimizer = build(self.param_groups)
-        self.param_groups = self.base_optimizer.param_groups  # the same dicts
-        self.state = self.base_optimizer.state
-        self.defaults = {**self.base_optimizer.defaults, **own}
+        self._wrap(params, base_optimizer, own, base_hp)
         self.seed = seed
-        self.skipped_steps = 0
-        self._backup: dict[Tensor, Tensor] = {}
         self._grad_sq: dict[Tensor, Tensor] = {}  # per-row ||g_i||^2 of the last step
         self._generators: dict[str, torch.Generator] = {}
         self._warned = False
@@ -143,21 +134,6 @@ class GGPO(BasinOptimizer):
         if group["variant"] not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {group['variant']!r}")
         check_bool("perturb", group["perturb"])
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if "base_optimizer" not in self.__dict__:  # during __init__: GGPO's own groups
-            return Optimizer.add_param_group(self, param_group)
-        for k in ("sigma", "beta", "variant", "perturb", "nonfinite"):
-            param_group.setdefault(k, self.defaults[k])
-        self._validate(param_group, len(self.param_groups))
-        self.base_optimizer.add_param_group(param_group)
-
-    # ------------------------------------------------------------ perturbation
-
-    @property
-    def perturbed(self) -> bool:
-        """True while the weights hold a perturbation."""
-        return bool(self._backup)
 
     def _perturbed_params(self) -> Iterator[tuple[dict[str, Any], Tensor]]:
         for group in self.param_groups:
@@ -272,39 +248,17 @@ class GGPO(BasinOptimizer):
 
     # ------------------------------------------------------------ state
 
-    def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state and the shared groups (torch's packing), plus the saved
-        weights (if perturbed), the last gradient norms and the generators' states."""
-        out = super().state_dict()
-        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        out["ggpo"] = {
-            "base_optimizer": type(self.base_optimizer).__name__,
-            "skipped_steps": self.skipped_steps,
-            "backup": {index[id(p)]: v.clone() for p, v in self._backup.items()},
+    def _extra_state(self, index: dict[int, int]) -> dict[str, Any]:
+        """The last gradient norms and the generators' states."""
+        return {
             "grad_sq": {index[id(p)]: v.clone() for p, v in self._grad_sq.items()},
             "generators": {k: g.get_state() for k, g in self._generators.items()},
         }
-        return out
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        own = state_dict.get("ggpo", {})
-        if own and own.get("base_optimizer") != type(self.base_optimizer).__name__:
-            raise ValueError(
-                f"this GGPO state dict wraps {own.get('base_optimizer')}, not "
-                f"{type(self.base_optimizer).__name__}: load it into a GGPO over that optimizer"
-            )
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "ggpo"})
-        # torch rebuilt the groups and the state: hand the same objects to the base again
-        self.base_optimizer.__setstate__({"state": self.state, "param_groups": self.param_groups})
-        self.param_groups, self.state = self.base_optimizer.param_groups, self.base_optimizer.state
-        params = [p for g in self.param_groups for p in g["params"]]
-        self._backup = {
-            params[int(i)]: v.to(params[int(i)]) for i, v in own.get("backup", {}).items()
-        }
+    def _load_extra_state(self, own: dict[str, Any], params: list[Tensor]) -> None:
         self._grad_sq = {
             params[int(i)]: v.to(params[int(i)].device) for i, v in own.get("grad_sq", {}).items()
         }
-        self.skipped_steps = own.get("skipped_steps", 0)
         for key, st in own.get("generators", {}).items():
             self._generator(torch.device(key)).set_state(st)
 
@@ -340,30 +294,6 @@ def _scalar_lrs(groups: list[dict[str, Any]]) -> Iterator[None]:
     finally:
         for g, lr in saved:
             g["lr"] = lr
-
-
-def _base_builder(base: Any, hp: dict[str, Any]) -> Callable[[list[dict[str, Any]]], Optimizer]:
-    """Check ``base_optimizer`` now (``ValueError`` naming it) and return its builder."""
-    from .registry import create, resolve
-
-    if isinstance(base, str):
-        try:
-            name = resolve(base)
-        except ValueError as err:
-            raise ValueError(f"base_optimizer: {err}") from None
-        if name == "ggpo":
-            raise ValueError("base_optimizer cannot be GGPO itself")
-        return lambda groups: create(name, groups, **hp)
-    if inspect.isclass(base) and issubclass(base, Optimizer):
-        if issubclass(base, GGPO):
-            raise ValueError("base_optimizer cannot be GGPO itself")
-        return lambda groups: base(groups, **hp)
-    raise ValueError(
-        f"base_optimizer must be a torch.optim.Optimizer class or a registry name, got {base!r}"
-    )
-
-
-# ---------------------------------------------------------------- built by name
 
 
 class GGPOAdamW(GGPO):

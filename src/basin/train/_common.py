@@ -123,3 +123,36 @@ def require_class_logits(task: Any, method: str, *, per_sample: bool) -> int:
 
 def tensor_bytes(*tensors: Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def register_loss_method(
+    name: str, state_memory: float, state_note: str, method_defaults: dict[str, Any]
+) -> None:
+    """The registry entry of a trajectory-loss method (SAF, MESA): over torch SGD with
+    momentum 0.9 (the base ``torch:sgd`` and ``sam`` use, so the comparison is like for like),
+    its learning rate and ``lam`` searched, built in the harness by
+    ``basin.train.<name>:bench_method``."""
+    from basin.optim.param_groups import decay_groups
+    from basin.optim.registry import LR_SGD, OptimInfo, Paper, register
+
+    register(
+        OptimInfo(
+            name=name,
+            cls=torch.optim.SGD,
+            paper=Paper("Sharpness-Aware Training for Free", "Du et al.", "2205.14083", 2022),
+            state_memory=state_memory,
+            state_note=state_note,
+            capabilities=frozenset({"method"}),
+            family="sgd",
+            lr_scaling="linear",
+            lr_from={"lr": (name, "sgd")},
+            defaults={"momentum": 0.9},
+            search_space={
+                "lr": LR_SGD,
+                "lam": {"type": "float", "low": 0.01, "high": 3.0, "log": True},
+            },
+            param_groups=decay_groups,
+            method=f"basin.train.{name}:bench_method",
+            method_defaults=method_defaults,
+        )
+    )

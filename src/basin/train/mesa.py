@@ -13,6 +13,7 @@ from ._common import (
     check_int,
     check_number,
     check_window,
+    register_loss_method,
     require_class_logits,
     softened_kl,
     tensor_bytes,
@@ -153,40 +154,17 @@ def bench_method(task: Any, **hp: Any) -> _BenchMESA:
     return _BenchMESA(MESA(task.model, **hp), task.batches)
 
 
-def _register() -> None:
-    from basin.optim.param_groups import decay_groups
-    from basin.optim.registry import LR_SGD, OptimInfo, Paper, register
-
-    register(
-        OptimInfo(
-            name="mesa",
-            cls=torch.optim.SGD,
-            paper=Paper("Sharpness-Aware Training for Free", "Du et al.", "2205.14083", 2022),
-            state_memory=2.0,
-            state_note="SGD momentum (1.0) + the EMA model (1.0); 1 extra no-grad forward per "
-            "active step",
-            capabilities=frozenset({"method"}),
-            family="sgd",
-            lr_scaling="linear",
-            lr_from={"lr": ("mesa", "sgd")},
-            defaults={"momentum": 0.9},
-            search_space={
-                "lr": LR_SGD,
-                "lam": {"type": "float", "low": 0.01, "high": 3.0, "log": True},
-            },
-            param_groups=decay_groups,
-            method="basin.train.mesa:bench_method",
-            # bench runs are a few hundred steps: an EMA horizon of ~100 steps (decay 0.99,
-            # the authors' 0.9998 is ~5000 steps) and the term on from the second epoch
-            method_defaults={
-                "lam": 0.8,
-                "tau": 5.0,
-                "decay": 0.99,
-                "start_epoch": 0,
-                "end_epoch": None,
-            },
-        )
-    )
-
-
-_register()
+# bench runs are a few hundred steps: an EMA horizon of ~100 steps (decay 0.99,
+# the authors' 0.9998 is ~5000 steps) and the term on from the second epoch
+register_loss_method(
+    "mesa",
+    state_memory=2.0,
+    state_note="SGD momentum (1.0) + the EMA model (1.0); 1 extra no-grad forward per active step",
+    method_defaults={
+        "lam": 0.8,
+        "tau": 5.0,
+        "decay": 0.99,
+        "start_epoch": 0,
+        "end_epoch": None,
+    },
+)

@@ -12,6 +12,7 @@ from ._common import (
     check_int,
     check_number,
     check_window,
+    register_loss_method,
     require_class_logits,
     softened_kl,
     tensor_bytes,
@@ -155,40 +156,18 @@ def bench_method(task: Any, **hp: Any) -> _BenchSAF:
     return _BenchSAF(SAF(b.n_samples, n_classes, device=device, **hp), b)
 
 
-def _register() -> None:
-    from basin.optim.param_groups import decay_groups
-    from basin.optim.registry import LR_SGD, OptimInfo, Paper, register
-
-    register(
-        OptimInfo(
-            name="saf",
-            cls=torch.optim.SGD,
-            paper=Paper("Sharpness-Aware Training for Free", "Du et al.", "2205.14083", 2022),
-            state_memory=1.0,
-            state_note="SGD momentum; plus the logit bank, n_samples x (memory + 1) x classes; "
-            "no extra pass",
-            capabilities=frozenset({"method"}),
-            family="sgd",
-            lr_scaling="linear",
-            lr_from={"lr": ("saf", "sgd")},
-            defaults={"momentum": 0.9},
-            search_space={
-                "lr": LR_SGD,
-                "lam": {"type": "float", "low": 0.01, "high": 3.0, "log": True},
-            },
-            param_groups=decay_groups,
-            method="basin.train.saf:bench_method",
-            # bench epochs are short (mnist1d_mlp: 31 steps, digits_cnn: 22): the logits of 2
-            # epochs ago, active from epoch 2, so a few-hundred-step run trains with the term
-            method_defaults={
-                "lam": 0.3,
-                "tau": 5.0,
-                "memory": 2,
-                "start_epoch": 1,
-                "end_epoch": None,
-            },
-        )
-    )
-
-
-_register()
+# bench epochs are short (mnist1d_mlp: 31 steps, digits_cnn: 22): the logits of 2
+# epochs ago, active from epoch 2, so a few-hundred-step run trains with the term
+register_loss_method(
+    "saf",
+    state_memory=1.0,
+    state_note="SGD momentum; plus the logit bank, n_samples x (memory + 1) x classes; "
+    "no extra pass",
+    method_defaults={
+        "lam": 0.3,
+        "tau": 5.0,
+        "memory": 2,
+        "start_epoch": 1,
+        "end_epoch": None,
+    },
+)

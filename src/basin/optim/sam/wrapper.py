@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -10,14 +9,15 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .._base import BasinOptimizer, check_bool, check_nonnegative, check_positive, use_foreach
+from .._base import check_bool, check_nonnegative, check_positive, use_foreach
+from .._wrapper import WrapperOptimizer
 from .passes import average_over_ranks, ddp_no_sync, finite, frozen_bn_stats
 from .perturb import ascent_step
 
 __all__ = ["SAM"]
 
 
-class SAM(BasinOptimizer):
+class SAM(WrapperOptimizer):
     r"""SAM (Foret et al., 2020) and, with ``adaptive=True``, ASAM (Kwon et al., 2021): minimize
     the loss at the worst point of a neighbourhood, by a wrapper over any base optimizer.
 
@@ -91,6 +91,7 @@ class SAM(BasinOptimizer):
     """
 
     _algo = "SAM"
+    _registry_names = ("sam", "asam")
 
     def __init__(
         self,
@@ -106,21 +107,12 @@ class SAM(BasinOptimizer):
         nonfinite: str = "raise",
         **base_hp: Any,
     ) -> None:
-        build = _base_builder(base_optimizer, base_hp)
         check_bool("sync_perturbation", sync_perturbation)
         if perturb_eps is not None:
             check_nonnegative("perturb_eps", perturb_eps)
-        sam_defaults = dict(rho=rho, adaptive=adaptive, eta=eta, perturb=True, nonfinite=nonfinite)
-        super().__init__(params, sam_defaults)
-        for gi, group in enumerate(self.param_groups):
-            self._validate(group, gi)
-        self.base_optimizer = build(self.param_groups)
-        self.param_groups = self.base_optimizer.param_groups  # the same dicts
-        self.state = self.base_optimizer.state
-        self.defaults = {**self.base_optimizer.defaults, **sam_defaults}
+        own = dict(rho=rho, adaptive=adaptive, eta=eta, perturb=True, nonfinite=nonfinite)
+        self._wrap(params, base_optimizer, own, base_hp)
         self.perturb_eps, self.sync_perturbation, self.model = perturb_eps, sync_perturbation, model
-        self.skipped_steps = 0
-        self._backup: dict[Tensor, Tensor] = {}
         self._skipped_first = False
 
     def _check_hparams(self, group: dict[str, Any]) -> None:
@@ -128,19 +120,6 @@ class SAM(BasinOptimizer):
         check_bool("adaptive", group["adaptive"])
         check_nonnegative("eta", group["eta"])
         check_bool("perturb", group["perturb"])
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if "base_optimizer" not in self.__dict__:  # during __init__: SAM's own groups
-            return Optimizer.add_param_group(self, param_group)
-        for k in ("rho", "adaptive", "eta", "perturb", "nonfinite"):
-            param_group.setdefault(k, self.defaults[k])
-        self._validate(param_group, len(self.param_groups))
-        self.base_optimizer.add_param_group(param_group)
-
-    @property
-    def perturbed(self) -> bool:
-        """True between ``first_step`` and ``second_step``."""
-        return bool(self._backup)
 
     # ------------------------------------------------------------ the two phases
 
@@ -254,54 +233,8 @@ class SAM(BasinOptimizer):
 
     # ------------------------------------------------------------ state
 
-    def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state and the shared groups (torch's packing), the class under
-        ``"basin_optimizer"`` and, taken between the phases, the saved weights."""
-        out = super().state_dict()
-        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        out["sam"] = {
-            "base_optimizer": type(self.base_optimizer).__name__,
-            "skipped_steps": self.skipped_steps,
-            "skipped_first": self._skipped_first,
-            "backup": {index[id(p)]: v.clone() for p, v in self._backup.items()},
-        }
-        return out
+    def _extra_state(self, index: dict[int, int]) -> dict[str, Any]:
+        return {"skipped_first": self._skipped_first}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        sam = state_dict.get("sam", {})
-        if sam and sam.get("base_optimizer") != type(self.base_optimizer).__name__:
-            raise ValueError(
-                f"this SAM state dict wraps {sam.get('base_optimizer')}, not "
-                f"{type(self.base_optimizer).__name__}: load it into a SAM over that optimizer"
-            )
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "sam"})
-        # torch rebuilt the groups and the state: hand the same objects to the base again
-        self.base_optimizer.__setstate__({"state": self.state, "param_groups": self.param_groups})
-        self.param_groups, self.state = self.base_optimizer.param_groups, self.base_optimizer.state
-        params = [p for g in self.param_groups for p in g["params"]]
-        self._backup = {
-            params[int(i)]: v.to(params[int(i)]) for i, v in sam.get("backup", {}).items()
-        }
-        self.skipped_steps = sam.get("skipped_steps", 0)
-        self._skipped_first = sam.get("skipped_first", False)
-
-
-def _base_builder(base: Any, hp: dict[str, Any]) -> Callable[[list[dict[str, Any]]], Optimizer]:
-    """Check ``base_optimizer`` now (``ValueError`` naming it) and return its builder."""
-    from ..registry import create, resolve
-
-    if isinstance(base, str):
-        try:
-            name = resolve(base)
-        except ValueError as err:
-            raise ValueError(f"base_optimizer: {err}") from None
-        if name in ("sam", "asam"):
-            raise ValueError("base_optimizer cannot be SAM itself")
-        return lambda groups: create(name, groups, **hp)
-    if inspect.isclass(base) and issubclass(base, Optimizer):
-        if issubclass(base, SAM):
-            raise ValueError("base_optimizer cannot be SAM itself")
-        return lambda groups: base(groups, **hp)
-    raise ValueError(
-        f"base_optimizer must be a torch.optim.Optimizer class or a registry name, got {base!r}"
-    )
+    def _load_extra_state(self, own: dict[str, Any], params: list[Tensor]) -> None:
+        self._skipped_first = own.get("skipped_first", False)
