@@ -900,6 +900,21 @@ def pbt(
         )
 
 
+def _raised_by_basin(exc: BaseException) -> bool:
+    """Was ``exc`` raised by basin's own code (its input checks raise ``ValueError`` naming
+    what is wrong)? A ``ValueError`` whose innermost frame is in another package is not a
+    message meant for the user."""
+    import os
+
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    root = os.path.dirname(os.path.abspath(__file__))
+    return last is not None and os.path.abspath(last).startswith(root + os.sep)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     try:
@@ -910,7 +925,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("basin: interrupted", file=sys.stderr)
         return 130
-    except (UserError, ValueError, FileNotFoundError) as exc:
+    except (UserError, FileNotFoundError) as exc:
+        print(f"basin: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        if not _raised_by_basin(exc):
+            raise  # from inside a library: a bug to see with its traceback, not a user error
         print(f"basin: error: {exc}", file=sys.stderr)
         return 2
     except typer.Exit as exc:
