@@ -37,11 +37,6 @@ def block_step(opt: Any, group: dict[str, Any], blocks: list[Tensor]) -> None:
     numels = [p.numel() for p in blocks]
     k = _num_active(group["density"], len(blocks))
     if "offset" not in state[blocks[-1]]:
-        if any("exp_avg" in state[p] for p in blocks):
-            raise ValueError(
-                "this FRUGAL proj_type='block' state has per-block moments (saved before "
-                "the pooled layout): it cannot be continued; start the optimizer afresh"
-            )
         _init_block_state(
             [state[p] for p in blocks], blocks, owners, pool_of, numels, k,
             group["reset_statistics"],
