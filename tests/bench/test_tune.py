@@ -53,6 +53,21 @@ def test_one_minus_and_tuple_elements_reach_the_optimizer() -> None:
     assert sorted(p.extremes()) == pytest.approx([0.9, 0.9999])
 
 
+def test_storage_none_validates_only() -> None:
+    """``storage=None`` (what PBT uses): the job is checked, no URL is needed, tune refuses it;
+    merging the space values leaves the base hyperparameters unchanged."""
+    spec = prepare("f1", "adabelief", 1, storage=None, **FAST)
+    assert spec.storage is None
+    base = dict(spec.base_hparams)
+    assert spec.hparams({"betas[1]": 0.99})["betas"][1] == 0.99
+    assert spec.base_hparams == base
+    with pytest.raises(ValueError, match="storage=None"):
+        tune(spec)
+    with pytest.raises(ValueError, match="search space"):
+        prepare("f1", "adabelief", 1, search_space={"nope": {"type": "fixed", "value": 1}},
+                storage=None, **FAST)  # fmt: skip
+
+
 def test_space_file_formats(tmp_path: Path) -> None:
     body = {"lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}}
     (tmp_path / "s.json").write_text(json.dumps(body))

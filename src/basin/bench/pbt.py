@@ -117,22 +117,14 @@ def _trainable(config: dict[str, Any], workload: Any = None) -> None:
 
     from .evalpoint import at_eval_point, to_train_point
     from .runner import build_training, make_config, train_step
+    from .space import parse_space
+    from .tune import merge_hparams
 
     torch.set_num_threads(1)
     job = config["_job"]
-    from .space import parse_space
-
     space = parse_space(job["space"], job["optimizer"])
     values = {n: p.value_of(config[n]) for n, p in space.items() if n in config}
-    hp = dict(job["base_hparams"])
-    hp = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in hp.items()}
-    for name, v in values.items():
-        p = space[name]
-        if p.index is None:
-            hp[p.base] = v
-        else:
-            hp[p.base][p.index] = v
-    hp = {k: tuple(v) if isinstance(v, list) else v for k, v in hp.items()}
+    hp = merge_hparams(job["base_hparams"], space, values)  # as tune's trials build theirs
     # a user's workload travels as an object (Ray pickles it); built-in ones by name
     cfg = make_config(
         workload or job["workload"], job["optimizer"], hp, seed=job["seed"], steps=job["steps"]
@@ -254,7 +246,7 @@ def pbt(
         optimizer,
         1,
         search_space=search_space,
-        storage="sqlite:///unused.db",  # nothing is stored: prepare only validates the URL
+        storage=None,  # validate only: PBT keeps its state in Ray's checkpoints, not a study
         seed=seed,
         steps=steps,
         eval_every=interval,

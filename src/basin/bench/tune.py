@@ -72,7 +72,7 @@ class TuneSpec:
     pruner: str
     objective: str
     direction: str
-    storage: str
+    storage: str | None  # None: prepared to be validated only, not tuned (see prepare)
     study_name: str
     seed: int
     run_kwargs: dict[str, Any]
@@ -92,15 +92,24 @@ class TuneSpec:
 
     def hparams(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """Optimizer hyperparameters for the space values ``{name: value}``."""
-        hp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.base_hparams.items()}
-        for name, p in self.space.items():
-            if name not in values:
-                continue
-            if p.index is None:
-                hp[p.base] = values[name]
-            else:
-                hp[p.base][p.index] = values[name]
-        return {k: (tuple(v) if isinstance(v, list) else v) for k, v in hp.items()}
+        return merge_hparams(self.base_hparams, self.space, values)
+
+
+def merge_hparams(
+    base: Mapping[str, Any], space: Mapping[str, Param], values: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``base`` hyperparameters with the space values ``{name: value}`` written in (an indexed
+    parameter such as ``betas[1]`` into its element); sequences come back as tuples and
+    ``base`` is left unchanged. Names of ``space`` missing from ``values`` keep their base."""
+    hp = {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in base.items()}
+    for name, p in space.items():
+        if name not in values:
+            continue
+        if p.index is None:
+            hp[p.base] = values[name]
+        else:
+            hp[p.base][p.index] = values[name]
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in hp.items()}
 
 
 @dataclass
@@ -137,7 +146,7 @@ def prepare(
     sampler: str = "tpe",
     pruner: str = "median",
     search_space: str | Path | Mapping[str, Any] | None = None,
-    storage: str = DEFAULT_STORAGE,
+    storage: str | None = DEFAULT_STORAGE,
     study_name: str | None = None,
     seed: int = 0,
     objective: str = "metric",
@@ -146,7 +155,8 @@ def prepare(
     """Validate a tuning job; ``ValueError`` with one clear line on any mistake.
 
     ``run_kwargs`` go to :func:`basin.bench.runner.make_config` (``steps``, ``time_budget``,
-    ``batch_size``, ``schedule``, ``eval_every``)."""
+    ``batch_size``, ``schedule``, ``eval_every``). ``storage=None`` validates the job without a
+    study (what :func:`basin.bench.pbt.pbt` needs); :func:`tune` refuses such a spec."""
     from basin.optim import resolve
 
     from .space import parse_space
@@ -225,7 +235,8 @@ def prepare(
                 make_config(w, optimizer, spec.hparams({name: v}), seed=seed, **run_kwargs)
             except ValueError as exc:
                 raise ValueError(f"search space: parameter {name!r} = {v!r}: {exc}") from None
-    _check_storage_url(storage)
+    if storage is not None:
+        _check_storage_url(storage)
     return spec
 
 
@@ -619,6 +630,10 @@ def tune(
     ``on_trial(frozen_trial, n_finished, n_trials)`` is called after each trial of this
     worker; ``progress(step, steps)`` during training (for progress bars); ``on_start()``
     once the study is open and checked (before the first trial)."""
+    if spec.storage is None:
+        raise ValueError(
+            "this tuning job was prepared with storage=None: give prepare a storage URL"
+        )
     optuna = _optuna()
     from optuna.trial import TrialState
 
