@@ -64,3 +64,18 @@ def test_pbt_bad_input() -> None:
         pbt("f1", "adabelief", population=1)
     with pytest.raises(ValueError, match="unknown workload"):
         pbt("nope", "adabelief")
+
+
+@pytest.mark.slow
+def test_pbt_diverging_members_report_the_worst_score(tmp_path: Path) -> None:
+    """A member whose basin optimizer refuses a non-finite gradient is a diverged member, as in
+    `basin bench`: it reports the worst score at that evaluation and ends (no Ray error), as
+    a member whose loss goes non-finite does."""
+    r = pbt(
+        "f1", "adabelief", population=2, steps=20, interval=10, out_dir=tmp_path, seed=0,
+        search_space={"lr": {"type": "float", "low": 1e29, "high": 1e30, "log": True}},
+    )  # fmt: skip
+    assert len(r.trials) == 2
+    for t in r.trials:
+        assert t["error"] is None
+        assert t["metric"] == math.inf and t["step"] == 10  # diverged in the first interval

@@ -113,7 +113,7 @@ def _trainable(config: dict[str, Any], workload: Any = None) -> None:
     import torch
     from ray import tune
 
-    from basin.optim import info
+    from basin.optim import NonFiniteGradientError, info
 
     from .evalpoint import at_eval_point, to_train_point
     from .runner import build_training, make_config, train_step
@@ -163,12 +163,20 @@ def _trainable(config: dict[str, Any], workload: Any = None) -> None:
     needs_closure = info(cfg.optimizer).needs_closure
     total, interval = job["steps"], job["interval"]
     while step < total:
-        for _ in range(min(interval, total - step)):
+        diverged, end = False, step + min(interval, total - step)
+        while step < end:
             x, y = next(task.batches)
-            train_step(model, task.loss_fn, opt, x, y, needs_closure, method)
+            try:
+                train_step(model, task.loss_fn, opt, x, y, needs_closure, method)
+            except NonFiniteGradientError:  # refused (nothing changed): the member diverged;
+                diverged, step = True, end  # the worst score, then it ends (as a NaN loss)
+                break
             step += 1
-        with at_eval_point(opt, cfg.optimizer):  # Schedule-Free: evaluated at x
-            res = task.evaluate(model)
+        if diverged:
+            res = {"eval_loss": math.inf, "metric": math.nan}
+        else:
+            with at_eval_point(opt, cfg.optimizer):  # Schedule-Free: evaluated at x
+                res = task.evaluate(model)
         ok = math.isfinite(res["eval_loss"]) and math.isfinite(res["metric"])
         bad = -math.inf if w.metric_mode == "max" else math.inf
         metrics = {
