@@ -265,5 +265,18 @@ def test_bad_arguments_are_refused(kw, match):
         make_opt(make_net(), {}, **kw)
 
 
+def test_a_copy_stays_distributed_and_state_dicts_load_across_forms():
+    import copy
+
+    net = make_net()
+    opt = make_opt(net, HP_A, distributed=True)
+    net(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    assert copy.deepcopy(opt).distributed is True
+    plain = make_opt(net, HP_A)
+    plain.load_state_dict(opt.state_dict())  # the same class: either form loads the other's
+    assert plain.distributed is False
+
+
 def test_registry_declares_distributed():
     assert "distributed" in info("muon").capabilities

@@ -195,6 +195,14 @@ class Muon(MatrixOptimizer):
         )
         super().__init__(params, defaults, None if adamw_fallback else True, fallback, "adamw_")
 
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's state plus ``distributed`` (a copy keeps sharing over the world; a process
+        group cannot be copied, so a copy of an optimizer given one takes the plain path)."""
+        state = super().__getstate__()
+        if getattr(self, "distributed", False) and self.process_group is None:
+            state["distributed"] = True
+        return state
+
     def _check_hparams(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
         check_range("momentum", group["momentum"], 0.0, 1.0, high_inclusive=False)
@@ -214,7 +222,9 @@ class Muon(MatrixOptimizer):
             bufs.append(state["momentum_buffer"])
         if not params:
             return
-        comm = data_parallel_group(self.process_group) if self.distributed else None
+        # getattr: attributes, not hyperparameters (see __getstate__)
+        distributed = getattr(self, "distributed", False)
+        comm = data_parallel_group(self.process_group) if distributed else None
         if comm is not None:
             owners = distributed_muon(
                 params,
@@ -231,7 +241,7 @@ class Muon(MatrixOptimizer):
                 transposed=group["transposed"],
                 comm=comm,
             )
-            self.ns_owner.update(zip(params, owners))
+            self.__dict__.setdefault("ns_owner", {}).update(zip(params, owners))
             return
         muon(
             params,
