@@ -88,6 +88,8 @@ def _worker(rank: int, world: int, store: str, out: str, scenarios: list) -> Non
 
     muon_module.newton_schulz5 = counting
     results = {}
+    if rank < 2:
+        results["reference"] = _against_reference(rank, groups[2])
     for name, kw in scenarios:
         n, pg = kw["world"], groups[kw["world"]]
         if (rank != 2) if n == 1 else (rank >= n):  # the 1-rank group is rank 2's
@@ -121,6 +123,50 @@ def _worker(rank: int, world: int, store: str, out: str, scenarios: list) -> Non
         }
     torch.save(results, f"{out}.{rank}")
     dist.destroy_process_group()
+
+
+REF_SHAPES = [(24, 24)] * 4 + [(16, 24)] * 2  # sorted by size, the chunks of 2 are uniform
+
+
+def _against_reference(rank: int, pg) -> dict:
+    """The authors' distributed ``muon.Muon`` (muon-optimizer; every rank the same gradients, as
+    under DDP) and ``Muon(distributed=True)``, side by side, on the 2-rank subgroup (the
+    reference's collectives use the default group: its module's ``dist`` is pointed at ``pg``)."""
+    import torch.distributed as dist
+
+    try:
+        import muon as reference
+    except ImportError:
+        return {"skip": "muon-optimizer is not installed"}
+    import types
+
+    torch.manual_seed(3)
+    init = [torch.randn(*s) * 0.2 for s in REF_SHAPES]
+    ref_ps = [nn.Parameter(t.clone()) for t in init]
+    ps = [nn.Parameter(t.clone()) for t in init]
+    saved = reference.dist  # torch.distributed: point the reference's collectives at pg
+    reference.dist = types.SimpleNamespace(
+        all_gather=lambda out, t: dist.all_gather(out, t, group=pg),
+        get_world_size=lambda: dist.get_world_size(pg),
+        get_rank=lambda: dist.get_rank(pg),
+    )
+    try:
+        ref = reference.Muon(ref_ps, lr=0.02, weight_decay=0.1, momentum=0.95)
+        opt = Muon(ps, lr=0.02, weight_decay=0.1, momentum=0.95, distributed=True, process_group=pg)
+        gen = torch.Generator().manual_seed(7)
+        for _ in range(STEPS):
+            for a, b in zip(ref_ps, ps):
+                a.grad = torch.randn(a.shape, generator=gen)
+                b.grad = a.grad.clone()
+            ref.step()
+            opt.step()
+    finally:
+        reference.dist = saved
+    return {
+        "ref": [p.detach().clone() for p in ref_ps],
+        "ours": [p.detach().clone() for p in ps],
+        "init": init,
+    }
 
 
 HP_A = {"lr": 0.05, "weight_decay": 0.1, "adamw_lr": 1e-2, "adamw_weight_decay": 0.01}
@@ -223,6 +269,19 @@ def test_each_rank_orthogonalizes_only_its_share(ranks, name, world):
             assert sorted(calls) == want
     total = sum(len(r["ns_calls"][0]) for r in results)
     assert total == N_MATRICES
+
+
+def test_equals_the_authors_distributed_muon_2_ranks(ranks):
+    """muon-optimizer's distributed ``Muon`` (momentum on the owning rank, parameters
+    all-gathered) and basin's (every momentum everywhere, updates all-gathered): the same
+    parameters on both ranks, bit for bit, in bfloat16 Newton-Schulz."""
+    for r in ranks[:2]:
+        res = r["reference"]
+        if "skip" in res:
+            pytest.skip(res["skip"])
+        for a, b, x0 in zip(res["ref"], res["ours"], res["init"]):
+            assert not torch.equal(a, x0)
+            assert torch.equal(a, b)
 
 
 def test_assignment_balances_cost_deterministically():
