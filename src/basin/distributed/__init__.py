@@ -3,6 +3,10 @@
 ``EF21State`` / ``ef21_hook``: EF21 and EF21-W Top-K error feedback as a DDP communication hook::
 
     model.register_comm_hook(EF21State(density=0.01), ef21_hook)
+
+Distributed Muon (Newton-Schulz shared across data-parallel ranks, bit-identical to one process)
+is an option of the optimizer, ``basin.optim.Muon(model.module, distributed=True)``
+(docs/distributed.md).
 """
 
 from basin.distributed.ef21 import EF21State, ef21_hook

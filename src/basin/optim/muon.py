@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,6 +18,7 @@ from ._base import (
     scalar_lr,
     use_foreach,
 )
+from ._distributed import data_parallel_group, shared_updates
 from ._kernels import newton_schulz5
 from ._matrix import (
     MatrixOptimizer,
@@ -25,11 +27,12 @@ from ._matrix import (
     as_matrix,
     check_int,
     from_matrix,
+    matrix_shape,
 )
 from .param_groups import matrix_groups
 from .registry import ELEMENTWISE_CAPS, LR_ADAPTIVE, WEIGHT_DECAY, OptimInfo, Paper, register
 
-__all__ = ["Muon", "muon"]
+__all__ = ["Muon", "distributed_muon", "muon"]
 
 
 def check_ns_dtype(ns_dtype: Any) -> None:
@@ -93,6 +96,23 @@ class Muon(MatrixOptimizer):
         nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
             ``ValueError`` naming the parameter, or skips the step; either way nothing is
             changed (eager steps; see :class:`basin.optim._base.BasinOptimizer`).
+        distributed: share Newton-Schulz across data-parallel ranks (default False); see below.
+        process_group: the ranks to share it over (default: the world); only with
+            ``distributed=True``.
+
+    Distributed (``distributed=True``, under DDP or any data parallelism where every rank holds
+    the same parameters and the same averaged gradients): every rank updates the momentum of
+    every matrix (elementwise, cheap) and runs the AdamW fallback locally, but runs
+    Newton-Schulz only for its share of the matrices (greedy assignment balanced by
+    Newton-Schulz cost, the same on every rank); the orthogonalised updates are then
+    all-gathered (one ``all_gather`` of padded flat buffers per group and dtype, as the
+    reference's distributed ``Muon``) and every rank applies all of them. Parameters, momentum
+    and state dicts are bit-identical to single-process Muon on every rank
+    (tests/distributed/test_distributed_muon.py), so a state dict saved on any rank loads into either form.
+    With no initialised process group, or a group of one rank, the step is plain Muon. Every
+    rank must step with the same parameters having gradients (collectives); eager steps only
+    (``torch.compile`` of a distributed step is not supported). Work per rank:
+    ``basin.optim._distributed``; ``ns_owner`` maps each matrix to its rank after a step.
 
     References:
         Keller Jordan, Yuchen Jin, Vlado Boza, Jiacheng You, Franz Cesista, Laker Newhouse,
@@ -137,8 +157,28 @@ class Muon(MatrixOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         nonfinite: str = "raise",
+        distributed: bool = False,
+        process_group: Any = None,
     ) -> None:
         check_bool("adamw_fallback", adamw_fallback)
+        check_bool("distributed", distributed)
+        if process_group is not None:
+            if not distributed:
+                raise ValueError(
+                    "process_group is used only with distributed=True (the group to share "
+                    f"Newton-Schulz over), got process_group={process_group!r} with "
+                    "distributed=False"
+                )
+            import torch.distributed as dist
+
+            if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+                raise ValueError(
+                    f"process_group must be a torch.distributed ProcessGroup or None (the world), "
+                    f"got {process_group!r}"
+                )
+        self.distributed = distributed
+        self.process_group = process_group
+        self.ns_owner: dict[Tensor, int] = {}
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -154,6 +194,14 @@ class Muon(MatrixOptimizer):
             lr=adamw_lr, betas=adamw_betas, eps=adamw_eps, weight_decay=adamw_weight_decay
         )
         super().__init__(params, defaults, None if adamw_fallback else True, fallback, "adamw_")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's state plus ``distributed`` (a copy keeps sharing over the world; a process
+        group cannot be copied, so a copy of an optimizer given one takes the plain path)."""
+        state = super().__getstate__()
+        if getattr(self, "distributed", False) and self.process_group is None:
+            state["distributed"] = True
+        return state
 
     def _check_hparams(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
@@ -173,6 +221,27 @@ class Muon(MatrixOptimizer):
             grads.append(p.grad)
             bufs.append(state["momentum_buffer"])
         if not params:
+            return
+        # getattr: attributes, not hyperparameters (see __getstate__)
+        distributed = getattr(self, "distributed", False)
+        comm = data_parallel_group(self.process_group) if distributed else None
+        if comm is not None:
+            owners = distributed_muon(
+                params,
+                grads,
+                bufs,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                weight_decay=group["weight_decay"],
+                nesterov=group["nesterov"],
+                ns_steps=group["ns_steps"],
+                ns_dtype=group["ns_dtype"],
+                maximize=group["maximize"],
+                foreach=group["foreach"],
+                transposed=group["transposed"],
+                comm=comm,
+            )
+            self.__dict__.setdefault("ns_owner", {}).update(zip(params, owners))
             return
         muon(
             params,
@@ -257,6 +326,94 @@ def _multi_tensor_muon(
         _foreach_decay_and_add(ps, updates, lr, weight_decay)
 
 
+@functools.lru_cache(maxsize=1024)
+def _update_layout(
+    shape: torch.Size,
+    stride: tuple[int, ...],
+    dtype: torch.dtype,
+    p_dtype: torch.dtype,
+    ns_steps: int,
+    ns_dtype: torch.dtype | None,
+    transposed: bool,
+) -> tuple[torch.Size, tuple[int, ...]]:
+    """``(shape, stride)`` of ``_orthogonalized(u, ...).to(p.dtype)`` for a ``u`` of this
+    shape, stride and dtype: the same computation on the ``meta`` device (no arithmetic)."""
+    u = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+    out = _orthogonalized(u, ns_steps, ns_dtype, transposed).to(p_dtype)
+    return out.shape, out.stride()
+
+
+def _ns_cost(p: Tensor, transposed: bool) -> float:
+    """Newton-Schulz flops of ``p``'s matrix, up to a constant: with ``m <= n`` its sides,
+    ``X X^T`` and ``poly X`` cost ``m^2 n`` each, ``gram @ gram`` ``m^3``."""
+    m, n = sorted(matrix_shape(p, transposed))
+    return float(m * m * (2 * n + m))
+
+
+def distributed_muon(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+    ns_steps: int,
+    ns_dtype: torch.dtype | None,
+    maximize: bool,
+    foreach: bool | None = None,
+    transposed: bool = False,
+    comm: tuple[Any, int, int],
+) -> list[int]:
+    """:func:`muon` with Newton-Schulz shared across the ranks of ``comm = (group, rank,
+    world_size)`` (:func:`basin.optim._distributed.data_parallel_group`): every rank updates
+    every momentum buffer and parameter, each runs Newton-Schulz for its share only, and the
+    updates are all-gathered. The same arithmetic, on the same memory layouts, as :func:`muon`
+    with the same ``foreach``: bit-identical. Returns the rank that orthogonalised each
+    parameter. Collective: every rank calls it with the same parameters in the same order."""
+    lr = scalar_lr(lr)
+    multi = use_foreach(foreach, params)
+    ps: list[Tensor] = []
+    us: list[Tensor] = []
+    buckets: list[tuple[list[Tensor], int, int]] = []  # (params, start, end) for the foreach add
+    if multi:
+        for bps, gs, bufs in group_by_device_and_dtype([params, grads, momentum_buffers]).values():
+            gs = torch._foreach_neg(gs) if maximize else gs
+            torch._foreach_lerp_(bufs, gs, 1 - momentum)
+            bus = torch._foreach_lerp(gs, bufs, momentum) if nesterov else bufs
+            buckets.append((bps, len(ps), len(ps) + len(bps)))
+            ps.extend(bps)
+            us.extend(bus)
+    else:
+        for p, g, buf in zip(params, grads, momentum_buffers):
+            g = -g if maximize else g
+            buf.lerp_(g, 1 - momentum)
+            ps.append(p)
+            us.append(g.lerp(buf, momentum) if nesterov else buf)
+
+    def compute(i: int) -> Tensor:
+        return _orthogonalized(us[i], ns_steps, ns_dtype, transposed).to(ps[i].dtype)
+
+    def layout(i: int) -> tuple[torch.Size, tuple[int, ...]]:
+        u = us[i]
+        return _update_layout(
+            u.shape, u.stride(), u.dtype, ps[i].dtype, ns_steps, ns_dtype, transposed
+        )
+
+    group, rank, world = comm
+    costs = [_ns_cost(p, transposed) for p in ps]
+    updates, owners = shared_updates(ps, compute, layout, costs, group, rank, world)
+    if multi:
+        for bps, start, end in buckets:
+            _foreach_decay_and_add(bps, updates[start:end], lr, weight_decay)
+    else:
+        for p, update in zip(ps, updates):
+            _decay_and_add(p, update, lr, weight_decay)
+    by_param = dict(zip(ps, owners))
+    return [by_param[p] for p in params]
+
+
 register(
     OptimInfo(
         name="muon",
@@ -268,7 +425,7 @@ register(
             2025,
         ),
         state_memory=1.0,
-        capabilities=ELEMENTWISE_CAPS | {"matrix", "fallback", "nesterov"},
+        capabilities=ELEMENTWISE_CAPS | {"matrix", "fallback", "nesterov", "distributed"},
         state_note="matrices: momentum (1.0); AdamW fallback params (embeddings, head, ndim<2): 2.0",
         family="matrix",
         lr_from={"adamw_lr": ("adaptive",)},  # the matrix lr (0.02) is scale-free: its own
