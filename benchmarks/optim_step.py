@@ -287,10 +287,38 @@ ENTRIES: list[Entry] = [
         matrix=True,
         peer_only=("adamw_lr",),
     ),
+    Entry(
+        "schedulefree_adamw",
+        dict(lr=2.5e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=0),
+        [
+            Peer(
+                "schedulefree",
+                lambda m, hp: _training(
+                    _import("schedulefree").AdamWScheduleFree(m.parameters(), **hp)
+                ),
+            ),
+            Peer(
+                "pytorch_optimizer",
+                lambda m, hp: _training(po_class("schedulefreeadamw")(m.parameters(), **hp)),
+            ),
+        ],
+    ),
+    Entry(
+        "soap",
+        dict(lr=3e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay=1e-2, precondition_frequency=10),
+        [Peer("pytorch_optimizer", lambda m, hp: po_class("soap")(m.parameters(), **hp))],
+        models=("transformer", "mlp"),
+    ),
     Entry("swan", dict(lr=1e-3), [], models=("transformer", "mlp"), matrix=True),
     Entry("cosmos", dict(lr=1e-3), [], models=("transformer", "mlp"), matrix=True),
     Entry("frugal", dict(lr=1e-3), [], models=("transformer", "mlp"), matrix=True),
 ]
+
+
+def _training(opt: Any) -> Any:
+    """Schedule-free optimizers step only in train mode (the parameters at y)."""
+    opt.train()
+    return opt
 
 
 def _po_adabelief(hp: dict[str, Any]) -> dict[str, Any]:
