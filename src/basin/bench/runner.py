@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from basin.optim._base import check_int as _check_int
+
 from . import workloads as _wl
 from .evalpoint import at_eval_point, to_eval_point, to_train_point
 from .schedules import lr_multiplier, validate_schedule
@@ -110,12 +112,6 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
     return x
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
 
 
 def make_config(

@@ -18,6 +18,7 @@ __all__ = [
     "BasinOptimizer",
     "NonFiniteGradientError",
     "check_betas",
+    "check_int",
     "check_lr",
     "check_nonnegative",
     "check_positive",
@@ -86,6 +87,13 @@ def check_betas(betas: Any, name: str = "betas") -> None:
         raise ValueError(f"{name} must be a pair (beta1, beta2) with each in [0, 1), got {betas!r}")
     for i, b in enumerate(betas):
         check_range(f"{name}[{i}]", b, 0.0, 1.0, high_inclusive=False)
+
+
+def check_int(name: str, value: Any, low: int) -> int:
+    """An integer (not a bool) >= ``low``, else ``ValueError`` naming ``name``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
 
 
 def check_bool(name: str, value: Any) -> None:

@@ -287,11 +287,6 @@ def check_fallback(group: dict[str, Any], prefix: str = "") -> None:
     check_nonnegative(f"{prefix}weight_decay", group["weight_decay"])
 
 
-def check_int(name: str, value: Any, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for bfloat16/float16 parameters (torch.linalg needs it), else ``dtype``."""
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype

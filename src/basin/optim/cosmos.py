@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ._base import (
     check_bool,
+    check_int,
     check_nonnegative,
     get_value,
     scalar_lr,
@@ -20,7 +21,6 @@ from ._matrix import (
     MatrixOptimizer,
     as_matrix,
     check_fallback,
-    check_int,
     compute_dtype,
     from_matrix,
     matrix_shape,

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ._base import (
     BasinOptimizer,
+    check_int,
     check_lr,
     check_nonnegative,
     check_range,
@@ -19,7 +20,6 @@ from ._base import (
     scalar_lr,
     use_foreach,
 )
-from ._matrix import check_int
 from .param_groups import decay_groups
 from .registry import BETA1, BETA2, LR_ADAPTIVE, WEIGHT_DECAY, OptimInfo, Paper, register
 

@@ -14,13 +14,13 @@ from ._base import (
     check_betas,
     check_bool,
     check_grad,
+    check_int,
     check_lr,
     check_nonnegative,
     check_range,
     get_value,
     scalar_lr,
 )
-from ._matrix import check_int
 from .param_groups import decay_groups
 from .registry import ADAM_SPACE, OptimInfo, Paper, register
 

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ._base import (
     check_bool,
+    check_int,
     check_lr,
     check_nonnegative,
     check_range,
@@ -23,7 +24,6 @@ from ._matrix import (
     _decay_and_add,
     _foreach_decay_and_add,
     as_matrix,
-    check_int,
     from_matrix,
 )
 from .param_groups import matrix_groups

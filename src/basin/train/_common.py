@@ -3,12 +3,13 @@ checks, and what the benchmark harness needs from a method (:class:`HarnessMetho
 
 from __future__ import annotations
 
-import math
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from basin.optim._base import check_int
 
 
 def softened_kl(logits: Tensor, target_logits: Tensor, tau: float) -> Tensor:
@@ -20,28 +21,6 @@ def softened_kl(logits: Tensor, target_logits: Tensor, tau: float) -> Tensor:
     log_p = F.log_softmax(logits / tau, dim=-1)
     kl = F.kl_div(log_p, target, reduction="none").sum(-1)
     return kl.mean() * tau**2
-
-
-def check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
-                 high_open: bool = False) -> float:  # fmt: skip
-    """``value`` as a float in the range ``[low, high]`` (ends open as told), else ``ValueError``
-    naming ``name`` and the range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (
-            value < high if high_open else value <= high
-        )
-    if not ok:
-        lo = f"({low}" if low_open else f"[{low}"
-        hi = f"{high})" if high_open else f"{high}]"
-        raise ValueError(f"{name} must be a finite number in {lo}, {hi}, got {value!r}")
-    return float(value)
-
-
-def check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
 
 
 def check_window(start_epoch: Any, end_epoch: Any) -> tuple[int, int | None]:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from basin.optim._base import check_int, check_range
+
 from ._common import (
     active,
-    check_int,
-    check_number,
     check_window,
     register_loss_method,
     require_class_logits,
@@ -68,9 +69,9 @@ class MESA:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"MESA needs the nn.Module being trained, got {type(model).__name__}")
-        self.lam = check_number("lam", lam, 0.0, float("inf"), high_open=True)
-        self.tau = check_number("tau", tau, 0.0, float("inf"), low_open=True, high_open=True)
-        self.decay = check_number("decay", decay, 0.0, 1.0, high_open=True)
+        self.lam = check_range("lam", lam, 0.0, math.inf, high_inclusive=False)
+        self.tau = check_range("tau", tau, 0.0, math.inf, low_inclusive=False, high_inclusive=False)
+        self.decay = check_range("decay", decay, 0.0, 1.0, high_inclusive=False)
         self.start_epoch, self.end_epoch = check_window(start_epoch, end_epoch)
         self.ema = copy.deepcopy(model)
         self.ema.eval()

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from basin.optim._base import check_int, check_range
+
 from ._common import (
     active,
-    check_int,
-    check_number,
     check_window,
     register_loss_method,
     require_class_logits,
@@ -67,8 +68,8 @@ class SAF:
     ) -> None:
         self.n_samples = check_int("n_samples", n_samples, 1)
         self.n_classes = check_int("n_classes", n_classes, 2)
-        self.lam = check_number("lam", lam, 0.0, float("inf"), high_open=True)
-        self.tau = check_number("tau", tau, 0.0, float("inf"), low_open=True, high_open=True)
+        self.lam = check_range("lam", lam, 0.0, math.inf, high_inclusive=False)
+        self.tau = check_range("tau", tau, 0.0, math.inf, low_inclusive=False, high_inclusive=False)
         self.memory = check_int("memory", memory, 1)
         self.start_epoch, self.end_epoch = check_window(start_epoch, end_epoch)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

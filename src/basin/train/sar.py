@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from basin.optim import SAM
+from basin.optim._base import check_range
 
 __all__ = ["SAR", "authors_skip", "configure_norms", "norm_parameters", "softmax_entropy"]
 
@@ -66,13 +67,8 @@ def configure_norms(model: nn.Module) -> nn.Module:
 
 
 def _check(name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and not math.isnan(value) and (value > low if low_open else value >= low)
-    ok = ok and value < high
-    if not ok:
-        lo = "(" if low_open else "["
-        hi = "inf" if math.isinf(high) else f"{high:g}"
-        raise ValueError(f"{name} must be a number in {lo}{low:g}, {hi}), got {value!r}")
+    """``value`` in ``[low, high)`` (``(low, high)`` with ``low_open``): basin's range check."""
+    check_range(name, value, low, high, low_inclusive=not low_open, high_inclusive=False)
 
 
 class SAR(nn.Module):

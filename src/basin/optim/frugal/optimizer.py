@@ -8,8 +8,8 @@ from typing import Any
 
 from torch import Tensor
 
-from .._base import check_bool, check_nonnegative, check_range
-from .._matrix import MatrixOptimizer, check_fallback, check_int
+from .._base import check_bool, check_int, check_nonnegative, check_range
+from .._matrix import MatrixOptimizer, check_fallback
 from ..param_groups import matrix_groups
 from ..registry import ADAM_SPACE, OptimInfo, Paper, register
 from .block_step import block_step
