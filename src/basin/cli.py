@@ -6,6 +6,7 @@ exit with status 2; no traceback."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -47,9 +48,9 @@ def optimizers(
         table.add_row(
             info.name,
             info.cls.__name__ + (f" + {info.method}" if info.method else ""),
-            info.paper.title,
-            info.paper.arxiv,
-            str(info.paper.year),
+            info.paper.title if info.paper else "-",
+            info.paper.arxiv if info.paper else "-",
+            str(info.paper.year) if info.paper else "-",
             f"{info.family} / {info.lr_scaling}",
             mem,
             ", ".join(info.search_space),
@@ -72,8 +73,8 @@ def _resolve_workload(name: str, seed: int):
     if name == "demo-mlp":
         from basin.landscape.report import demo_workload
 
-        w = demo_workload(name, seed=seed)
-        return w.model, w.loss_fn, w.data
+        demo = demo_workload(name, seed=seed)
+        return demo.model, demo.loss_fn, demo.data
     from basin.bench import workloads
 
     try:
@@ -433,11 +434,10 @@ def _overrides(hp: list[str], typed: str, resolved: list[str]) -> dict[str, dict
     return parse_hparams(items, resolved)
 
 
-def _report_dir(storage: str, report: str | None) -> object:
+def _report_dir(storage: str, report: str | None) -> Path:
     """Where the report goes (``<db stem>-report/`` next to the database by default, so two
     databases in one folder keep their own reports), checked writable before any training."""
     import os
-    from pathlib import Path
 
     from basin.bench.store import sqlite_path
 

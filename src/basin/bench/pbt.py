@@ -351,7 +351,7 @@ def pbt(
         if started:
             ray.shutdown()
     trials = []
-    for r in grid:
+    for r in grid:  # type: ignore[attr-defined]  # a ResultGrid iterates its results
         m = r.metrics or {}
         df = _history(r)
         first = json.loads(df["hparams"].iloc[0]) if len(df) else {}

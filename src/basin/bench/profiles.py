@@ -27,17 +27,17 @@ def taus(tau_max: float = 4.0, n: int = 301) -> np.ndarray:
 
 
 def performance_profiles(
-    times: Mapping[str, Mapping[str, float]], grid: Sequence[float] | None = None
+    times: Mapping[str, Mapping[str, float]], grid: Sequence[float] | np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
     """``times[workload][optimizer]`` (inf or nan = target not reached) -> ``rho`` per
     optimizer on ``grid`` (default :func:`taus`). Every optimizer must appear on every
     workload it is compared on; a missing entry counts as not reached."""
-    grid = taus() if grid is None else np.asarray(grid, dtype=float)
+    tau = taus() if grid is None else np.asarray(grid, dtype=float)
     opts = sorted({o for per in times.values() for o in per})
     n_w = len(times)
     if n_w == 0:
-        return {o: np.zeros_like(grid) for o in opts}
-    ratios = {o: [] for o in opts}
+        return {o: np.zeros_like(tau) for o in opts}
+    ratios: dict[str, list[float]] = {o: [] for o in opts}
     for per in times.values():
         finite = [t for t in per.values() if t is not None and math.isfinite(t)]
         best = min(finite) if finite else math.inf
@@ -49,18 +49,18 @@ def performance_profiles(
                 ratios[o].append(1.0 if t <= 0 else math.inf)
             else:
                 ratios[o].append(t / best)
-    return {o: (np.asarray(r)[None, :] <= grid[:, None]).sum(1) / n_w for o, r in ratios.items()}
+    return {o: (np.asarray(r)[None, :] <= tau[:, None]).sum(1) / n_w for o, r in ratios.items()}
 
 
 def profile_scores(
-    profiles: Mapping[str, np.ndarray], grid: Sequence[float] | None = None
+    profiles: Mapping[str, np.ndarray], grid: Sequence[float] | np.ndarray | None = None
 ) -> dict[str, float]:
     """Normalised area under each profile (trapezoid rule on ``grid``)."""
-    grid = taus() if grid is None else np.asarray(grid, dtype=float)
-    width = grid[-1] - grid[0]
+    tau = taus() if grid is None else np.asarray(grid, dtype=float)
+    width = tau[-1] - tau[0]
     out = {}
     for o, rho in profiles.items():
         rho = np.asarray(rho, dtype=float)
-        area = float(np.sum((rho[1:] + rho[:-1]) * np.diff(grid)) / 2)
+        area = float(np.sum((rho[1:] + rho[:-1]) * np.diff(tau)) / 2)
         out[o] = area / width
     return out

@@ -680,12 +680,13 @@ def _html(
     parts.append("<h2>Tuning</h2>")
     if not tuning:
         parts.append("<p>No tuning studies in this storage.</p>")
-    for s in tuning:
+    for study in tuning:
+        best_params = e(json.dumps(study.get("best_params", {}), sort_keys=True))
         parts.append(
-            f"<h3>{e(str(s['name']))}</h3><p>{s['n_trials']} trials, best "
-            f"{_fmt(s.get('best_value'))} with {e(json.dumps(s.get('best_params', {}), sort_keys=True))}</p>"
+            f"<h3>{e(str(study['name']))}</h3><p>{study['n_trials']} trials, best "
+            f"{_fmt(study.get('best_value'))} with {best_params}</p>"
         )
-        parts.append(f"<img alt='tuning {e(str(s['name']))}' src='{_tuning_plot(s)}'>")
+        parts.append(f"<img alt='tuning {e(str(study['name']))}' src='{_tuning_plot(study)}'>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

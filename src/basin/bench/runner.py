@@ -433,7 +433,11 @@ def run(
             pending.clear()
             if progress is not None:
                 progress(step, cfg.steps)
-        if cfg.sharpness_every and (step % cfg.sharpness_every == 0 or last):
+        if (
+            sharp_fn is not None
+            and cfg.sharpness_every
+            and (step % cfg.sharpness_every == 0 or last)
+        ):
             with math_attention(), at_eval_point(opt, cfg.optimizer):
                 val = sharp_fn(model, loss_fn, task.probe_batch, k=1).eigenvalues[0]
             sh["step"].append(step)
@@ -538,7 +542,7 @@ def train_step(
             out.backward()
             return out
 
-        opt.step(fn)
+        opt.step(fn)  # type: ignore[arg-type]  # closures may return the loss tensor
     else:
         total = objective()
         opt.zero_grad(set_to_none=True)
@@ -692,7 +696,7 @@ def _failed(cfg: RunConfig, exc: BaseException) -> RunResult:
 
 
 def configs_for(
-    workloads: Iterable[str],
+    workloads: Iterable[str | _wl.Workload],
     optimizers: Iterable[str],
     seeds: Iterable[int],
     hparams: dict[str, dict[str, Any]] | None = None,

@@ -354,6 +354,7 @@ def _retry_init(fn: Callable[[], Any]) -> Any:
 def _open_storage(spec: TuneSpec, heartbeat: int, grace: int) -> Any:
     optuna = _optuna()
     url = spec.storage
+    assert url is not None  # prepare(storage=None) validates only and never opens one
     from sqlalchemy.engine import make_url
 
     u = make_url(url)
@@ -772,7 +773,7 @@ def _work(
     best = study.best_trial if complete else None
     return TuneResult(
         study_name=spec.study_name,
-        storage=spec.storage,
+        storage=str(spec.storage),
         direction=spec.direction,
         n_complete=len(complete),
         n_pruned=sum(t.state == TrialState.PRUNED for t in trials),

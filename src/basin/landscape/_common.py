@@ -59,10 +59,8 @@ def evaluate_all(
             loss_sum += float(loss) * nb / total
             for j, metric in enumerate(metrics):
                 v = metric(out, y)
-                if v is None or sums[j] is None:
-                    sums[j] = None
-                else:
-                    sums[j] += float(v) * nb / total
+                before = sums[j]
+                sums[j] = None if v is None or before is None else before + float(v) * nb / total
     return loss_sum, sums
 
 

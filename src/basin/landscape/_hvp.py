@@ -118,10 +118,10 @@ def full_precision(fn: Callable) -> Callable:
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
     return torch.device("cpu")
 
 
@@ -214,7 +214,9 @@ def select_parameters(
     """The named parameters to differentiate: all that require grad (``params=None``), or those
     whose name equals, or starts with ``<entry>.``, one of the given names (e.g. ``"fc1"`` or
     ``"layers.0.weight"``). Raises ``ValueError`` if the selection is empty."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named: list[tuple[str, Tensor]] = [
+        (n, p) for n, p in model.named_parameters() if p.requires_grad
+    ]
     if params is None:
         chosen = named
     else:

@@ -196,7 +196,7 @@ def lightning_callback(tracker: SharpnessTracker) -> Any:
     try:
         from lightning.pytorch import Callback
     except ImportError:
-        from pytorch_lightning import Callback
+        from pytorch_lightning import Callback  # type: ignore[assignment]
 
     class SharpnessCallback(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -81,18 +81,18 @@ def _recompute_bn(model: nn.Module, data: Any) -> None:
     momenta = [m.momentum for m in bns]
     # every submodule's own mode, not just the root's: model.train(was) would reset them all
     modes = [(m, m.training) for m in model.modules()]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
     model.train()
     device = next((t.device for t in model.parameters()), torch.device("cpu"))
     with torch.no_grad(), seeded_rng(0, device):  # a random forward leaves the caller's RNG
         for x, _, _ in normalize_batches(data):
             model(x)
-    for m, tr in modes:
-        m.training = tr
-    for m, mom in zip(bns, momenta):
-        m.momentum = mom
+    for module, tr in modes:
+        module.training = tr
+    for bn, mom in zip(bns, momenta):
+        bn.momentum = mom
 
 
 def lmc_barrier(

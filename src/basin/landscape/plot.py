@@ -81,7 +81,7 @@ def plot_sharpness(
     ax = fig.add_subplot()
     ax.plot(steps, [r.sharpness for r in recs], marker=".", label="top eigenvalue")
     if lr is not None:
-        for v in [lr] if np.isscalar(lr) else lr:
+        for v in np.atleast_1d(np.asarray(lr, dtype=float)).tolist():
             ax.axhline(2.0 / v, color="k", ls="--", lw=0.8, label=f"2/lr (lr={v:g})")
     traces = [r.trace for r in recs]
     if any(np.isfinite(traces)):

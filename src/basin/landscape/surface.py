@@ -84,7 +84,7 @@ def loss_surface(
         return p
 
     for idx in np.ndindex(*shape):
-        coefs = [alphas[idx[0]]] + ([betas[idx[1]]] if dim == 2 else [])
+        coefs = [alphas[idx[0]]] + ([betas[idx[1]]] if betas is not None else [])
         loss, met = evaluate(model, loss_fn, data, at(coefs), metric)
         losses[idx] = loss
         if metrics is not None:

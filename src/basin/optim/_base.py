@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -158,12 +158,18 @@ def use_foreach(foreach: bool | None, params: Sequence[Tensor]) -> bool:
 
 
 def group_by_device_and_dtype(
-    tensorlists: list[list[Tensor | None]],
-) -> dict[tuple[torch.device, torch.dtype], list[list[Tensor | None]]]:
+    tensorlists: Sequence[Sequence[Tensor | None]],
+) -> dict[tuple[torch.device, torch.dtype], list[list[Tensor]]]:
     """Split parallel lists of tensors into groups sharing the first list's device and dtype
-    (``torch._foreach_*`` needs one device and dtype per call)."""
+    (``torch._foreach_*`` needs one device and dtype per call). A list of ``None`` (an unused
+    optional buffer) stays a list of ``None``."""
     grouped = Optimizer._group_tensors_by_device_and_dtype(tensorlists)  # type: ignore[arg-type]
-    return {key: lists for key, (lists, _) in grouped.items()}
+    return {key: lists for key, (lists, _) in grouped.items()}  # type: ignore[misc]
+
+
+def grad_of(p: Tensor) -> Tensor:
+    """``p.grad`` of a parameter already known to have one (typed as a tensor)."""
+    return cast(Tensor, p.grad)
 
 
 def check_grad(p: Tensor, optimizer: str) -> None:
@@ -358,7 +364,7 @@ class BasinOptimizer(Optimizer):
 
     def _gather(
         self, group: dict[str, Any], zeros: Sequence[str | None] = (), *, step: bool = True
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[list[Tensor | None]]]:
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[list[Tensor]]]:
         """The parameters of ``group`` that have a gradient, their gradients, their step
         counters (if ``step``) and, for each name in ``zeros``, that state buffer, created as
         zeros on first use (lazy state, as in torch.optim); a ``None`` name (an optional
@@ -366,7 +372,7 @@ class BasinOptimizer(Optimizer):
         params: list[Tensor] = []
         grads: list[Tensor] = []
         steps: list[Tensor] = []
-        buffers: list[list[Tensor | None]] = [[] for _ in zeros]
+        buffers: list[list[Tensor]] = [[] for _ in zeros]
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -375,14 +381,14 @@ class BasinOptimizer(Optimizer):
             if step and "step" not in state:
                 state["step"] = self._new_step()
             for key, found in zip(zeros, buffers):
-                if key is None:
-                    found.append(None)
+                if key is None:  # the kernel takes this optional buffer as a list of None
+                    found.append(None)  # type: ignore[arg-type]
                     continue
                 if key not in state:
                     state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 found.append(state[key])
             params.append(p)
-            grads.append(p.grad)
+            grads.append(p.grad)  # not None: checked above
             if step:
                 steps.append(state["step"])
         return params, grads, steps, buffers

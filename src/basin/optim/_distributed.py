@@ -23,6 +23,7 @@ results, as the reference's distributed ``Muon`` (KellerJordan/Muon, ``muon.py``
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,7 +34,7 @@ __all__ = ["assign", "data_parallel_group", "shared_updates"]
 _ALIGN = 16  # elements: each packed update starts at a multiple of this
 
 
-def data_parallel_group(process_group: object | None) -> tuple[object, int, int] | None:
+def data_parallel_group(process_group: Any | None) -> tuple[Any, int, int] | None:
     """``(group, rank, world_size)`` to share the work over, or None for the local path (no
     initialised process group, or a group of one rank)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -44,6 +44,7 @@ from ._base import (
     check_grad,
     check_nonnegative,
     get_value,
+    grad_of,
     group_by_device_and_dtype,
     scalar_lr,
     use_foreach,
@@ -98,7 +99,8 @@ class MatrixOptimizer(BasinOptimizer):
         """The group's parameters as (matrix rule, AdamW fallback)."""
         rule = group["matrix_rule"]
         if rule is None:
-            matrix, fallback = [], []
+            matrix: list[Tensor] = []
+            fallback: list[Tensor] = []
             for p in group["params"]:
                 (matrix if self._takes(p, group) else fallback).append(p)
             return matrix, fallback
@@ -120,7 +122,8 @@ class MatrixOptimizer(BasinOptimizer):
             )
         if rule is None and self._companion:
             merged = {**self.defaults, **group}
-            matrix, other = [], []
+            matrix: list[Any] = []
+            other: list[Any] = []
             for item in group["params"]:
                 p = item[1] if isinstance(item, tuple) else item
                 (matrix if self._takes(p, merged) else other).append(item)
@@ -225,7 +228,7 @@ class MatrixOptimizer(BasinOptimizer):
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             params.append(p)
-            grads.append(p.grad)
+            grads.append(grad_of(p))
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])

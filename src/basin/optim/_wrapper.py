@@ -22,6 +22,7 @@ class WrapperOptimizer(BasinOptimizer):
     registry names, refused as a base), call :meth:`_wrap` from ``__init__`` and may add to
     the state dict with :meth:`_extra_state` / :meth:`_load_extra_state`."""
 
+    _algo: str
     _registry_names: tuple[str, ...] = ()
 
     def _wrap(

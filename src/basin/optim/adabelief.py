@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -123,9 +123,14 @@ class AdaBelief(BasinOptimizer):
 
     def _step_group(self, group: dict[str, Any]) -> None:
         max_var = "max_exp_avg_var" if group["amsgrad"] else None
-        params, grads, steps, buffers = self._gather(group, ("exp_avg", "exp_avg_var", max_var))
+        params, grads, steps, (exp_avgs, exp_avg_vars, max_exp_avg_vars) = self._gather(
+            group, ("exp_avg", "exp_avg_var", max_var)
+        )
         if params:
-            adabelief(params, grads, *buffers, steps, **self._hyperparameters(group))
+            hyperparameters = self._hyperparameters(group)
+            adabelief(
+                params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, steps, **hyperparameters
+            )
 
 
 def _rectification(step: Any, beta1: float, beta2: float, degenerated_to_sgd: bool) -> tuple:
@@ -159,7 +164,7 @@ def adabelief(
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_vars: list[Tensor],
-    max_exp_avg_vars: list[Tensor | None],
+    max_exp_avg_vars: Sequence[Tensor | None],
     state_steps: list[Tensor],
     *,
     lr: float | Tensor,

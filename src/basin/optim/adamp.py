@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -337,7 +337,7 @@ class SGDP(BasinOptimizer):
 def sgdp(
     params: list[Tensor],
     grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
+    momentum_buffers: Sequence[Tensor | None],
     *,
     lr: float | Tensor,
     momentum: float,

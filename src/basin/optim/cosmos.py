@@ -14,6 +14,7 @@ from ._base import (
     check_int,
     check_nonnegative,
     get_value,
+    grad_of,
     scalar_lr,
 )
 from ._kernels import newton_schulz5
@@ -214,7 +215,7 @@ class COSMOS(MatrixOptimizer):
             if first:
                 m, n = matrix_shape(p, group["transposed"])
                 r = min(group["rank"], m, n)  # the rank a small matrix allows
-                kw = dict(dtype=p.dtype, device=p.device)
+                kw: dict[str, Any] = dict(dtype=p.dtype, device=p.device)
                 state["step"] = self._new_step()
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros(m, r, **kw)
@@ -222,7 +223,7 @@ class COSMOS(MatrixOptimizer):
                 state["subspace_cov"] = torch.zeros(r, r, **kw)
             cosmos(
                 p,
-                p.grad,
+                grad_of(p),
                 state,
                 first=first,
                 lr=group["lr"],

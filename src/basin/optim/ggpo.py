@@ -260,7 +260,9 @@ class GGPO(WrapperOptimizer):
             params[int(i)]: v.to(params[int(i)].device) for i, v in own.get("grad_sq", {}).items()
         }
         for key, st in own.get("generators", {}).items():
-            self._generator(torch.device(key)).set_state(st)
+            generator = self._generator(torch.device(key))
+            if generator is not None:
+                generator.set_state(st)
 
 
 def _check_adamw_keys(group: dict[str, Any]) -> None:

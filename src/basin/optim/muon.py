@@ -15,6 +15,7 @@ from ._base import (
     check_lr,
     check_nonnegative,
     check_range,
+    grad_of,
     group_by_device_and_dtype,
     scalar_lr,
     use_foreach,
@@ -218,7 +219,7 @@ class Muon(MatrixOptimizer):
             if len(state) == 0:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             params.append(p)
-            grads.append(p.grad)
+            grads.append(grad_of(p))
             bufs.append(state["momentum_buffer"])
         if not params:
             return
@@ -379,7 +380,7 @@ def distributed_muon(
     buckets: list[tuple[list[Tensor], int, int]] = []  # (params, start, end) for the foreach add
     if multi:
         for bps, gs, bufs in group_by_device_and_dtype([params, grads, momentum_buffers]).values():
-            gs = torch._foreach_neg(gs) if maximize else gs
+            gs = list(torch._foreach_neg(gs)) if maximize else gs
             torch._foreach_lerp_(bufs, gs, 1 - momentum)
             bus = torch._foreach_lerp(gs, bufs, momentum) if nesterov else bufs
             buckets.append((bps, len(ps), len(ps) + len(bps)))

@@ -364,7 +364,7 @@ def create(
 
 def _accepted_hyperparameters(cls: type) -> set[str] | None:
     try:
-        sig = inspect.signature(cls.__init__)
+        sig = inspect.signature(cls.__init__)  # type: ignore[misc]
     except (TypeError, ValueError):
         return None
     names = set()

@@ -192,7 +192,7 @@ def _multi_tensor_sgd_sai(
     # g-SNRs may be float32 beside low-precision params: keep them out of the grouping
     scales = [-lr * get_value(s) for s in gsnrs]
     lists = [params, grads, momentum_buffers]
-    grouped = Optimizer._group_tensors_by_device_and_dtype(lists, with_indices=True)  # type: ignore[arg-type]
+    grouped = Optimizer._group_tensors_by_device_and_dtype(lists, with_indices=True)
     for (ps, gs, bufs), indices in grouped.values():
         if momentum != 0:
             torch._foreach_mul_(bufs, momentum)

@@ -19,6 +19,7 @@ from ._base import (
     check_nonnegative,
     check_range,
     get_value,
+    grad_of,
     scalar_lr,
 )
 from .param_groups import decay_groups
@@ -142,7 +143,7 @@ class SOAP(BasinOptimizer):
                 continue
             check_grad(p, type(self).__name__)
             params.append(p)
-            grads.append(p.grad)
+            grads.append(grad_of(p))
             states.append(self.state[p])
         if params:
             soap(params, grads, states, **self._hyperparameters(group))
@@ -224,6 +225,7 @@ def _refresh(
         if f is None:
             out.append(None)
             continue
+        assert q is not None  # a factor always has its eigenbasis
         order = torch.argsort(torch.diag(q.T @ f @ q), descending=True)
         v = v.index_select(dim, order.to(v.device))
         new, _ = torch.linalg.qr(f @ q[:, order])

@@ -14,6 +14,7 @@ from ._base import (
     check_lr,
     check_nonnegative,
     check_range,
+    grad_of,
     group_by_device_and_dtype,
     scalar_lr,
     use_foreach,
@@ -186,7 +187,7 @@ class SWAN(MatrixOptimizer):
         params = self._with_grad(group_params)
         if not params:
             return
-        grads = [p.grad for p in params]
+        grads = [grad_of(p) for p in params]
         swan(
             params,
             grads,

@@ -188,7 +188,7 @@ class SAR(nn.Module):
             if reset:
                 self.reset()
                 self.resets += 1
-        return outputs
+        return outputs  # type: ignore[return-value]  # steps >= 1: set by the loop
 
     @torch.enable_grad()
     def _forward_and_adapt(self, x: Tensor) -> tuple[Tensor, bool]:

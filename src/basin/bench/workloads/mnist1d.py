@@ -43,7 +43,7 @@ def data() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     path = _cache_dir() / f"mnist1d-{hashlib.sha256(tag.encode()).hexdigest()[:16]}.pt"
     if path.is_file():
         try:
-            return tuple(torch.load(path, weights_only=True))  # type: ignore[return-value]
+            return tuple(torch.load(path, weights_only=True))
         except Exception:  # noqa: BLE001  -- a corrupt cache is regenerated
             pass
     with contextlib.redirect_stdout(io.StringIO()):

@@ -10,6 +10,8 @@ arXiv:1903.05499 (2019)."""
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -37,6 +39,7 @@ def hessian(dim: int = DIM, seed: int = PROBLEM_SEED) -> Tensor:
 class Quadratic(nn.Module):
     def __init__(self, q: Tensor) -> None:
         super().__init__()
+        self.q: Tensor
         self.register_buffer("q", q.float())
         self.w = nn.Parameter(torch.ones(q.shape[0]))
 
@@ -66,10 +69,11 @@ def _build(seed: int, batch_size: int) -> Task:
     probe = next(_Noise(batch_size, seed + 1_000_003))
 
     def evaluate(m: nn.Module) -> dict[str, float]:
+        w, q = cast(Tensor, m.w), cast(Tensor, m.q)
         with torch.no_grad():
-            excess = float(0.5 * (m.w @ m.q @ m.w))
+            excess = float(0.5 * (w @ q @ w))
         # expected loss = excess + 0.5 tr(Q) for x ~ N(0, I)
-        return {"eval_loss": excess + 0.5 * float(torch.trace(m.q)), "metric": excess}
+        return {"eval_loss": excess + 0.5 * float(torch.trace(q)), "metric": excess}
 
     return Task(model, _mean_loss, _Noise(batch_size, seed), evaluate, probe)
 

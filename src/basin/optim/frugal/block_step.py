@@ -74,7 +74,7 @@ def block_step(opt: Any, group: dict[str, Any], blocks: list[Tensor]) -> None:
     # eager: the active blocks' moments as views of the pools, the shared AdamW on them
     active = [p for p in stepped if int(state[p]["active"])]
     if active:
-        moments = {key: [] for key in _POOL_KEYS}
+        moments: dict[str, list[Tensor]] = {key: [] for key in _POOL_KEYS}
         for p in active:
             i = index[id(p)]
             owner = state[blocks[owners[pool_of[i]]]]

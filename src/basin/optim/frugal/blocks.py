@@ -42,7 +42,8 @@ def _block_pools(blocks: list[Tensor]) -> tuple[list[int], list[int]]:
     """The blocks' moment pools, one per (device, dtype) among them: (index of the block whose
     state holds each pool, the first block of that kind; pool index of every block)."""
     kinds: dict[tuple[torch.device, torch.dtype], int] = {}
-    owners, pool_of = [], []
+    owners: list[int] = []
+    pool_of: list[int] = []
     for i, p in enumerate(blocks):
         kind = (p.device, p.dtype)
         if kind not in kinds:

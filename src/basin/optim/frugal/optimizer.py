@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .._base import check_bool, check_int, check_nonnegative, check_range
+from .._base import check_bool, check_int, check_nonnegative, check_range, grad_of
 from .._matrix import MatrixOptimizer, check_fallback
 from ..param_groups import matrix_groups
 from ..registry import ADAM_SPACE, OptimInfo, Paper, register
@@ -293,7 +293,7 @@ class FRUGAL(MatrixOptimizer):
                 )  # fmt: skip
             frugal(
                 p,
-                p.grad,
+                grad_of(p),
                 state,
                 lr=group["lr"],
                 betas=group["betas"],

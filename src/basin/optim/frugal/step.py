@@ -104,7 +104,8 @@ def frugal(
     update = _up(direction, proj, side, shape) * scale
     rank, dim = (low.size(1), shape[1]) if side == "right" else (low.size(0), shape[0])
     full_rank = rank == dim
-    if inactive_update_rule != "no" and not full_rank:
+    if not full_rank:
         residual = _inactive_direction(G - _up(low, proj, side, shape), inactive_update_rule)
-        update = update + residual * (scale * inactive_lr_scale)
+        if residual is not None:
+            update = update + residual * (scale * inactive_lr_scale)
     p.sub_(from_matrix(update, p.shape, transposed).to(p.dtype))

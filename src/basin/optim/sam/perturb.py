@@ -13,10 +13,12 @@ computed in float64 and ``e`` is cast back to the parameter's dtype."""
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
+
+from .._base import grad_of
 
 __all__ = ["ascent_step"]
 
@@ -45,7 +47,7 @@ def _scale(group: dict[str, Any], inv: Tensor) -> Tensor:
 def _single_tensor(items: list[Item], eps: float) -> list[Tensor]:
     dirs, sq = [], []
     for group, p, name in items:
-        g = p.grad.double() if _low_precision(p) else p.grad
+        g = grad_of(p).double() if _low_precision(p) else grad_of(p)
         t = None
         if _scaled(group, name):
             t = p.to(g.dtype).abs().add_(group.get("eta", 0.01))
@@ -61,16 +63,16 @@ def _single_tensor(items: list[Item], eps: float) -> list[Tensor]:
 def _multi_tensor(items: list[Item], eps: float) -> list[Tensor]:
     buckets: dict[Any, list[int]] = defaultdict(list)
     for i, (group, p, name) in enumerate(items):
-        dtype = torch.float64 if _low_precision(p) else p.grad.dtype
+        dtype = torch.float64 if _low_precision(p) else grad_of(p).dtype
         buckets[(p.device, dtype, _scaled(group, name))].append(i)
     dirs: list[Tensor | None] = [None] * len(items)
     sq = []
     for (_, dtype, scaled), idx in buckets.items():
-        gs = [items[i][1].grad.to(dtype) for i in idx]
+        gs: list[Tensor] = [grad_of(items[i][1]).to(dtype) for i in idx]
         if scaled:
             ts = torch._foreach_abs([items[i][1].to(dtype) for i in idx])
             torch._foreach_add_(ts, [float(items[i][0].get("eta", 0.01)) for i in idx])
-            gs = torch._foreach_mul(gs, ts)
+            gs = list(torch._foreach_mul(gs, ts))
         sq.append(torch.stack(torch._foreach_norm(gs)).double().square())
         if scaled:
             torch._foreach_mul_(gs, ts)  # T^2 g
@@ -79,12 +81,13 @@ def _multi_tensor(items: list[Item], eps: float) -> list[Tensor]:
     inv = _inverse_norm(torch.cat(sq), eps)
     # one scale per (group, dtype): the same products as the loop
     by_scale: dict[Any, list[int]] = defaultdict(list)
+    done = cast(list[Tensor], dirs)  # every entry set above
     for i, (group, _p, _) in enumerate(items):
-        by_scale[(id(group), dirs[i].device, dirs[i].dtype)].append(i)
+        by_scale[(id(group), done[i].device, done[i].dtype)].append(i)
     out: list[Tensor | None] = [None] * len(items)
     for (_, _, dtype), idx in by_scale.items():
         scale = _scale(items[idx[0]][0], inv).to(dtype)
-        for i, e in zip(idx, torch._foreach_mul([dirs[i] for i in idx], scale)):
+        for i, e in zip(idx, torch._foreach_mul([done[i] for i in idx], scale)):
             out[i] = e.to(items[i][1].dtype)
     return out  # type: ignore[return-value]
 

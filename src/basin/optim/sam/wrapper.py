@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .._base import check_bool, check_nonnegative, check_positive, use_foreach
+from .._base import check_bool, check_nonnegative, check_positive, grad_of, use_foreach
 from .._wrapper import WrapperOptimizer
 from .passes import average_over_ranks, ddp_no_sync, finite, frozen_bn_stats
 from .perturb import ascent_step
@@ -162,7 +162,7 @@ class SAM(WrapperOptimizer):
         if not items:
             return
         if self.sync_perturbation:
-            average_over_ranks([p.grad for _, p, _ in items])
+            average_over_ranks([grad_of(p) for _, p, _ in items])
         adaptive = any(group.get("adaptive", False) for group, _, _ in items)
         eps = self.perturb_eps if self.perturb_eps is not None else (1e-16 if adaptive else 0.0)
         foreach = use_foreach(self.defaults.get("foreach"), [p for _, p, _ in items])
