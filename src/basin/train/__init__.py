@@ -9,5 +9,20 @@ from .lora import LoRALinear, add_lora, lora_parameters
 from .mesa import MESA
 from .saf import SAF
 from .sar import SAR
+from .tract import TrActConv1d, TrActConv2d, TrActLinear, first_layer, tract, tract_linear
 
-__all__ = ["MESA", "SAF", "SAR", "IndexedDataset", "LoRALinear", "add_lora", "lora_parameters"]
+__all__ = [
+    "MESA",
+    "SAF",
+    "SAR",
+    "IndexedDataset",
+    "LoRALinear",
+    "TrActConv1d",
+    "TrActConv2d",
+    "TrActLinear",
+    "add_lora",
+    "first_layer",
+    "lora_parameters",
+    "tract",
+    "tract_linear",
+]
