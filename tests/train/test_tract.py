@@ -271,3 +271,16 @@ def test_bench_runs_tract_and_refuses_what_it_cannot_take(name) -> None:
     for w in ("charlm", "rosenbrock"):
         with pytest.raises(ValueError, match=rf"^{name} needs the model's first layer"):
             make_config(w, name, steps=2)
+
+
+def test_converted_layer_owns_its_containers() -> None:
+    conv = nn.Conv2d(2, 3, 3)
+    conv.register_buffer("extra", torch.zeros(1), persistent=False)
+    new = bt.TrActConv2d.from_module(conv)
+    assert new.weight is conv.weight and new.extra is conv.extra
+    new.register_buffer("more", torch.zeros(1), persistent=False)
+    new.register_forward_hook(lambda *a: None)
+    assert "more" not in conv._buffers and "more" not in conv._non_persistent_buffers_set
+    assert not conv._forward_hooks and type(conv) is nn.Conv2d
+    with pytest.raises(ValueError, match="needs an nn.Conv2d"):
+        bt.TrActConv2d.from_module(nn.Linear(2, 2))

@@ -227,9 +227,9 @@ def _converted(cls: type, layer: nn.Module, lambda_: float, solver: str) -> Any:
         raise ValueError(f"{cls.__name__}.from_module needs an nn.{want}, got {type(layer)!r}")
     lam, solver = _check(lambda_, solver)
     new = copy.copy(layer)
-    for k, v in vars(layer).items():  # own containers, shared parameter objects
-        if isinstance(v, dict):
-            object.__setattr__(new, k, type(v)(v) if type(v) is not dict else dict(v))
+    for k, v in vars(layer).items():  # containers of its own, the same parameter objects
+        if isinstance(v, (dict, set)):
+            object.__setattr__(new, k, copy.copy(v))
     new.__class__ = cls
     new.lambda_, new.solver = lam, solver
     return new
@@ -247,10 +247,14 @@ def first_layer(model: nn.Module, example_input: Any = None) -> tuple[str, nn.Mo
     if example_input is None:
         return owners[0]
     order: list[tuple[str, nn.Module]] = []
-    handles = [
-        m.register_forward_pre_hook(lambda mod, args, n=n: order.append((n, mod)) and None)
-        for n, m in owners
-    ]
+
+    def seen(name: str) -> Any:
+        def hook(mod: nn.Module, args: Any) -> None:
+            order.append((name, mod))
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(seen(n)) for n, m in owners]
     was = model.training
     model.eval()
     try:
