@@ -900,6 +900,16 @@ METHOD_CASES: list[OptimCase] = [
         tested_in="tests/train/test_saf_mesa.py",
     )
     for name in ("saf", "mesa")
+] + [
+    # tract: TrAct's first-layer gradient (basin.train.tract) over torch SGD / AdamW
+    OptimCase(
+        name=name,
+        cls=cls,
+        variants=[{}],
+        method=True,
+        tested_in="tests/train/test_tract.py",
+    )
+    for name, cls in (("tract", torch.optim.SGD), ("tract_adamw", torch.optim.AdamW))
 ]
 
 CASES_BY_NAME = {c.name: c for c in CASES + METHOD_CASES}

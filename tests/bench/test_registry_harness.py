@@ -31,6 +31,9 @@ NAMES = [i.name for i in bo.infos()]
 METHOD_WORKLOADS = {
     "saf": {"digits_cnn", "mnist1d_cnn", "mnist1d_mlp"},
     "mesa": {"charlm", "digits_cnn", "mnist1d_cnn", "mnist1d_mlp"},
+    # tract: a first layer that is a Linear/Conv (not charlm's embedding, not a bare point)
+    "tract": {"digits_cnn", "mnist1d_cnn", "mnist1d_mlp"},
+    "tract_adamw": {"digits_cnn", "mnist1d_cnn", "mnist1d_mlp"},
 }
 
 

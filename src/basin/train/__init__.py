@@ -4,10 +4,38 @@ registry entry also run in ``basin bench`` / ``tune`` / ``pbt`` by name (``-o sa
 
 from __future__ import annotations
 
+from .biper import BiPerConv2d, BiPerLinear, biper_sign, biper_weight, set_biper_stage
 from .data import IndexedDataset
 from .lora import LoRALinear, add_lora, lora_parameters
 from .mesa import MESA
+from .reste import ReSTEConv2d, ReSTELinear, ReSTESchedule, reste_grad, reste_o, reste_sign
 from .saf import SAF
 from .sar import SAR
+from .tract import TrActConv1d, TrActConv2d, TrActLinear, first_layer, tract, tract_linear
 
-__all__ = ["MESA", "SAF", "SAR", "IndexedDataset", "LoRALinear", "add_lora", "lora_parameters"]
+__all__ = [
+    "BiPerConv2d",
+    "BiPerLinear",
+    "ReSTEConv2d",
+    "ReSTELinear",
+    "ReSTESchedule",
+    "biper_sign",
+    "biper_weight",
+    "reste_grad",
+    "reste_o",
+    "reste_sign",
+    "set_biper_stage",
+    "MESA",
+    "SAF",
+    "SAR",
+    "IndexedDataset",
+    "LoRALinear",
+    "TrActConv1d",
+    "TrActConv2d",
+    "TrActLinear",
+    "add_lora",
+    "first_layer",
+    "lora_parameters",
+    "tract",
+    "tract_linear",
+]
