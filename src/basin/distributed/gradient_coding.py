@@ -166,13 +166,14 @@ class SelectiveReattemptSGC:
             (also the decoding delay ``T``).
         window: ``W`` > ``B`` with ``B | (W - 1)``.
         lam: ``lambda``, distinct stragglers per window, ``1 <= lambda <= n - 1``.
-        scheme, seed: of the per-job :class:`GradientCode` (``s = ceil(B lambda / (W - 1 + B))``).
+        scheme: the per-job :class:`GradientCode`'s scheme (``s = ceil(B lambda / (W - 1 + B))``).
+        seed: the per-job code's seed.
 
-    Drive it round by round: ``tasks(r)`` (worker -> job it computes in round ``r``, or
-    ``None``), then ``deliver(r, responders)`` returns the job decodable at the end of round
-    ``r`` (``r - B``), if any, once its ``n - s`` tasks are in. If a pattern breaks the model and
-    job ``r - B`` cannot be decoded, the master waits for every worker of round ``r``
-    (``waits`` counts such rounds), as in the authors' simulator.
+    Drive it round by round, one instance per run of ``num_jobs`` jobs over ``num_jobs + B``
+    rounds: ``tasks(r, num_jobs)`` (worker -> job it computes in round ``r``, or ``None``), then
+    ``deliver(r, num_jobs, responders)`` records who delivered and names job ``r - B``, whose
+    ``n - s`` tasks are then in. If a pattern breaks the model and job ``r - B`` could not be
+    decoded, the master waits for every worker of round ``r`` (``waits`` counts such rounds).
     """
 
     def __init__(

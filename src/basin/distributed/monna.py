@@ -7,7 +7,8 @@ Gradient Overhead", ICML 2023 (arXiv:2209.10931)::
 
 ``x_idx`` is the vector of a participant trusted to be correct (in peer-to-peer learning, the
 node itself), which is always among its own neighbours. Tolerates ``f`` Byzantine vectors when
-``2 f < n``.
+``2 f < n``. This is the paper's nearest-neighbour averaging step (byzfl's ``MoNNA``); the
+paper's algorithm adds Polyak momentum on the local gradients.
 """
 
 from __future__ import annotations
