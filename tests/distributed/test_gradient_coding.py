@@ -76,7 +76,8 @@ def _patterns(n, rounds):
 
 
 @pytest.mark.parametrize(
-    "n, burst, window, lam, jobs", [(4, 1, 3, 2, 2), (4, 2, 5, 2, 2), (4, 1, 2, 2, 2)]
+    "n, burst, window, lam, jobs",
+    [(4, 1, 3, 2, 2), (4, 2, 5, 2, 2), pytest.param(4, 1, 2, 2, 2, marks=pytest.mark.slow)],
 )
 def test_sr_sgc_decodes_every_pattern_of_the_bursty_model(n, burst, window, lam, jobs):
     """Exhaustive over every straggler pattern on ``jobs + B`` rounds that fits the

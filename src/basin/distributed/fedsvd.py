@@ -111,17 +111,21 @@ def fedsvd_round(
             raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
         layers = _lora_layers(model)
         src = 0 if process_group is None else dist.get_global_rank(process_group, 0)
+        leader = dist.get_rank(process_group) == 0
         for m in layers:
             b = m.lora_B.detach().to(torch.float64)
             buf = torch.cat([(w * b).reshape(-1), b.new_tensor([w])])
             dist.all_reduce(buf, group=process_group)
             if buf[-1] <= 0:
                 raise ValueError("the client weights sum to 0")
-            b_bar = (buf[:-1] / buf[-1]).view_as(b)
-            a_new, b_new = _refactor(b_bar, m.lora_A.detach())
-            packed = torch.cat([a_new.to(torch.float64).reshape(-1), b_new.reshape(-1)])
+            na = m.lora_A.numel()
+            if leader:  # one SVD, broadcast: every rank gets the same signs
+                b_bar = (buf[:-1] / buf[-1]).view_as(b)
+                a_new, b_new = _refactor(b_bar, m.lora_A.detach().to(torch.float64))
+                packed = torch.cat([a_new.reshape(-1), b_new.reshape(-1)])
+            else:
+                packed = torch.empty(na + b.numel(), dtype=torch.float64, device=b.device)
             dist.broadcast(packed, src=src, group=process_group)
-            na = a_new.numel()
             m.lora_A.copy_(packed[:na].view_as(m.lora_A))
             m.lora_B.copy_(packed[na:].view_as(m.lora_B))
         return
