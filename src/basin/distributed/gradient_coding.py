@@ -291,16 +291,18 @@ def run_sequential_gradient_coding(
     src = master if process_group is None else dist.get_global_rank(process_group, master)
     store: dict[int, dict[int, Tensor]] = {}
     out: list[Tensor] = []
-    template = partial(0, 0)
+    template: Tensor | None = None  # round 0 gives every worker a task, so this is set there
     for r in range(num_jobs + scheme.burst):
         plan = scheme.tasks(r, num_jobs)
         late = set(stragglers[r]) if r < len(stragglers) else set()
         resp, job_ready = scheme.deliver(r, num_jobs, set(range(n)) - late)
         job = plan[rank]
         if job is None:
+            assert template is not None
             msg = torch.zeros_like(template)
         else:
             msg = scheme.code.encode(rank, lambda j, job=job: partial(job, j)).contiguous()
+            template = msg if template is None else template
         if rank not in resp:
             msg = torch.full_like(msg, float("nan"))
         gathered = [torch.empty_like(msg) for _ in range(n)] if rank == master else None
