@@ -7,8 +7,41 @@
 Distributed Muon (Newton-Schulz shared across data-parallel ranks, bit-identical to one process)
 is an option of the optimizer, ``basin.optim.Muon(model.module, distributed=True)``
 (docs/distributed.md).
+
+Decentralized and federated: ``Gossip`` (gossip SGD over a topology, ``merge()`` for the single
+global merge), ``fedsvd_round`` (FedAvg of LoRA with FedSVD's SVD re-orthogonalization),
+``monna`` (robust aggregation); straggler-tolerant gradient coding: ``GradientCode``,
+``SelectiveReattemptSGC`` and their ``torch.distributed`` runners.
 """
 
 from basin.distributed.ef21 import EF21State, ef21_hook
+from basin.distributed.fedsvd import fedsvd_aggregate, fedsvd_freeze_a, fedsvd_round
+from basin.distributed.gossip import TOPOLOGIES, Gossip, check_mixing_matrix, mixing_matrix
+from basin.distributed.gradient_coding import (
+    GradientCode,
+    SelectiveReattemptSGC,
+    coded_gradient,
+    follows_bursty_model,
+    run_sequential_gradient_coding,
+    simulate_sequential_gradient_coding,
+)
+from basin.distributed.monna import monna
 
-__all__ = ["EF21State", "ef21_hook"]
+__all__ = [
+    "TOPOLOGIES",
+    "EF21State",
+    "Gossip",
+    "GradientCode",
+    "SelectiveReattemptSGC",
+    "check_mixing_matrix",
+    "coded_gradient",
+    "ef21_hook",
+    "fedsvd_aggregate",
+    "fedsvd_freeze_a",
+    "fedsvd_round",
+    "follows_bursty_model",
+    "mixing_matrix",
+    "monna",
+    "run_sequential_gradient_coding",
+    "simulate_sequential_gradient_coding",
+]
