@@ -7,8 +7,11 @@
 Distributed Muon (Newton-Schulz shared across data-parallel ranks, bit-identical to one process)
 is an option of the optimizer, ``basin.optim.Muon(model.module, distributed=True)``
 (docs/distributed.md).
+
+``make_private``: DP-SGD through Opacus with any single-gradient optimizer (docs/privacy.md).
 """
 
+from basin.distributed.dp import PrivateTraining, make_private
 from basin.distributed.ef21 import EF21State, ef21_hook
 
-__all__ = ["EF21State", "ef21_hook"]
+__all__ = ["EF21State", "PrivateTraining", "ef21_hook", "make_private"]
