@@ -8,10 +8,12 @@ Distributed Muon (Newton-Schulz shared across data-parallel ranks, bit-identical
 is an option of the optimizer, ``basin.optim.Muon(model.module, distributed=True)``
 (docs/distributed.md).
 
-``make_private``: DP-SGD through Opacus with any single-gradient optimizer (docs/privacy.md).
+``make_private``: DP-SGD through Opacus with any single-gradient optimizer; ``DIFF2``: private
+optimization by gradient differences (docs/privacy.md).
 """
 
+from basin.distributed.diff2 import DIFF2
 from basin.distributed.dp import PrivateTraining, make_private
 from basin.distributed.ef21 import EF21State, ef21_hook
 
-__all__ = ["EF21State", "PrivateTraining", "ef21_hook", "make_private"]
+__all__ = ["DIFF2", "EF21State", "PrivateTraining", "ef21_hook", "make_private"]
