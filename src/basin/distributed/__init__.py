@@ -9,11 +9,22 @@ is an option of the optimizer, ``basin.optim.Muon(model.module, distributed=True
 (docs/distributed.md).
 
 ``make_private``: DP-SGD through Opacus with any single-gradient optimizer; ``DIFF2``: private
-optimization by gradient differences (docs/privacy.md).
+optimization by gradient differences; ``epsilon_posterior``: the Bayesian estimate of epsilon
+from a membership-inference attack's outcomes (docs/privacy.md).
 """
 
+from basin.distributed.bayes_epsilon import EpsilonPosterior, epsilon_from_rates, epsilon_posterior
 from basin.distributed.diff2 import DIFF2
 from basin.distributed.dp import PrivateTraining, make_private
 from basin.distributed.ef21 import EF21State, ef21_hook
 
-__all__ = ["DIFF2", "EF21State", "PrivateTraining", "ef21_hook", "make_private"]
+__all__ = [
+    "DIFF2",
+    "EF21State",
+    "EpsilonPosterior",
+    "PrivateTraining",
+    "ef21_hook",
+    "epsilon_from_rates",
+    "epsilon_posterior",
+    "make_private",
+]
