@@ -109,8 +109,8 @@ def test_target_epsilon_sets_the_noise() -> None:
     model = _model()
     loader = DataLoader(TensorDataset(x, y), batch_size=12)
     p = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
-                     target_epsilon=2.0, steps=20, delta=1e-4)  # fmt: skip
-    eps = _independent_epsilon(p.noise_multiplier, 0.2, 20, 1e-4)
+                     target_epsilon=2.0, steps=20, delta=1e-4, accountant="rdp")  # fmt: skip
+    eps = _independent_epsilon(p.noise_multiplier, 0.2, 20, 1e-4, "rdp")
     assert 2.0 - 0.05 < eps <= 2.0
 
 
@@ -165,6 +165,7 @@ def test_missing_opacus_names_the_extra(monkeypatch) -> None:
 N_DIGITS_TRAIN = 1437  # digits_cnn's fixed training split
 
 
+@pytest.mark.slow  # a whole `basin bench` process (imports, training, report): ~20-40 s
 def test_bench_dp_noise_records_the_accountants_epsilon(tmp_path) -> None:
     from basin.bench import Store
 
@@ -189,6 +190,7 @@ def test_bench_dp_noise_records_the_accountants_epsilon(tmp_path) -> None:
     assert "dp_epsilon" in (tmp_path / "dp-report" / "runs.csv").read_text().splitlines()[0]
 
 
+@pytest.mark.slow  # Opacus' noise search runs the PRV accountant some 20 times: ~10-20 s
 def test_bench_dp_epsilon_spends_at_most_the_target(tmp_path, capsys) -> None:
     from basin.bench import Store
     from basin.cli import main
