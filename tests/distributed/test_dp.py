@@ -272,3 +272,22 @@ def test_dp_options_need_noise_or_epsilon(tmp_path, capsys) -> None:
                  "--dp-delta", "1e-5", "--storage", str(tmp_path / "y.db"), "--quiet",
                  "--no-report"]) == 2  # fmt: skip
     assert "need --dp-noise or --dp-epsilon" in capsys.readouterr().err
+
+
+def test_empty_poisson_batches_still_step_and_do_not_end_the_run() -> None:
+    from basin.bench import Workload
+    from basin.bench.runner import make_config, run
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 4, generator=g), torch.randint(0, 2, (30,), generator=g)
+    w = Workload.from_tensors("dp_tiny", _model, train=(x, y), eval=(x, y), steps=12, batch_size=1)
+    # the run's sampler (seed 0, q = 1/30) draws these batch sizes: four are empty
+    s = torch.Generator().manual_seed(0)
+    sizes = [int((torch.rand(30, generator=s) < 1 / 30).sum()) for _ in range(12)]
+    assert sizes.count(0) == 4
+    cfg = make_config(w, "torch:sgd", steps=12, eval_every=12, log_every=3,
+                      dp={"noise_multiplier": 1.0})  # fmt: skip
+    res = run(cfg)
+    assert res.status == "ok" and res.privacy["steps"] == 12
+    assert res.series["train"]["step"] == [3, 6, 9, 12]
+    assert all(math.isfinite(v) for v in res.series["train"]["loss"])
