@@ -24,7 +24,9 @@ def _loss(out, y):
 
 
 def _reference(model, batches, *, lr, b, c1, c2, s1, s2, seed):
-    """Algorithm 1 of DIFF2 with the GD subroutine, on flat float64 vectors."""
+    """Algorithm 1 of DIFF2 with the GD subroutine, on flat float64 vectors. ``batches[t]``
+    is one batch, or a list of the workers' batches (worker p's noise seeded ``seed + p``);
+    the estimator moves by the mean of the workers' messages."""
     params = list(model.parameters())
     shapes = [p.shape for p in params]
     x = torch.cat([p.detach().reshape(-1) for p in params]).clone()
@@ -49,15 +51,22 @@ def _reference(model, batches, *, lr, b, c1, c2, s1, s2, seed):
         return torch.cat([torch.randn(s, generator=gen, dtype=torch.float64).reshape(-1)
                           for s in shapes])  # fmt: skip
 
-    gen = torch.Generator().manual_seed(seed)
+    if not isinstance(batches[0], list):
+        batches = [[bt] for bt in batches]
+    gens = [torch.Generator().manual_seed(seed + p) for p in range(len(batches[0]))]
     v, x_prev, xs = None, None, []
-    for t, (xb, yb) in enumerate(batches):
-        g = per_sample(x, xb, yb)
-        if t % b == 0:
-            v = (sum(clip(gi, c1) for gi in g) + s1 * c1 * noise(gen)) / len(xb)
-        else:
-            gp = per_sample(x_prev, xb, yb)
-            v = v + (sum(clip(a - c, c2) for a, c in zip(g, gp)) + s2 * c2 * noise(gen)) / len(xb)
+    for t, per_worker in enumerate(batches):
+        msgs = []
+        for (xb, yb), gen in zip(per_worker, gens):
+            g = per_sample(x, xb, yb)
+            if t % b == 0:
+                msgs.append((sum(clip(gi, c1) for gi in g) + s1 * c1 * noise(gen)) / len(xb))
+            else:
+                gp = per_sample(x_prev, xb, yb)
+                d = sum(clip(a - c, c2) for a, c in zip(g, gp))
+                msgs.append((d + s2 * c2 * noise(gen)) / len(xb))
+        m = sum(msgs) / len(msgs)
+        v = m if t % b == 0 else v + m
         x_prev, x = x, x - lr * v
         xs.append(x.clone())
     return xs
@@ -145,3 +154,56 @@ def test_invalid_hyperparameters_raise(kw, match) -> None:
     args = {"lr": 0.1, "restart_period": 2, **kw}
     with pytest.raises(ValueError, match=match):
         DIFF2(_mlp(), _loss, **args)
+
+
+# ------------------------------------------------------------------ distributed (gloo)
+
+HP = dict(lr=0.3, b=3, c1=0.8, c2=0.05, s1=0.9, s2=1.7, seed=11)
+WORLD, STEPS = 2, 7
+
+
+def _worker_batches(rank: int):
+    g = torch.Generator().manual_seed(50 + rank)
+    data = torch.randn(30, 3, generator=g, dtype=torch.float64) + 0.5 * rank
+    labels = torch.randint(0, 2, (30,), generator=g)
+    out = []
+    for _ in range(STEPS):
+        idx = torch.randperm(30, generator=g)[: 8 + 2 * rank]  # unequal batch sizes
+        out.append((data[idx], labels[idx]))
+    return out
+
+
+def _diff2_worker(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    model = _mlp()
+    opt = DIFF2(model, _loss, lr=HP["lr"], restart_period=HP["b"], max_grad_norm=HP["c1"],
+                diff_max_grad_norm=HP["c2"], noise_multiplier=HP["s1"],
+                diff_noise_multiplier=HP["s2"], distributed=True,
+                generator=torch.Generator().manual_seed(HP["seed"] + rank))  # fmt: skip
+    traj = []
+    for xb, yb in _worker_batches(rank):
+        opt.step(xb, yb)
+        traj.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.save(traj, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_distributed_diff2_matches_the_transcription_on_2_gloo_ranks(tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "traj")
+    mp.spawn(_diff2_worker, args=(str(tmp_path / "store"), out), nprocs=WORLD, join=True)
+    per_rank = [_worker_batches(r) for r in range(WORLD)]
+    ref = _reference(_mlp(), [[per_rank[r][t] for r in range(WORLD)] for t in range(STEPS)], **HP)
+    for r in range(WORLD):
+        got = torch.load(f"{out}.{r}", weights_only=True)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_distributed_needs_a_process_group() -> None:
+    with pytest.raises(ValueError, match="init_process_group"):
+        DIFF2(_mlp(), _loss, lr=0.1, restart_period=2, distributed=True)

@@ -59,6 +59,11 @@ class DIFF2:
         expected_batch_size: the divisor ``|B|`` (default: each batch's length; give the
             expected size when batches are Poisson-sampled, as DP-SGD does).
         generator: the noise's ``torch.Generator`` (default: the global one).
+        distributed: the paper's distributed setting over ``torch.distributed`` (initialised
+            first): each rank computes its message (the bracket above, on its own batch, with
+            its own noise: seed every rank's ``generator`` differently) and every rank adds the
+            mean of the messages (one ``all_reduce``); start all ranks from equal parameters.
+        process_group: the group of the workers (default: the world).
 
     :meth:`epsilon` accounts the run with Opacus' accountant (docs/privacy.md).
     """
@@ -76,6 +81,8 @@ class DIFF2:
         diff_noise_multiplier: float | None = None,
         expected_batch_size: int | None = None,
         generator: torch.Generator | None = None,
+        distributed: bool = False,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -97,6 +104,13 @@ class DIFF2:
             check_int("expected_batch_size", expected_batch_size, 1)
         self.expected_batch_size = expected_batch_size
         self.model, self.loss_fn, self.generator = model, loss_fn, generator
+        if not isinstance(distributed, bool):
+            raise ValueError(f"distributed must be True or False, got {distributed!r}")
+        if distributed and not (
+            torch.distributed.is_available() and torch.distributed.is_initialized()
+        ):
+            raise ValueError("distributed=True needs torch.distributed.init_process_group first")
+        self.distributed, self.process_group = distributed, process_group
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
@@ -132,6 +146,20 @@ class DIFF2:
         z = torch.randn(like.shape, generator=self.generator, dtype=like.dtype, device=like.device)
         return std * z
 
+    def _mean_over_workers(self, msg: list[Tensor]) -> list[Tensor]:
+        if not self.distributed:
+            return msg
+        import torch.distributed as dist
+
+        flat = torch.cat([m.reshape(-1) for m in msg])
+        dist.all_reduce(flat, group=self.process_group)
+        flat /= dist.get_world_size(self.process_group)
+        out, k = [], 0
+        for m in msg:
+            out.append(flat[k : k + m.numel()].view_as(m))
+            k += m.numel()
+        return out
+
     # ---------------------------------------------------------------- the step
 
     @torch.no_grad()
@@ -148,14 +176,15 @@ class DIFF2:
         denom = float(self.expected_batch_size or len(inputs))
         if self.t % self.restart_period == 0 or self.v is None:
             s = self._clipped_sum(g_now, self.c1)
-            self.v = [(si + self._noise(si, self.sigma1 * self.c1)) / denom for si in s]
+            msg = [(si + self._noise(si, self.sigma1 * self.c1)) / denom for si in s]
+            self.v = self._mean_over_workers(msg)
             self.n_full += 1
         else:
             with torch.enable_grad():
                 g_prev, _ = self._per_sample(self.prev, inputs, targets)
             s = self._clipped_sum([a - b for a, b in zip(g_now, g_prev)], self.c2)
-            self.v = [v + (si + self._noise(si, self.sigma2 * self.c2)) / denom
-                      for v, si in zip(self.v, s)]  # fmt: skip
+            msg = [(si + self._noise(si, self.sigma2 * self.c2)) / denom for si in s]
+            self.v = [v + m for v, m in zip(self.v, self._mean_over_workers(msg))]
             self.n_diff += 1
         for p, v in zip(self.params, self.v):
             p.sub_(self.lr * v)
