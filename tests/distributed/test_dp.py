@@ -291,3 +291,25 @@ def test_empty_poisson_batches_still_step_and_do_not_end_the_run() -> None:
     assert res.status == "ok" and res.privacy["steps"] == 12
     assert res.series["train"]["step"] == [3, 6, 9, 12]
     assert all(math.isfinite(v) for v in res.series["train"]["loss"])
+
+
+def test_report_labels_and_summary_tell_private_runs_apart() -> None:
+    from basin.bench.report import labels, summarize
+
+    base = {"workload": "w", "optimizer": "torch:sgd", "hparams": {"lr": 0.1}, "seed": 0,
+            "steps": 3, "batch_size": 8, "schedule": {"name": "constant"}, "eval_every": 3}  # fmt: skip
+    dp = {"noise_multiplier": 1.5, "target_epsilon": None, "delta": 1e-5, "max_grad_norm": 0.5,
+          "accountant": "prv"}  # fmt: skip
+
+    def rec(key, cfg, privacy):
+        return {"key": key, "config": cfg, "status": "ok", "final": {"metric": 0.5},
+                "series": {}, "time_to_target": None, "step_time": 0.01, "state_bytes": 0,
+                "workload_meta": {"metric": "accuracy", "metric_mode": "max", "target": None},
+                "privacy": privacy}  # fmt: skip
+
+    runs = [rec("a", base, None), rec("b", {**base, "dp": dp}, {"epsilon": 2.25, "delta": 1e-5})]
+    lab = labels(runs)
+    assert lab == {"a": "torch:sgd (non-private)", "b": "torch:sgd (DP noise=1.5 C=0.5)"}
+    rows = {r["optimizer"]: r for r in summarize(runs)}
+    assert rows["torch:sgd (DP noise=1.5 C=0.5)"]["dp_epsilon"] == 2.25
+    assert rows["torch:sgd (non-private)"]["dp_epsilon"] is None
