@@ -505,6 +505,17 @@ def bench(
     no_report: bool = typer.Option(False, "--no-report", help="Do not write a report."),
     list_workloads: bool = typer.Option(False, "--list", help="List workloads and exit."),
     quiet: bool = _o_quiet(),
+    # differential privacy (DP-SGD through Opacus, basin.bench.private)
+    dp_epsilon: float | None = typer.Option(
+        None, "--dp-epsilon", help="DP-SGD to this epsilon over --steps (Opacus sets the noise)."
+    ),
+    dp_noise: float | None = typer.Option(
+        None, "--dp-noise", help="DP-SGD with this noise multiplier (noise std / clipping norm)."
+    ),
+    dp_delta: float | None = typer.Option(None, "--dp-delta", help="DP delta (default 1e-5)."),
+    dp_max_grad_norm: float | None = typer.Option(
+        None, "--dp-max-grad-norm", help="DP per-sample clipping norm (default 1.0)."
+    ),
 ) -> None:
     """Run every optimizer x seed on the workload(s); skip runs already stored; write a report."""
     import torch
@@ -551,6 +562,9 @@ def bench(
         eval_every=eval_every,
     )
     extra = dict(sharpness_every=sharpness_every, landscape=landscape_final)
+    dp = _dp_settings(dp_epsilon, dp_noise, dp_delta, dp_max_grad_norm, tune_trials)
+    if dp is not None:
+        extra["dp"] = dp
     configs = []
     if not tune_trials:
         from basin.bench.schedules import scale_lr as _scale
@@ -611,6 +625,18 @@ def bench(
     if out is not None:
         msg += f"; report: {out}"
     print(msg, file=sys.stderr)
+
+
+def _dp_settings(epsilon, noise, delta, max_grad_norm, tune_trials):  # noqa: ANN001
+    """The runs' DP settings from the --dp-* options (None: not private)."""
+    if epsilon is None and noise is None:
+        if delta is not None or max_grad_norm is not None:
+            raise UserError("--dp-delta / --dp-max-grad-norm need --dp-noise or --dp-epsilon")
+        return None
+    if tune_trials:
+        raise UserError("--dp-* with --tune: tuning trials would spend unaccounted privacy")
+    return {"noise_multiplier": noise, "target_epsilon": epsilon, "delta": delta,
+            "max_grad_norm": max_grad_norm}  # fmt: skip
 
 
 def _tuned_configs(ws, opts, n, seeds, storage, overrides, budget, extra, quiet):  # noqa: ANN001
@@ -679,16 +705,14 @@ def _summary_table(console: Console, store, names: list[str], opts: list[str]) -
         and r["optimizer"].split(" (")[0] in opts
     ]
     table = Table(title="final metrics (mean ± std over seeds)")
-    for col in (
-        "workload",
-        "optimizer",
-        "ok/div/fail",
-        "metric",
-        "time-to-target (steps)",
-        "step ms",
-    ):
+    private = any(r.get("dp_epsilon") is not None for r in rows)
+    cols = ["workload", "optimizer", "ok/div/fail", "metric", "time-to-target (steps)", "step ms"]
+    for col in cols + (["DP epsilon (delta)"] if private else []):
         table.add_column(col)
     for r in rows:
+        eps = [] if not private else [
+            "-" if r.get("dp_epsilon") is None else f"{r['dp_epsilon']:.4g} ({r['dp_delta']:g})"
+        ]  # fmt: skip
         m = "-" if r["metric_mean"] is None else f"{r['metric_mean']:.4g} ± {r['metric_std']:.2g}"
         ttt = "not reached" if r["ttt_steps"] == float("inf") else f"{r['ttt_steps']:g}"
         st = "-" if r["step_time_ms"] is None else f"{r['step_time_ms']:.3g}"
@@ -699,6 +723,7 @@ def _summary_table(console: Console, store, names: list[str], opts: list[str]) -
             f"{r['metric_name']} {m}",
             ttt,
             st,
+            *eps,
         )
     console.print(table)
 

@@ -100,7 +100,30 @@ _VARIANT_FIELDS = (
     "batch_size",
     "schedule",
     "eval_every",
+    "dp",
 )
+
+
+def dp_label(dp: dict[str, Any] | None) -> str:
+    """How a run's DP settings read in a label: ``non-private``, ``DP noise=1 C=1``,
+    ``DP eps<=3 C=1``."""
+    if not dp:
+        return "non-private"
+    what = (
+        f"noise={dp['noise_multiplier']:g}"
+        if dp.get("noise_multiplier") is not None
+        else f"eps<={dp['target_epsilon']:g}"
+    )
+    return f"DP {what} C={dp['max_grad_norm']:g}"
+
+
+def _epsilon(rs: Sequence[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """Mean epsilon spent by a configuration's private runs (failed ones excluded) and
+    their delta; ``(None, None)`` for non-private runs."""
+    ps = [r["privacy"] for r in rs if r.get("privacy") and r["status"] != "failed"]
+    if not ps:
+        return None, None
+    return statistics.fmean(p["epsilon"] for p in ps), ps[0]["delta"]
 
 
 def labels(runs: Sequence[dict[str, Any]]) -> dict[str, str]:
@@ -139,6 +162,8 @@ def labels(runs: Sequence[dict[str, Any]]) -> dict[str, str]:
                         ]
                     elif k == "schedule":
                         diff.append(f"schedule={mine[k]['name']}")
+                    elif k == "dp":
+                        diff.append(dp_label(mine[k]))
                     else:
                         diff.append(f"{k}={mine[k]}")
             label += " (" + ", ".join(diff) + ")"
@@ -185,6 +210,7 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         meta = workload_meta(wname, rs)
         metric_name, mode, target = meta["metric"], meta["metric_mode"], meta["target"]
         step_times = [r["step_time"] for r in ok if r.get("step_time")]
+        eps, eps_delta = _epsilon(rs)
         rows.append(
             {
                 "workload": wname,
@@ -214,6 +240,8 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "step_time_ms": 1e3 * statistics.median(step_times) if step_times else None,
                 "state_bytes": max((r["state_bytes"] for r in ok), default=None),
                 "hparams": rs[0]["config"]["hparams"],
+                "dp_epsilon": eps,
+                "dp_delta": eps_delta,
             }
         )
     return rows
@@ -494,6 +522,9 @@ def _run_row(r: dict[str, Any]) -> dict[str, Any]:
         "ttt_seconds": ttt.get("seconds"),
         "step_time": r.get("step_time"),
         "state_bytes": r.get("state_bytes"),
+        "dp_epsilon": (r.get("privacy") or {}).get("epsilon"),
+        "dp_delta": (r.get("privacy") or {}).get("delta"),
+        "dp_noise_multiplier": (r.get("privacy") or {}).get("noise_multiplier"),
         "hparams": json.dumps(c["hparams"], sort_keys=True),
         "schedule": json.dumps(c["schedule"], sort_keys=True),
         "batch_size": c.get("batch_size"),
@@ -608,8 +639,15 @@ def _html(
         )
         vals = [r["metric_mean"] for r in wr if r["metric_mean"] is not None]
         best = (min(vals) if mode == "min" else max(vals)) if vals else None
+        private = any(r.get("dp_epsilon") is not None for r in wr)
+        dp_th = (
+            "<th title='epsilon spent (Opacus accountant) at the run&apos;s delta, mean over "
+            "seeds; - : not private'>privacy &epsilon; (&delta;)</th>"
+            if private
+            else ""
+        )
         parts.append(
-            "<table><tr><th>optimizer</th><th>runs (ok/div./failed)</th>"
+            f"<table><tr><th>optimizer</th>{dp_th}<th>runs (ok/div./failed)</th>"
             f"<th>final {e(mname)} (mean &plusmn; std)</th><th>{e(mname)} on train data</th>"
             "<th>final eval loss</th><th>final train loss</th>"
             "<th title='eval loss minus the loss on a fixed sample of the training data'>"
@@ -623,8 +661,15 @@ def _html(
         for r in wr:
             cls = " class='best'" if best is not None and r["metric_mean"] == best else ""
             sb = r["state_bytes"]
+            dp_td = ""
+            if private:
+                dp_td = (
+                    "<td>-</td>"
+                    if r.get("dp_epsilon") is None
+                    else f"<td>{r['dp_epsilon']:.4g} ({r['dp_delta']:g})</td>"
+                )
             parts.append(
-                f"<tr><td>{e(r['optimizer'])}</td><td>{r['runs']} ({r['ok']}/{r['diverged']}/"
+                f"<tr><td>{e(r['optimizer'])}</td>{dp_td}<td>{r['runs']} ({r['ok']}/{r['diverged']}/"
                 f"{r['failed']})</td><td{cls}>{_pm(r['metric_mean'], r['metric_std'])}</td>"
                 f"<td>{_pm(r['train_metric_mean'], r['train_metric_std'])}</td>"
                 f"<td>{_pm(r['eval_loss_mean'], r['eval_loss_std'])}</td>"

@@ -86,10 +86,13 @@ class RunConfig:
     landscape: bool = False
     tuning: str = ""
     workload_fingerprint: str = ""
+    dp: dict[str, Any] | None = None  # differential privacy (basin.bench.private)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["hparams"] = _jsonable(d["hparams"])
+        if d["dp"] is None:  # non-private runs keep the keys they had before DP existed
+            del d["dp"]
         return d
 
     @classmethod
@@ -129,6 +132,7 @@ def make_config(
     sharpness_every: int = 0,
     landscape: bool = False,
     tuning: str = "",
+    dp: dict[str, Any] | None = None,
 ) -> RunConfig:
     """Resolve defaults and validate; raises ``ValueError`` with one clear line on mistakes.
 
@@ -138,7 +142,9 @@ def make_config(
     and the config holds the canonical one. Hyperparameters: the workload's default for this
     optimizer (see :func:`basin.bench.workloads.default_hparams`) updated by ``hparams``,
     checked by building the optimizer on the workload's real model. If neither ``steps`` nor
-    ``time_budget`` is given, the workload's step budget is used."""
+    ``time_budget`` is given, the workload's step budget is used. ``dp``: differentially
+    private training (:func:`basin.bench.private.dp_config`: ``noise_multiplier`` or
+    ``target_epsilon``, ``delta``, ``max_grad_norm``), checked against the workload."""
     from basin.optim import create, info, resolve
 
     from .workloads.own import probe, probe_task
@@ -188,6 +194,12 @@ def make_config(
     except Exception as exc:  # noqa: BLE001 -- third-party optimizers raise their own types
         msg = str(exc)
         raise ValueError(msg if optimizer in msg else f"{optimizer}: {msg}") from None
+    if dp is not None:
+        from .private import check_dp_run, dp_config
+
+        dp = dp_config(dp)
+        check_dp_run(dp, w, optimizer, steps=steps, sharpness_every=sharpness_every,
+                     task=probe_task(w))  # fmt: skip
     return RunConfig(
         workload=w.name,
         optimizer=optimizer,
@@ -203,6 +215,7 @@ def make_config(
         landscape=landscape,
         tuning=tuning,
         workload_fingerprint=fp,
+        dp=dp,
     )
 
 
@@ -282,6 +295,7 @@ class RunResult:
     env: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     workload_meta: dict[str, Any] = field(default_factory=dict)
+    privacy: dict[str, Any] | None = None  # a DP run's spent epsilon (basin.bench.private.spent)
     model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -373,6 +387,11 @@ def run(
     model, loss_fn, batches = task.model, task.loss_fn, task.batches
     model.train()
     opt, method = build_training(cfg.optimizer, cfg.hparams, task)
+    private = None
+    if cfg.dp is not None:  # DP-SGD: Opacus' optimizer and Poisson-sampled batches
+        from .private import privatize
+
+        opt, batches, private = privatize(cfg, task, opt)
     to_train_point(opt, cfg.optimizer)  # Schedule-Free: train at y, evaluate at x
     base_lrs = [g["lr"] for g in opt.param_groups] if "lr" in opt.param_groups[0] else None
     constant = cfg.schedule["name"] == "constant"
@@ -409,14 +428,15 @@ def run(
         except NonFiniteGradientError:  # basin's optimizers refuse a NaN/inf gradient
             status, diverged_step = "diverged", step
             break
-        pending.append(loss.detach())
+        if private is None or len(x):  # an empty Poisson batch still steps (noise), no loss
+            pending.append(loss.detach())
         last = step >= max_steps
         now = time.perf_counter()
         train_s += now - t
         t = now
         if budget is not None and train_s >= budget:
             last = True
-        if step % cfg.log_every == 0 or last:
+        if (step % cfg.log_every == 0 or last) and pending:
             losses = torch.stack(pending).float()
             finite = torch.isfinite(losses)
             if not bool(finite.all()):
@@ -461,6 +481,12 @@ def run(
         t = time.perf_counter()  # evaluation, sharpness and callbacks are not training time
 
     to_eval_point(opt, cfg.optimizer)  # the diagnostics and the returned model: at x
+    privacy = None
+    if private is not None:
+        from .private import spent
+
+        privacy = spent(private)
+        private.hooks.cleanup()  # the diagnostics and the returned model: plain again
     metrics = ev["metric"]
     final = {
         "train_loss": tr["loss"][-1] if tr["loss"] else None,
@@ -493,6 +519,7 @@ def run(
         n_params=sum(p.numel() for p in model.parameters()),
         diverged_step=diverged_step,
         workload_meta=w.meta(),
+        privacy=privacy,
         model=model,
         **_provenance(),
     )
