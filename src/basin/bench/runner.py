@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -197,7 +197,7 @@ def make_config(
     if dp is not None:
         from .private import check_dp_run, dp_config
 
-        dp = dp_config(dp)
+        dp = cast(dict[str, Any], dp_config(dp))
         check_dp_run(dp, w, optimizer, steps=steps, sharpness_every=sharpness_every,
                      task=probe_task(w))  # fmt: skip
     return RunConfig(

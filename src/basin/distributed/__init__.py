@@ -12,6 +12,7 @@ Decentralized and federated: ``Gossip`` (gossip SGD over a topology, ``merge()``
 global merge), ``fedsvd_round`` (FedAvg of LoRA with FedSVD's SVD re-orthogonalization),
 ``monna`` (robust aggregation); straggler-tolerant gradient coding: ``GradientCode``,
 ``SelectiveReattemptSGC`` and their ``torch.distributed`` runners.
+
 ``make_private``: DP-SGD through Opacus with any single-gradient optimizer; ``DIFF2``: private
 optimization by gradient differences; ``epsilon_posterior``: the Bayesian estimate of epsilon
 from a membership-inference attack's outcomes (docs/privacy.md).

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -122,7 +122,9 @@ class DIFF2:
 
     # ---------------------------------------------------------------- per-sample gradients
 
-    def _per_sample(self, params: list[Tensor], x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
+    def _per_sample(
+        self, params: list[Tensor], x: Tensor, y: Tensor
+    ) -> tuple[list[Tensor], Tensor]:
         from torch.func import functional_call, grad_and_value, vmap
 
         buffers = dict(self.model.named_buffers())
@@ -136,7 +138,7 @@ class DIFF2:
         return list(grads), losses
 
     def _clipped_sum(self, per: list[Tensor], c: float) -> list[Tensor]:
-        norms = torch.sqrt(sum(g.reshape(len(g), -1).pow(2).sum(1) for g in per))
+        norms = torch.sqrt(cast(Tensor, sum(g.reshape(len(g), -1).pow(2).sum(1) for g in per)))
         factor = (c / norms.clamp_min(1e-12)).clamp(max=1.0)
         return [torch.einsum("i,i...->...", factor.to(g.dtype), g) for g in per]
 
@@ -167,7 +169,9 @@ class DIFF2:
         """One DIFF2 step on the batch ``(inputs, targets)``; returns the batch's mean loss at
         the point before the step."""
         if len(inputs) != len(targets):
-            raise ValueError(f"inputs and targets differ in length: {len(inputs)} vs {len(targets)}")
+            raise ValueError(
+                f"inputs and targets differ in length: {len(inputs)} vs {len(targets)}"
+            )
         if len(inputs) == 0 and self.expected_batch_size is None:
             raise ValueError("an empty batch needs expected_batch_size")
         x_t = [p.detach().clone() for p in self.params]
@@ -180,6 +184,7 @@ class DIFF2:
             self.v = self._mean_over_workers(msg)
             self.n_full += 1
         else:
+            assert self.prev is not None  # set by the first (full) step
             with torch.enable_grad():
                 g_prev, _ = self._per_sample(self.prev, inputs, targets)
             s = self._clipped_sum([a - b for a, b in zip(g_now, g_prev)], self.c2)

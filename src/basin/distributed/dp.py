@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -125,7 +125,7 @@ def check_dp_optimizer(optimizer: Any) -> None:
     from basin.optim import infos
 
     classes: list[type] = [torch.optim.LBFGS]
-    names = {torch.optim.LBFGS: "torch:lbfgs"}
+    names: dict[type, str] = {torch.optim.LBFGS: "torch:lbfgs"}
     for entry in infos():
         if entry.needs_closure:
             classes.append(entry.cls)
@@ -192,11 +192,15 @@ def make_private(
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
     if grad_sample_mode not in ("hooks", "functorch"):
-        raise ValueError(f"grad_sample_mode must be 'hooks' or 'functorch', got {grad_sample_mode!r}")
+        raise ValueError(
+            f"grad_sample_mode must be 'hooks' or 'functorch', got {grad_sample_mode!r}"
+        )
     if target_epsilon is not None:
         target_epsilon = _check_positive("target_epsilon", target_epsilon)
         if (epochs is None) == (steps is None):
-            raise ValueError("target_epsilon needs the run's length: give exactly one of epochs, steps")
+            raise ValueError(
+                "target_epsilon needs the run's length: give exactly one of epochs, steps"
+            )
         if epochs is not None:
             check_int("epochs", epochs, 1)
         else:
@@ -206,7 +210,9 @@ def make_private(
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(data_loader, torch.utils.data.DataLoader):
-        raise ValueError(f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}")
+        raise ValueError(
+            f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}"
+        )
     if isinstance(data_loader.dataset, torch.utils.data.IterableDataset):
         raise ValueError("Poisson sampling needs a map-style dataset, not an IterableDataset")
     if len(data_loader) < 1:
@@ -219,7 +225,7 @@ def make_private(
     check_dp_model(model)
     sample_rate = 1.0 / len(data_loader)
     if target_epsilon is not None:
-        n_steps = steps if steps is not None else int(epochs / sample_rate)
+        n_steps = steps if steps is not None else int(cast(float, epochs) / sample_rate)
         try:
             noise_multiplier = float(
                 get_noise_multiplier(
@@ -251,14 +257,16 @@ def make_private(
                 wrap_model=False,
             )
         except NotImplementedError as exc:  # a layer without a per-sample gradient rule
-            raise ValueError(f"Opacus cannot compute per-sample gradients of this model: {exc}") from None
+            raise ValueError(
+                f"Opacus cannot compute per-sample gradients of this model: {exc}"
+            ) from None
     return PrivateTraining(
         model=model,
         optimizer=dp_opt,
         data_loader=dp_loader,
         engine=engine,
         hooks=hooks,
-        noise_multiplier=float(noise_multiplier),
+        noise_multiplier=float(cast(float, noise_multiplier)),
         max_grad_norm=max_grad_norm,
         sample_rate=sample_rate,
         delta=delta,

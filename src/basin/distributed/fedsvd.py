@@ -18,6 +18,7 @@ process.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -64,7 +65,7 @@ def fedsvd_aggregate(
             f"each B must be (out, r) with r = A.shape[0] = {a.shape[0] if a.ndim == 2 else '?'}"
         )
     w = _weights(len(bs), weights)
-    b_bar = sum(wk * b.to(torch.float64) for wk, b in zip(w, bs))
+    b_bar = cast(Tensor, sum(wk * b.to(torch.float64) for wk, b in zip(w, bs)))
     a_new, b_new = _refactor(b_bar, a)
     return a_new, b_new.to(bs[0].dtype)
 
@@ -106,7 +107,7 @@ def fedsvd_round(
     if isinstance(model, nn.Module):
         if not dist.is_initialized():
             raise ValueError("fedsvd_round on one model needs an initialised process group")
-        w = 1.0 if weight is None else float(weight)
+        w = 1.0 if weight is None else float(cast(float, weight))
         if not (w >= 0 and w < float("inf")):
             raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
         layers = _lora_layers(model)

@@ -266,6 +266,11 @@ def coded_gradient(
     return out
 
 
+def _parts_of(partial: Callable[[int, int], Tensor], job: int) -> Callable[[int], Tensor]:
+    """``partial`` with the job fixed: part -> partial gradient of that part for ``job``."""
+    return lambda part: partial(job, part)
+
+
 def run_sequential_gradient_coding(
     scheme: SelectiveReattemptSGC,
     partial: Callable[[int, int], Tensor],
@@ -301,7 +306,7 @@ def run_sequential_gradient_coding(
             assert template is not None
             msg = torch.zeros_like(template)
         else:
-            msg = scheme.code.encode(rank, lambda j, job=job: partial(job, j)).contiguous()
+            msg = scheme.code.encode(rank, _parts_of(partial, job)).contiguous()
             template = msg if template is None else template
         if rank not in resp:
             msg = torch.full_like(msg, float("nan"))
@@ -310,7 +315,7 @@ def run_sequential_gradient_coding(
         if rank == master:
             assert gathered is not None
             for i in resp:
-                store.setdefault(plan[i], {})[i] = gathered[i]  # type: ignore[index]
+                store.setdefault(plan[i], {})[i] = gathered[i]  # type: ignore[arg-type]
         if job_ready is not None:
             g = (
                 scheme.code.decode(store.pop(job_ready))
@@ -337,9 +342,8 @@ def simulate_sequential_gradient_coding(
         resp, job_ready = scheme.deliver(r, num_jobs, set(range(scheme.n)) - late)
         for i in resp:
             job = plan[i]
-            store.setdefault(job, {})[i] = scheme.code.encode(  # type: ignore[arg-type]
-                i, lambda j, job=job: partial(job, j)
-            )
+            assert job is not None  # a responder had a job this round
+            store.setdefault(job, {})[i] = scheme.code.encode(i, _parts_of(partial, job))
         if job_ready is not None:
             out.append(scheme.code.decode(store.pop(job_ready)))
     return out

@@ -71,6 +71,7 @@ def _check_stage(stage: Any) -> int:
 
 
 class _BiPerLayer:
+    training: bool
     """Inputs normalised per sample (training mode) and binarized, weights periodic, the output
     scaled by a learnable per-output ``alpha``."""
 

@@ -226,7 +226,7 @@ def _converted(cls: type, layer: nn.Module, lambda_: float, solver: str) -> Any:
         want = base.__name__ if base is not None else "a Linear/Conv1d/Conv2d"
         raise ValueError(f"{cls.__name__}.from_module needs an nn.{want}, got {type(layer)!r}")
     lam, solver = _check(lambda_, solver)
-    new = copy.copy(layer)
+    new: Any = copy.copy(layer)
     for k, v in vars(layer).items():  # containers of its own, the same parameter objects
         if isinstance(v, (dict, set)):
             object.__setattr__(new, k, copy.copy(v))
