@@ -482,6 +482,13 @@ def bench(
         help="Rescale each default lr to --batch-size (each optimizer's registry rule: linear "
         "for SGD, square root for adaptive methods).",
     ),
+    lr_rule: str = typer.Option(
+        "default",
+        "--lr-rule",
+        help="default (the workload's learning rates) | steplaw: Step Law's AdamW learning "
+        "rate 1.79 N^-0.713 D^0.307 (arXiv:2503.04715) from the model's non-embedding "
+        "parameters N and D = steps x batch x tokens per sample (token workloads only).",
+    ),
     hp: list[str] = _o_hp(),  # noqa: B008
     schedule: str = _o_schedule(),
     warmup: float | None = _o_warmup(),
@@ -539,6 +546,12 @@ def bench(
         raise UserError(f"--threads must be >= 1, got {threads}")
     if tune_trials and scale_lr:
         raise UserError("--scale-lr rescales default learning rates; --tune searches them")
+    if lr_rule not in ("default", "steplaw"):
+        raise UserError(f"--lr-rule must be default or steplaw, got {lr_rule!r}")
+    if lr_rule == "steplaw" and (tune_trials or scale_lr):
+        raise UserError("--lr-rule steplaw sets the learning rates: not with --tune or --scale-lr")
+    if lr_rule == "steplaw" and steps is None and time_budget is not None:
+        raise UserError("--lr-rule steplaw counts tokens from a step budget: give --steps")
     sched = _schedule(schedule, warmup=warmup, decay=decay, decay_shape=decay_shape, cycles=cycles)
     overrides = _overrides(hp, optimizers, opts)
     ws = [wl.get(n) for n in names]
@@ -564,6 +577,8 @@ def bench(
                         base = wl.default_hparams(w, o).get("lr")
                         if base is not None:
                             per[o]["lr"] = _scale(base, w.batch_size, batch_size, scaling_rule(o))
+            if lr_rule == "steplaw":
+                _steplaw_lrs(w, opts, per, steps, batch_size)
             configs += configs_for(
                 [w], opts, range(seeds), {o: h for o, h in per.items() if h}, **budget, **extra
             )
@@ -611,6 +626,27 @@ def bench(
     if out is not None:
         msg += f"; report: {out}"
     print(msg, file=sys.stderr)
+
+
+def _steplaw_lrs(w, opts, per, steps, batch_size) -> None:  # noqa: ANN001
+    """``--lr-rule steplaw``: Step Law's learning rate into ``per`` (``--hp`` wins)."""
+    from basin.bench import steplaw as sl
+
+    try:
+        d = sl.steplaw_tokens(w, steps, batch_size)
+        n = sl.non_embedding_params(w.build(0, 1).model)
+        for o in opts:
+            for k, v in sl.steplaw_hparams(w, o, steps, batch_size, n_params=n).items():
+                per[o].setdefault(k, v)
+    except ValueError as e:
+        raise UserError(f"--lr-rule steplaw: {e}") from None
+    tokens = sl.steplaw_batch_size(d)
+    print(
+        f"basin: steplaw on {w.name}: N={n} non-embedding parameters, D={d} tokens, "
+        f"lr={sl.steplaw_lr(n, d):.4g} (Step Law's batch: {tokens:.0f} tokens = "
+        f"{tokens / w.tokens_per_sample:.0f} samples)",
+        file=sys.stderr,
+    )
 
 
 def _tuned_configs(ws, opts, n, seeds, storage, overrides, budget, extra, quiet):  # noqa: ANN001
