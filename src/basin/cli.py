@@ -489,6 +489,16 @@ def bench(
         "rate 1.79 N^-0.713 D^0.307 (arXiv:2503.04715) from the model's non-embedding "
         "parameters N and D = steps x batch x tokens per sample (token workloads only).",
     ),
+    adaptive_batch: str | None = typer.Option(
+        None,
+        "--adaptive-batch",
+        help="AdAdaGrad (arXiv:2402.11215): grow the batch by the norm | inner_product | "
+        "augmented test on per-sample gradients (constants 0.1), never shrinking, up to "
+        "--max-batch-size; runs record the batch-size series.",
+    ),
+    max_batch_size: int | None = typer.Option(
+        None, "--max-batch-size", help="Cap of --adaptive-batch (default: 8 x the first batch)."
+    ),
     hp: list[str] = _o_hp(),  # noqa: B008
     schedule: str = _o_schedule(),
     warmup: float | None = _o_warmup(),
@@ -552,6 +562,10 @@ def bench(
         raise UserError("--lr-rule steplaw sets the learning rates: not with --tune or --scale-lr")
     if lr_rule == "steplaw" and steps is None and time_budget is not None:
         raise UserError("--lr-rule steplaw counts tokens from a step budget: give --steps")
+    if adaptive_batch is None and max_batch_size is not None:
+        raise UserError("--max-batch-size caps --adaptive-batch: give --adaptive-batch too")
+    if adaptive_batch is not None and tune_trials:
+        raise UserError("--adaptive-batch runs the optimizers' defaults: not with --tune")
     sched = _schedule(schedule, warmup=warmup, decay=decay, decay_shape=decay_shape, cycles=cycles)
     overrides = _overrides(hp, optimizers, opts)
     ws = [wl.get(n) for n in names]
@@ -579,9 +593,14 @@ def bench(
                             per[o]["lr"] = _scale(base, w.batch_size, batch_size, scaling_rule(o))
             if lr_rule == "steplaw":
                 _steplaw_lrs(w, opts, per, steps, batch_size)
+            ab = None
+            if adaptive_batch is not None:
+                first = batch_size or w.batch_size
+                ab = {"test": adaptive_batch, "max_batch_size": max_batch_size or 8 * first}
             configs += configs_for(
-                [w], opts, range(seeds), {o: h for o, h in per.items() if h}, **budget, **extra
-            )
+                [w], opts, range(seeds), {o: h for o, h in per.items() if h}, **budget, **extra,
+                adaptive_batch=ab,
+            )  # fmt: skip
     torch.set_num_threads(threads)
     stored = {"n": 0}
 
