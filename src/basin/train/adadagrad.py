@@ -112,7 +112,9 @@ class AdaptiveBatchSize:
         max_batch_size: the cap (>= batch_size).
         test: ``"norm"``, ``"inner_product"`` or ``"augmented"`` (inner product and
             orthogonality, the larger of the two) (default ``"norm"``).
-        eta, theta, nu: the tests' constants (default 0.1 each, the authors').
+        eta: the norm test's constant (default 0.1, the authors').
+        theta: the inner-product test's constant (default 0.1).
+        nu: the orthogonality test's constant (default 0.1).
         every: run the test every this many updates (default 1).
         per_tensor: the inner-product and orthogonality statistics per parameter tensor,
             summed, as the authors' code computes them (default False: the paper's
