@@ -304,6 +304,22 @@ ENTRIES: list[Entry] = [
         ],
     ),
     Entry(
+        "schedulefree_sgd",
+        dict(lr=1.0, momentum=0.9, weight_decay=0.0, warmup_steps=0),
+        [
+            Peer(
+                "schedulefree",
+                lambda m, hp: _training(
+                    _import("schedulefree").SGDScheduleFree(m.parameters(), **hp)
+                ),
+            ),
+            Peer(
+                "pytorch_optimizer",
+                lambda m, hp: _training(po_class("schedulefreesgd")(m.parameters(), **hp)),
+            ),
+        ],
+    ),
+    Entry(
         "soap",
         dict(lr=3e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay=1e-2, precondition_frequency=10),
         [Peer("pytorch_optimizer", lambda m, hp: po_class("soap")(m.parameters(), **hp))],

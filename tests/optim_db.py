@@ -715,6 +715,44 @@ SCHEDULE_FREE = OptimCase(
     compile_variants=[0, 2],
 )
 
+# Schedule-Free SGD: as for AdamW; the authors' SGDScheduleFree is the table's reference, its
+# explicit-x SGDScheduleFreeReference is in tests/optim/test_schedule_free.py.
+
+
+def _schedule_free_sgd_reference(params: list[torch.Tensor], hp: dict[str, Any]) -> Optimizer:
+    from schedulefree import SGDScheduleFree
+
+    ref = SGDScheduleFree(params, foreach=False, **hp)
+    ref.train()
+    return ref
+
+
+SCHEDULE_FREE_SGD = OptimCase(
+    name="schedulefree_sgd",
+    cls=bo.ScheduleFreeSGD,
+    variants=[
+        {"lr": 0.5},
+        {"lr": 0.5, "warmup_steps": 20},
+        {"lr": 0.2, "weight_decay": 0.1, "warmup_steps": 10},
+        {"lr": 0.1, "momentum": 0.5, "r": 1.0, "weight_lr_power": 0.0},
+        {"lr": 0.3, "momentum": 0.95, "weight_decay": 0.01, "r": 0.5, "warmup_steps": 150},
+    ],
+    reference=_schedule_free_sgd_reference,
+    state_map={"z": "z"},
+    errors=[({"lr": 0.5, **hp}, n) if "lr" not in hp else (hp, n) for hp, n in _COMMON_ERRORS]
+    + [
+        ({"momentum": 0.0}, "momentum"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"warmup_steps": 2.5}, "warmup_steps"),
+        ({"r": -1.0}, "r"),
+        ({"weight_lr_power": float("nan")}, "weight_lr_power"),
+    ],
+    train_hp={"lr": 0.5},
+    compile_variants=[0, 2],
+)
+
 # ------------------------------------------------------------------ SOAP
 # The authors' code keeps L and R in torch's default dtype and takes eigh/QR in float32, so the
 # float64 comparison is against the step-for-step transcription of it (tests/references/
@@ -880,6 +918,7 @@ CASES: list[OptimCase] = [
     COSMOS_CASE,
     FRUGAL_CASE,
     SCHEDULE_FREE,
+    SCHEDULE_FREE_SGD,
     SOAP_CASE,
     SAM_CASE,
     ASAM_CASE,

@@ -482,6 +482,23 @@ def bench(
         help="Rescale each default lr to --batch-size (each optimizer's registry rule: linear "
         "for SGD, square root for adaptive methods).",
     ),
+    lr_rule: str = typer.Option(
+        "default",
+        "--lr-rule",
+        help="default (the workload's learning rates) | steplaw: Step Law's AdamW learning "
+        "rate 1.79 N^-0.713 D^0.307 (arXiv:2503.04715) from the model's non-embedding "
+        "parameters N and D = steps x batch x tokens per sample (token workloads only).",
+    ),
+    adaptive_batch: str | None = typer.Option(
+        None,
+        "--adaptive-batch",
+        help="AdAdaGrad (arXiv:2402.11215): grow the batch by the norm | inner_product | "
+        "augmented test on per-sample gradients (constants 0.1), never shrinking, up to "
+        "--max-batch-size; runs record the batch-size series.",
+    ),
+    max_batch_size: int | None = typer.Option(
+        None, "--max-batch-size", help="Cap of --adaptive-batch (default: 8 x the first batch)."
+    ),
     hp: list[str] = _o_hp(),  # noqa: B008
     schedule: str = _o_schedule(),
     warmup: float | None = _o_warmup(),
@@ -550,6 +567,16 @@ def bench(
         raise UserError(f"--threads must be >= 1, got {threads}")
     if tune_trials and scale_lr:
         raise UserError("--scale-lr rescales default learning rates; --tune searches them")
+    if lr_rule not in ("default", "steplaw"):
+        raise UserError(f"--lr-rule must be default or steplaw, got {lr_rule!r}")
+    if lr_rule == "steplaw" and (tune_trials or scale_lr):
+        raise UserError("--lr-rule steplaw sets the learning rates: not with --tune or --scale-lr")
+    if lr_rule == "steplaw" and steps is None and time_budget is not None:
+        raise UserError("--lr-rule steplaw counts tokens from a step budget: give --steps")
+    if adaptive_batch is None and max_batch_size is not None:
+        raise UserError("--max-batch-size caps --adaptive-batch: give --adaptive-batch too")
+    if adaptive_batch is not None and tune_trials:
+        raise UserError("--adaptive-batch runs the optimizers' defaults: not with --tune")
     sched = _schedule(schedule, warmup=warmup, decay=decay, decay_shape=decay_shape, cycles=cycles)
     overrides = _overrides(hp, optimizers, opts)
     ws = [wl.get(n) for n in names]
@@ -578,9 +605,16 @@ def bench(
                         base = wl.default_hparams(w, o).get("lr")
                         if base is not None:
                             per[o]["lr"] = _scale(base, w.batch_size, batch_size, scaling_rule(o))
+            if lr_rule == "steplaw":
+                _steplaw_lrs(w, opts, per, steps, batch_size)
+            ab = None
+            if adaptive_batch is not None:
+                first = batch_size or w.batch_size
+                ab = {"test": adaptive_batch, "max_batch_size": max_batch_size or 8 * first}
             configs += configs_for(
-                [w], opts, range(seeds), {o: h for o, h in per.items() if h}, **budget, **extra
-            )
+                [w], opts, range(seeds), {o: h for o, h in per.items() if h}, **budget, **extra,
+                adaptive_batch=ab,
+            )  # fmt: skip
     torch.set_num_threads(threads)
     stored = {"n": 0}
 
@@ -637,6 +671,27 @@ def _dp_settings(epsilon, noise, delta, max_grad_norm, tune_trials):  # noqa: AN
         raise UserError("--dp-* with --tune: tuning trials would spend unaccounted privacy")
     return {"noise_multiplier": noise, "target_epsilon": epsilon, "delta": delta,
             "max_grad_norm": max_grad_norm}  # fmt: skip
+
+
+def _steplaw_lrs(w, opts, per, steps, batch_size) -> None:  # noqa: ANN001
+    """``--lr-rule steplaw``: Step Law's learning rate into ``per`` (``--hp`` wins)."""
+    from basin.bench import steplaw as sl
+
+    try:
+        d = sl.steplaw_tokens(w, steps, batch_size)
+        n = sl.non_embedding_params(w.build(0, 1).model)
+        for o in opts:
+            for k, v in sl.steplaw_hparams(w, o, steps, batch_size, n_params=n).items():
+                per[o].setdefault(k, v)
+    except ValueError as e:
+        raise UserError(f"--lr-rule steplaw: {e}") from None
+    tokens = sl.steplaw_batch_size(d)
+    print(
+        f"basin: steplaw on {w.name}: N={n} non-embedding parameters, D={d} tokens, "
+        f"lr={sl.steplaw_lr(n, d):.4g} (Step Law's batch: {tokens:.0f} tokens = "
+        f"{tokens / w.tokens_per_sample:.0f} samples)",
+        file=sys.stderr,
+    )
 
 
 def _tuned_configs(ws, opts, n, seeds, storage, overrides, budget, extra, quiet):  # noqa: ANN001

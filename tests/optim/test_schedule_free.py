@@ -132,3 +132,62 @@ def test_state_dict_keeps_the_mode_and_a_new_group_joins_it() -> None:
     opt2.eval()
     opt2.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))]})
     assert opt2.param_groups[-1]["train_mode"] is False
+
+
+# ------------------------------------------------------------------ Schedule-Free SGD
+
+SGD_HP = [
+    {"lr": 0.5, "warmup_steps": 30, "weight_decay": 0.1},
+    {"lr": 0.2, "momentum": 0.8, "warmup_steps": 10, "r": 1.0, "weight_lr_power": 1.0},
+]
+
+
+@pytest.mark.parametrize("hp", SGD_HP, ids=["warmup-wd", "r-power"])
+@pytest.mark.parametrize("ref_name", ["SGDScheduleFree", "SGDScheduleFreeReference"])
+@pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])
+def test_sgd_matches_the_authors_through_train_eval_switches(hp, ref_name, foreach) -> None:
+    """float64, 100 steps, eval (x), train (y), 40 more steps, eval: y and x equal those of
+    both of the authors' implementations at every switch (asserted 1e-12)."""
+    torch.manual_seed(0)
+    model = mlp().double()
+    ref_model = copy.deepcopy(model)
+    opt = bo.ScheduleFreeSGD(model.parameters(), foreach=foreach, **hp)
+    ref = getattr(schedulefree, ref_name)(ref_model.parameters(), foreach=False, **hp)
+    _silent(ref.train)
+    batches = make_data(140)
+    pairs = [(model, opt), (ref_model, ref)]
+    _steps(pairs, batches[:100])
+    assert _max_rel(model, ref_model) < 1e-12  # y
+    opt.eval()
+    _silent(ref.eval)
+    assert not opt.training
+    assert _max_rel(model, ref_model) < 1e-12  # x
+    opt.train()
+    _silent(ref.train)
+    assert _max_rel(model, ref_model) < 1e-12
+    _steps(pairs, batches[100:])
+    opt.eval()
+    _silent(ref.eval)
+    assert _max_rel(model, ref_model) < 1e-12
+
+
+def test_sgd_eval_holds_the_average_and_step_in_eval_mode_raises() -> None:
+    """x = (y - (1 - m) z) / m in eval mode, train() restores y; step() in eval mode raises
+    naming the class and changes nothing; weight decay leaves p.grad as it was."""
+    torch.manual_seed(0)
+    model = mlp().double()
+    opt = bo.ScheduleFreeSGD(model.parameters(), lr=0.3, momentum=0.8, weight_decay=0.1)
+    _steps([(model, opt)], make_data(20))
+    grads = [p.grad.clone() for p in model.parameters()]
+    y = [p.detach().clone() for p in model.parameters()]
+    z = [opt.state[p]["z"].clone() for p in model.parameters()]
+    assert set(opt.state[model[0].weight]) == {"step", "z", "lr_max", "weight_sum"}
+    opt.eval()
+    for p, yi, zi, gi in zip(model.parameters(), y, z, grads):
+        torch.testing.assert_close(p, (yi - 0.2 * zi) / 0.8, rtol=1e-13, atol=1e-15)
+        assert torch.equal(p.grad, gi)
+    with pytest.raises(RuntimeError, match=r"ScheduleFreeSGD\.step\(\).*eval mode"):
+        opt.step()
+    opt.train()
+    for p, yi in zip(model.parameters(), y):
+        torch.testing.assert_close(p, yi, rtol=1e-13, atol=1e-15)

@@ -3,7 +3,8 @@
 Workloads built offline from a seed (:mod:`basin.bench.workloads`), one training run -> one
 record (:mod:`basin.bench.runner`), SQLite storage that lets a killed sweep resume
 (:mod:`basin.bench.store`), learning-rate schedules and batch-size scaling rules
-(:mod:`basin.bench.schedules`), performance profiles (:mod:`basin.bench.profiles`) and the
+(:mod:`basin.bench.schedules`; Step Law's learning rate and batch size,
+:mod:`basin.bench.steplaw`), performance profiles (:mod:`basin.bench.profiles`) and the
 HTML/JSON/CSV report (:mod:`basin.bench.report`).
 
     from basin.bench import make_config, run
@@ -16,6 +17,7 @@ Your own model: :meth:`Workload.from_tensors` / :meth:`Workload.from_loaders`
 from __future__ import annotations
 
 from .runner import DEFAULT_OPTIMIZERS, RunConfig, RunResult, configs_for, make_config, run, sweep
+from .steplaw import non_embedding_params, steplaw_batch_size, steplaw_lr
 from .store import DEFAULT_STORAGE, Store
 from .workloads import Workload
 
@@ -28,6 +30,9 @@ __all__ = [
     "Workload",
     "configs_for",
     "make_config",
+    "non_embedding_params",
     "run",
+    "steplaw_batch_size",
+    "steplaw_lr",
     "sweep",
 ]

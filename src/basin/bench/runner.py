@@ -68,7 +68,9 @@ class RunConfig:
     training stops at whichever comes first (at least one is set). ``landscape``: measure the
     top Hessian eigenvalue and the Hessian trace of the trained model. ``tuning``: how the
     hyperparameters were chosen (``""``: defaults or by hand; ``"qmc:N"``: the best of N
-    quasi-random trials, :mod:`basin.bench.compare`). ``key()`` is the hash
+    quasi-random trials, :mod:`basin.bench.compare`). ``adaptive_batch``: AdAdaGrad's
+    growing batch size (:class:`basin.train.AdaptiveBatchSize` arguments, ``batch_size`` the
+    initial one; None: fixed). ``key()`` is the hash
     of everything here, the workload's fingerprint (model architecture and data) included, so
     any change makes a different run."""
 
@@ -87,12 +89,14 @@ class RunConfig:
     tuning: str = ""
     workload_fingerprint: str = ""
     dp: dict[str, Any] | None = None  # differential privacy (basin.bench.private)
+    adaptive_batch: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["hparams"] = _jsonable(d["hparams"])
-        if d["dp"] is None:  # non-private runs keep the keys they had before DP existed
-            del d["dp"]
+        for name in ("dp", "adaptive_batch"):  # runs without them keep the keys they had
+            if d[name] is None:
+                del d[name]
         return d
 
     @classmethod
@@ -101,7 +105,8 @@ class RunConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def key(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        d = self.to_dict()
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -133,6 +138,7 @@ def make_config(
     landscape: bool = False,
     tuning: str = "",
     dp: dict[str, Any] | None = None,
+    adaptive_batch: dict[str, Any] | None = None,
 ) -> RunConfig:
     """Resolve defaults and validate; raises ``ValueError`` with one clear line on mistakes.
 
@@ -177,6 +183,8 @@ def make_config(
     if sharpness_every or landscape:
         _sharpness_fn()  # fails now, not in the middle of a sweep
     sched = validate_schedule(schedule)
+    if adaptive_batch is not None:
+        adaptive_batch = _adaptive_batch(adaptive_batch, bs, info(optimizer).method)
     _check_types(optimizer, hp)
     _check_lr_given(optimizer, hp, w)
     fp, model = probe(w)
@@ -197,6 +205,9 @@ def make_config(
     if dp is not None:
         from .private import check_dp_run, dp_config
 
+        if adaptive_batch is not None:
+            raise ValueError("dp and adaptive_batch do not combine: DP-SGD samples its own "
+                             "batches (Poisson sampling at a fixed rate)")  # fmt: skip
         dp = cast(dict[str, Any], dp_config(dp))
         check_dp_run(dp, w, optimizer, steps=steps, sharpness_every=sharpness_every,
                      task=probe_task(w))  # fmt: skip
@@ -216,7 +227,46 @@ def make_config(
         tuning=tuning,
         workload_fingerprint=fp,
         dp=dp,
+        adaptive_batch=adaptive_batch,
     )
+
+
+def _adaptive_batch(spec: dict[str, Any], batch_size: int, method: str | None) -> dict[str, Any]:
+    """A validated copy of an ``adaptive_batch`` spec (the controller's own checks)."""
+    from basin.train.adadagrad import AdaptiveBatchSize
+
+    if not isinstance(spec, dict) or "batch_size" in spec:
+        raise ValueError("adaptive_batch must be a dict of AdaptiveBatchSize arguments besides "
+                         "batch_size (the run's batch_size is the initial one)")  # fmt: skip
+    if method is not None:
+        raise ValueError("adaptive_batch does not combine with a training method (saf, mesa)")
+    try:
+        AdaptiveBatchSize(batch_size, **spec)
+    except TypeError as exc:
+        raise ValueError(f"adaptive_batch: {exc}") from None
+    return dict(spec)
+
+
+class _Regrouped:
+    """Batches of any size cut from a workload's fixed-size batches, in order, no sample
+    dropped (what is left of a batch starts the next one)."""
+
+    def __init__(self, batches: Any) -> None:
+        self.batches = batches
+        self.rest: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def next(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs: list[torch.Tensor] = [self.rest[0]] if self.rest is not None else []
+        ys: list[torch.Tensor] = [self.rest[1]] if self.rest is not None else []
+        n = sum(len(x) for x in xs)
+        while n < size:
+            x, y = next(self.batches)
+            xs.append(x)
+            ys.append(y)
+            n += len(x)
+        x, y = (torch.cat(xs), torch.cat(ys)) if len(xs) > 1 else (xs[0], ys[0])
+        self.rest = (x[size:], y[size:]) if n > size else None
+        return x[:size], y[:size]
 
 
 def _check_types(optimizer: str, hp: dict[str, Any]) -> None:
@@ -401,6 +451,13 @@ def run(
     sharp_fn = _sharpness_fn() if cfg.sharpness_every or cfg.landscape else None
     max_steps = cfg.steps if cfg.steps is not None else sys.maxsize
     budget = cfg.time_budget
+    adaptive = None
+    if cfg.adaptive_batch is not None:  # AdAdaGrad: the batch grows by its test
+        from basin.train.adadagrad import AdaptiveBatchSize
+
+        adaptive = AdaptiveBatchSize(cfg.batch_size, **cfg.adaptive_batch)
+        regrouped = _Regrouped(batches)
+    bsz: dict[str, list[float]] = {"step": [], "value": []}
 
     tr: dict[str, list[float]] = {"step": [], "seconds": [], "loss": [], "lr": [], "step_time": []}
     ev: dict[str, list[float]] = {"step": [], "seconds": [], "eval_loss": [], "metric": []}
@@ -422,7 +479,15 @@ def run(
             for g, lr0 in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr0 * m
             lr_now = base_lrs[0] * m
-        x, y = next(batches)
+        if adaptive is None:
+            x, y = next(batches)
+        else:
+            if not bsz["value"] or bsz["value"][-1] != adaptive.batch_size:
+                bsz["step"].append(step)
+                bsz["value"].append(adaptive.batch_size)
+            x, y = regrouped.next(adaptive.batch_size)
+            with math_attention():  # vmap batches the math attention, not the fused kernels
+                adaptive.update(model, loss_fn, x, y)  # at the parameters of this step's gradient
         try:
             loss = train_step(model, loss_fn, opt, x, y, needs_closure, method)
         except NonFiniteGradientError:  # basin's optimizers refuse a NaN/inf gradient
@@ -507,7 +572,8 @@ def run(
         config=cfg.to_dict(),
         key=cfg.key(),
         status=status,
-        series={"train": tr, "eval": ev, "sharpness": sh},
+        series={"train": tr, "eval": ev, "sharpness": sh}
+        | ({"batch_size": bsz} if adaptive is not None else {}),
         final=final,
         time_to_target=ttt,
         steps_done=step,

@@ -25,7 +25,7 @@ from .registry import (
     resolve,
 )
 from .sam import SAM
-from .schedule_free import ScheduleFreeAdamW
+from .schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 from .sgd_sai import SGDSaI
 from .soap import SOAP
 from .swan import SWAN
@@ -48,6 +48,7 @@ __all__ = [
     "Paper",
     "SGDSaI",
     "ScheduleFreeAdamW",
+    "ScheduleFreeSGD",
     "available",
     "create",
     "get_class",

@@ -1,4 +1,5 @@
-"""Schedule-Free AdamW: no learning-rate schedule, an online average of the iterates instead."""
+"""Schedule-Free AdamW and SGD: no learning-rate schedule, an online average of the iterates
+instead (one method, two base steps: the mode switches and the averaging weights are shared)."""
 
 from __future__ import annotations
 
@@ -21,12 +22,104 @@ from ._base import (
     use_foreach,
 )
 from .param_groups import decay_groups
-from .registry import BETA1, BETA2, LR_ADAPTIVE, WEIGHT_DECAY, OptimInfo, Paper, register
+from .registry import (
+    BETA1,
+    BETA2,
+    LR_ADAPTIVE,
+    LR_SGD,
+    MOMENTUM,
+    WEIGHT_DECAY,
+    OptimInfo,
+    Paper,
+    register,
+)
 
-__all__ = ["ScheduleFreeAdamW", "schedule_free_adamw"]
+__all__ = ["ScheduleFreeAdamW", "ScheduleFreeSGD", "schedule_free_adamw", "schedule_free_sgd"]
 
 
-class ScheduleFreeAdamW(BasinOptimizer):
+class _ScheduleFree(BasinOptimizer):
+    """The train/eval switches shared by the Schedule-Free optimizers: the parameters hold y
+    in train mode and x = lerp(y, z, 1 - 1/b1) in eval mode, ``b1`` from :meth:`_interp`."""
+
+    @staticmethod
+    def _interp(group: dict[str, Any]) -> float:
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``; a new group joins in the optimizer's current mode."""
+        mode = self.param_groups[0]["train_mode"] if self.param_groups else True
+        param_group.setdefault("train_mode", mode)
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("train_mode", True)
+
+    @property
+    def training(self) -> bool:
+        """True in train mode (the parameters hold y), False in eval mode (they hold x)."""
+        return all(g["train_mode"] for g in self.param_groups)
+
+    @torch.no_grad()
+    def eval(self) -> _ScheduleFree:
+        """Put the averaged point x into the parameters (for evaluation, diagnostics,
+        checkpoints); a no-op in eval mode. Returns the optimizer."""
+        for group in self.param_groups:
+            if group["train_mode"]:
+                beta1 = self._interp(group)
+                for p in group["params"]:
+                    z = self.state[p].get("z")
+                    if z is not None:
+                        p.lerp_(z.to(p.device), 1 - 1 / beta1)
+                group["train_mode"] = False
+        return self
+
+    @torch.no_grad()
+    def train(self, mode: bool = True) -> _ScheduleFree:
+        """Put the gradient point y back into the parameters (``train(False)`` is
+        :meth:`eval`); a no-op in train mode. Returns the optimizer."""
+        if not mode:
+            return self.eval()
+        for group in self.param_groups:
+            if not group["train_mode"]:
+                beta1 = self._interp(group)
+                for p in group["params"]:
+                    z = self.state[p].get("z")
+                    if z is not None:
+                        p.lerp_(z.to(p.device), 1 - beta1)
+                group["train_mode"] = True
+        return self
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One Schedule-Free step (see the class docstring); ``RuntimeError`` in eval mode."""
+        if not self.training:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() was called in eval mode: the parameters hold the "
+                "averaged point x, not the point y where gradients are taken. Call "
+                "optimizer.train() before training and optimizer.eval() before evaluating or "
+                "saving the model."
+            )
+        return super().step(closure)
+
+    def _averaging_state(self, params: list[Tensor]) -> tuple[list, list, list]:
+        """z (the base sequence, y at the first step), the running maximum of the learning rate
+        and the sum of the averaging weights of each parameter, created on first use."""
+        zs, lr_maxs, weight_sums = [], [], []
+        for p in params:
+            state = self.state[p]
+            if "z" not in state:
+                state["z"] = p.detach().clone(memory_format=torch.preserve_format)
+                state["lr_max"] = torch.tensor(0.0, dtype=torch.float64)
+                state["weight_sum"] = torch.tensor(0.0, dtype=torch.float64)
+            zs.append(state["z"])
+            lr_maxs.append(state["lr_max"])
+            weight_sums.append(state["weight_sum"])
+        return zs, lr_maxs, weight_sums
+
+
+class ScheduleFreeAdamW(_ScheduleFree):
     r"""Schedule-Free AdamW (Defazio et al., 2024): three sequences instead of a schedule. The
     base sequence ``z`` takes Adam-normalised steps, ``x`` is a weighted average of the ``z``
     iterates (the point to evaluate), and the gradient is taken at their interpolation ``y``::
@@ -128,79 +221,15 @@ class ScheduleFreeAdamW(BasinOptimizer):
         check_nonnegative("r", group["r"])
         check_nonnegative("weight_lr_power", group["weight_lr_power"])
 
-    # ------------------------------------------------------------ train / eval
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """torch's ``add_param_group``; a new group joins in the optimizer's current mode."""
-        mode = self.param_groups[0]["train_mode"] if self.param_groups else True
-        param_group.setdefault("train_mode", mode)
-        super().add_param_group(param_group)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("train_mode", True)
-
-    @property
-    def training(self) -> bool:
-        """True in train mode (the parameters hold y), False in eval mode (they hold x)."""
-        return all(g["train_mode"] for g in self.param_groups)
-
-    @torch.no_grad()
-    def eval(self) -> ScheduleFreeAdamW:
-        """Put the averaged point x into the parameters (for evaluation, diagnostics,
-        checkpoints); a no-op in eval mode. Returns the optimizer."""
-        for group in self.param_groups:
-            if group["train_mode"]:
-                beta1 = group["betas"][0]
-                for p in group["params"]:
-                    z = self.state[p].get("z")
-                    if z is not None:
-                        p.lerp_(z.to(p.device), 1 - 1 / beta1)
-                group["train_mode"] = False
-        return self
-
-    @torch.no_grad()
-    def train(self, mode: bool = True) -> ScheduleFreeAdamW:
-        """Put the gradient point y back into the parameters (``train(False)`` is
-        :meth:`eval`); a no-op in train mode. Returns the optimizer."""
-        if not mode:
-            return self.eval()
-        for group in self.param_groups:
-            if not group["train_mode"]:
-                beta1 = group["betas"][0]
-                for p in group["params"]:
-                    z = self.state[p].get("z")
-                    if z is not None:
-                        p.lerp_(z.to(p.device), 1 - beta1)
-                group["train_mode"] = True
-        return self
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """One Schedule-Free step (see the class docstring); ``RuntimeError`` in eval mode."""
-        if not self.training:
-            raise RuntimeError(
-                "ScheduleFreeAdamW.step() was called in eval mode: the parameters hold the "
-                "averaged point x, not the point y where gradients are taken. Call "
-                "optimizer.train() before training and optimizer.eval() before evaluating or "
-                "saving the model."
-            )
-        return super().step(closure)
+    @staticmethod
+    def _interp(group: dict[str, Any]) -> float:
+        return group["betas"][0]
 
     # ------------------------------------------------------------ step
 
     def _step_group(self, group: dict[str, Any]) -> None:
-        params, grads, steps, (zs, vs, lr_maxs, weight_sums) = self._gather(
-            group, (None, "exp_avg_sq", None, None)
-        )
-        for i, p in enumerate(params):
-            state = self.state[p]
-            if "z" not in state:
-                state["z"] = p.detach().clone(memory_format=torch.preserve_format)
-                state["lr_max"] = torch.tensor(0.0, dtype=torch.float64)
-                state["weight_sum"] = torch.tensor(0.0, dtype=torch.float64)
-            zs[i], lr_maxs[i], weight_sums[i] = state["z"], state["lr_max"], state["weight_sum"]
+        params, grads, steps, (vs,) = self._gather(group, ("exp_avg_sq",))
+        zs, lr_maxs, weight_sums = self._averaging_state(params)
         if params:
             schedule_free_adamw(
                 params, grads, zs, vs, steps, lr_maxs, weight_sums, **self._hyperparameters(group)
@@ -336,6 +365,194 @@ register(
             "lr": LR_ADAPTIVE,
             "betas[0]": BETA1,
             "betas[1]": BETA2,
+            "weight_decay": WEIGHT_DECAY,
+            "warmup_steps": {"type": "int", "low": 0, "high": 200},
+        },
+        param_groups=decay_groups,
+    )
+)
+
+
+class ScheduleFreeSGD(_ScheduleFree):
+    r"""Schedule-Free SGD (Defazio et al., 2024): the three sequences of
+    :class:`ScheduleFreeAdamW` with a plain gradient step for ``z``::
+
+        lr_t, c_t as in ScheduleFreeAdamW (warmup, averaging weights t**r * max lr**power)
+        u      = g + wd * y                                     (g taken at y)
+        z     <- z - lr_t u
+        x     <- (1 - c_t) x + c_t z
+        y      = m x + (1 - m) z
+
+    The parameters hold y while training and x after ``optimizer.eval()`` (call
+    ``optimizer.train()`` before training again; ``step()`` in eval mode raises
+    ``RuntimeError``). The state is ``z`` alone (the memory of SGD with momentum): y moves in
+    place by ``y <- lerp(y, z, c_t) + lr_t (m (1 - c_t) - 1) u``, as in the authors'
+    ``SGDScheduleFree``.
+
+    Args:
+        params: iterable of parameters or parameter groups.
+        lr: learning rate (default 1.0, the authors'; Schedule-Free SGD takes larger learning
+            rates than SGD with a schedule).
+        momentum: interpolation ``m`` between x and z, in (0, 1) (default 0.9).
+        weight_decay: L2 coefficient, taken at y (default 0).
+        warmup_steps: linear learning-rate warmup length in steps (default 0).
+        r: polynomial weighting power of the average (default 0).
+        weight_lr_power: power of the largest learning rate so far in the averaging weights
+            (default 2).
+        maximize: maximize the objective (default False).
+        foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
+        nonfinite: ``"raise"`` (default) or ``"skip"`` a step with a NaN/inf gradient.
+
+    References:
+        Aaron Defazio, Xingyu Alice Yang, Harsh Mehta, Konstantin Mishchenko, Ahmed Khaled,
+        Ashok Cutkosky. "The Road Less Scheduled." NeurIPS 2024, arXiv:2405.15682. Reference
+        code: schedulefree 1.4.1, ``SGDScheduleFree`` and ``SGDScheduleFreeReference``.
+
+    Differences from the reference code: those of :class:`ScheduleFreeAdamW` (starts in train
+    mode; per-parameter step counts and averaging weights; ``p.grad`` is left unchanged by
+    weight decay; ``maximize``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1.0,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        r: float = 0.0,
+        weight_lr_power: float = 2.0,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        nonfinite: str = "raise",
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            r=r,
+            weight_lr_power=weight_lr_power,
+            maximize=maximize,
+            foreach=foreach,
+            nonfinite=nonfinite,
+        )
+        super().__init__(params, defaults)
+
+    def _check_hparams(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        check_range(
+            "momentum", group["momentum"], 0.0, 1.0, low_inclusive=False, high_inclusive=False
+        )
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_int("warmup_steps", group["warmup_steps"], 0)
+        check_nonnegative("r", group["r"])
+        check_nonnegative("weight_lr_power", group["weight_lr_power"])
+
+    @staticmethod
+    def _interp(group: dict[str, Any]) -> float:
+        return group["momentum"]
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        params, grads, steps, _ = self._gather(group)
+        zs, lr_maxs, weight_sums = self._averaging_state(params)
+        if params:
+            schedule_free_sgd(
+                params, grads, zs, steps, lr_maxs, weight_sums, **self._hyperparameters(group)
+            )
+
+
+def schedule_free_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    zs: list[Tensor],
+    state_steps: list[Tensor],
+    lr_maxs: list[Tensor],
+    weight_sums: list[Tensor],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    weight_decay: float,
+    warmup_steps: int,
+    r: float,
+    weight_lr_power: float,
+    maximize: bool,
+    foreach: bool | None = None,
+) -> None:
+    """Functional Schedule-Free SGD on y (the parameters, in train mode); see
+    :class:`ScheduleFreeSGD`."""
+    lr = scalar_lr(lr)
+    multi = use_foreach(foreach, params) and not is_compiling()
+    fn = _multi_tensor_schedule_free_sgd if multi else _single_tensor_schedule_free_sgd
+    fn(
+        params, grads, zs, state_steps, lr_maxs, weight_sums, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
+        weight_lr_power=weight_lr_power, maximize=maximize,
+    )  # fmt: skip
+
+
+def _single_tensor_schedule_free_sgd(
+    params, grads, zs, state_steps, lr_maxs, weight_sums, *, lr, momentum, weight_decay,
+    warmup_steps, r, weight_lr_power, maximize,
+):  # fmt: skip
+    torch._foreach_add_(state_steps, 1)
+    for i, y in enumerate(params):
+        g = -grads[i] if maximize else grads[i]
+        z = zs[i]
+        lr_t, ckp1 = _coefficients(
+            get_value(state_steps[i]), lr_maxs[i], weight_sums[i], lr=lr,
+            warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
+        )  # fmt: skip
+        u = g.add(y, alpha=weight_decay) if weight_decay != 0 else g
+        if isinstance(ckp1, Tensor):  # compiled: coefficients are 0-d tensors
+            y.lerp_(z, ckp1.to(y.dtype))
+            y.add_(u * (lr_t * (momentum * (1 - ckp1) - 1)).to(y.dtype))
+            z.sub_(u * (lr_t.to(z.dtype) if isinstance(lr_t, Tensor) else lr_t))
+        else:
+            y.lerp_(z, ckp1)
+            y.add_(u, alpha=lr_t * (momentum * (1 - ckp1) - 1))
+            z.sub_(u, alpha=lr_t)
+
+
+def _multi_tensor_schedule_free_sgd(
+    params, grads, zs, state_steps, lr_maxs, weight_sums, *, lr, momentum, weight_decay,
+    warmup_steps, r, weight_lr_power, maximize,
+):  # fmt: skip
+    lists = [params, grads, zs, state_steps, lr_maxs, weight_sums]
+    for ys, gs, zs_, steps, maxs, sums in group_by_device_and_dtype(lists).values():
+        gs = torch._foreach_neg(gs) if maximize else gs
+        torch._foreach_add_(steps, 1)
+        coefs = [
+            _coefficients(
+                get_value(t), m, s, lr=lr, warmup_steps=warmup_steps, r=r,
+                weight_lr_power=weight_lr_power,
+            )
+            for t, m, s in zip(steps, maxs, sums)
+        ]  # fmt: skip
+        us = torch._foreach_add(gs, ys, alpha=weight_decay) if weight_decay != 0 else gs
+        torch._foreach_lerp_(ys, zs_, [c for _, c in coefs])
+        y_coefs = [lt * (momentum * (1 - c) - 1) for lt, c in coefs]
+        torch._foreach_add_(ys, torch._foreach_mul(us, y_coefs))
+        torch._foreach_add_(zs_, torch._foreach_mul(us, [-lt for lt, _ in coefs]))
+
+
+register(
+    OptimInfo(
+        name="schedulefree_sgd",
+        cls=ScheduleFreeSGD,
+        paper=Paper("The Road Less Scheduled", "Defazio et al.", "2405.15682", 2024),
+        state_memory=1.0,
+        state_note="z; x is recovered from y and z (optimizer.eval())",
+        capabilities=frozenset(
+            {"foreach", "compile", "maximize", "param_groups", "closure", "train_eval"}
+        ),
+        family="sgd",
+        lr_scaling="linear",
+        lr_from={"lr": ("schedulefree_sgd", "sgd")},
+        search_space={
+            "lr": LR_SGD,
+            "momentum": MOMENTUM,
             "weight_decay": WEIGHT_DECAY,
             "warmup_steps": {"type": "int", "low": 0, "high": 200},
         },

@@ -1,9 +1,11 @@
 """basin.train: training methods that are more than an optimizer step (losses, layers,
 test-time adaptation). Each is a plain object a user calls in their own loop; the ones with a
-registry entry also run in ``basin bench`` / ``tune`` / ``pbt`` by name (``-o saf``)."""
+registry entry also run in ``basin bench`` / ``tune`` / ``pbt`` by name (``-o saf``); AdAdaGrad's
+batch-size controller drives ``basin bench --adaptive-batch``."""
 
 from __future__ import annotations
 
+from .adadagrad import AdaptiveBatchSize, per_sample_gradients
 from .biper import BiPerConv2d, BiPerLinear, biper_sign, biper_weight, set_biper_stage
 from .data import IndexedDataset
 from .lora import LoRALinear, add_lora, lora_parameters
@@ -14,28 +16,30 @@ from .sar import SAR
 from .tract import TrActConv1d, TrActConv2d, TrActLinear, first_layer, tract, tract_linear
 
 __all__ = [
+    "AdaptiveBatchSize",
     "BiPerConv2d",
     "BiPerLinear",
+    "IndexedDataset",
+    "LoRALinear",
+    "MESA",
     "ReSTEConv2d",
     "ReSTELinear",
     "ReSTESchedule",
-    "biper_sign",
-    "biper_weight",
-    "reste_grad",
-    "reste_o",
-    "reste_sign",
-    "set_biper_stage",
-    "MESA",
     "SAF",
     "SAR",
-    "IndexedDataset",
-    "LoRALinear",
     "TrActConv1d",
     "TrActConv2d",
     "TrActLinear",
     "add_lora",
+    "biper_sign",
+    "biper_weight",
     "first_layer",
     "lora_parameters",
+    "per_sample_gradients",
+    "reste_grad",
+    "reste_o",
+    "reste_sign",
+    "set_biper_stage",
     "tract",
     "tract_linear",
 ]

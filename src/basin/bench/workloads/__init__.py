@@ -61,7 +61,9 @@ class Workload:
     ``"sgdsai"``); each optimizer's registry entry says which entry it takes
     (:attr:`basin.optim.OptimInfo.lr_from`). ``hparams`` holds optional per-optimizer
     overrides. ``source`` is how to load the workload again in another process (``-w``
-    syntax), for workloads defined outside basin.
+    syntax), for workloads defined outside basin. ``tokens_per_sample``: the tokens one
+    training sample holds, for token (language-model) workloads; None for others (Step Law's
+    ``--lr-rule steplaw`` needs it).
 
     Your own model and data: :meth:`from_tensors` and :meth:`from_loaders`."""
 
@@ -78,6 +80,7 @@ class Workload:
     lr: dict[str, float]
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str | None = None
+    tokens_per_sample: int | None = None
 
     def build(self, seed: int, batch_size: int | None = None) -> Task:
         bs = self.batch_size if batch_size is None else int(batch_size)

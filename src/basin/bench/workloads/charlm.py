@@ -153,5 +153,6 @@ register(
         steps=600,
         eval_every=100,
         lr={"adaptive": 3e-3, "sgd": 0.1, "sgdsai": 1e-2},
+        tokens_per_sample=CONTEXT,
     )
 )

@@ -150,6 +150,9 @@ def _workload(
     target = kw.pop("target")
     if target is not None and not (isinstance(target, (int, float)) and math.isfinite(target)):
         raise ValueError(f"target must be a finite number or None, got {target!r}")
+    tps = kw.pop("tokens_per_sample", None)
+    if tps is not None:
+        _check_positive_int("tokens_per_sample", tps)
     lr = dict(kw.pop("lr") or {})
     for k, v in lr.items():
         if not (isinstance(v, (int, float)) and v > 0):
@@ -167,6 +170,7 @@ def _workload(
         eval_every=eval_every,
         lr=lr,
         hparams=dict(kw.pop("hparams") or {}),
+        tokens_per_sample=tps,
     )
 
 
@@ -193,6 +197,7 @@ def from_tensors(
     lr: dict[str, float] | None = None,
     hparams: dict[str, dict[str, Any]] | None = None,
     description: str = "",
+    tokens_per_sample: int | None = None,
 ) -> Workload:
     """A workload from in-memory tensors.
 
@@ -203,6 +208,8 @@ def from_tensors(
     ``metric(outputs, targets) -> float`` (a batch mean) with ``metric_mode``. ``target``: the
     metric value for time-to-target (None: none). ``lr``: learning rates per registry entry
     name (``{"adaptive": 1e-3, "sgd": 0.05}``; missing ones: each optimizer's own default).
+    ``tokens_per_sample``: tokens per training sample of a language model (Step Law's
+    ``--lr-rule steplaw``).
     Training batches are drawn without replacement, reshuffled each epoch from the seed."""
     x, y = _check_pair("train", train)
     xe, ye = _check_pair("eval", eval)
@@ -234,6 +241,7 @@ def from_tensors(
     return _workload(
         name, model_fn, build, mname, mode, steps=steps, eval_every=eval_every, target=target,
         lr=lr, hparams=hparams, description=description, batch_size=batch_size,
+        tokens_per_sample=tokens_per_sample,
     )  # fmt: skip
 
 
@@ -292,6 +300,7 @@ def from_loaders(
     lr: dict[str, float] | None = None,
     hparams: dict[str, dict[str, Any]] | None = None,
     description: str = "",
+    tokens_per_sample: int | None = None,
 ) -> Workload:
     """A workload from ``torch.utils.data.DataLoader``s yielding ``(inputs, targets)``.
 
@@ -320,6 +329,7 @@ def from_loaders(
     return _workload(
         name, model_fn, build, mname, mode, steps=steps, eval_every=eval_every, target=target,
         lr=lr, hparams=hparams, description=description, batch_size=bs,
+        tokens_per_sample=tokens_per_sample,
     )  # fmt: skip
 
 
