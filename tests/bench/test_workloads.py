@@ -18,7 +18,8 @@ def test_registry_and_close_names() -> None:
         wl.get("rosenbrok")
     for w in wl.workloads():
         assert w.metric_mode in ("min", "max") and w.steps > 0 and w.batch_size > 0
-        assert w.reached(w.target)
+        if w.family != "own":  # user workloads loaded by other tests in this process may lack one
+            assert w.reached(w.target)
 
 
 @pytest.mark.parametrize(
