@@ -41,3 +41,11 @@ def test_readme_optim_example_runs() -> None:
     exec(_python_block('bo.create("muon", model'), scope)  # noqa: S102
     assert type(scope["opt"]).__name__ == "Muon"
     assert [g["matrix_rule"] for g in scope["opt"].param_groups] == [True, False]
+
+
+def test_readme_private_training_example_runs() -> None:
+    scope: dict = {}
+    exec(_python_block("make_private(model"), scope)  # noqa: S102 -- the README's own code
+    assert 0 < scope["dp"].epsilon() < float("inf")
+    low, high = scope["post"].interval
+    assert 0 <= low <= scope["post"].estimate <= high
