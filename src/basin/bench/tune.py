@@ -58,6 +58,7 @@ OBJECTIVES = ("metric", "eval_loss")
 HEARTBEAT_INTERVAL = 10
 GRACE_PERIOD = 30
 MAX_RETRY = 3
+CONNECT_TIMEOUT = 10  # seconds to reach a database server
 
 
 @dataclass
@@ -253,6 +254,24 @@ def _check_storage_url(url: str) -> None:
         u = make_url(url)
     except Exception as exc:  # noqa: BLE001 -- sqlalchemy raises several types
         raise ValueError(f"cannot parse storage URL {url!r}: {exc}") from None
+    try:
+        dialect = u.get_dialect()
+    except Exception:  # noqa: BLE001 -- NoSuchModuleError: no such database or driver
+        raise ValueError(
+            f"storage {url!r}: SQLAlchemy knows no database driver {u.drivername!r}"
+        ) from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        hint = (
+            "; pip install 'basin-optim[postgres]' and use postgresql+psycopg://..."
+            if u.get_backend_name() == "postgresql"
+            else ""
+        )
+        raise ValueError(
+            f"storage {url!r} needs the database driver {exc.name or u.drivername!r}, "
+            f"which is not installed{hint}"
+        ) from None
     if u.get_backend_name() == "sqlite":
         db = u.database or ""
         if db in ("", ":memory:"):
@@ -365,6 +384,8 @@ def _open_storage(spec: TuneSpec, heartbeat: int, grace: int) -> Any:
         except OSError as exc:
             raise ValueError(f"cannot create storage {url!r}: {exc.strerror}") from None
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    else:
+        kwargs["engine_kwargs"] = {"connect_args": _connect_args(u)}
     try:
         return _retry_init(
             lambda: optuna.storages.RDBStorage(
@@ -379,6 +400,14 @@ def _open_storage(spec: TuneSpec, heartbeat: int, grace: int) -> Any:
         )
     except Exception as exc:  # noqa: BLE001 -- driver missing, unreachable server, bad file
         raise ValueError(f"cannot open storage {url!r}: {_one_line(exc)}") from None
+
+
+def _connect_args(u: Any) -> dict[str, Any]:
+    """A server that does not answer fails in seconds, not after the TCP timeout (libpq's
+    ``connect_timeout``, unless the URL sets one)."""
+    if u.get_backend_name() != "postgresql" or "connect_timeout" in u.query:
+        return {}
+    return {"connect_timeout": CONNECT_TIMEOUT}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -414,7 +443,9 @@ class _Guard:
         self.sa = sa
         sqlite = url.lower().startswith("sqlite")
         self.engine = sa.create_engine(
-            url, connect_args={"timeout": 60} if sqlite else {}, poolclass=sa.pool.NullPool
+            url,
+            connect_args={"timeout": 60} if sqlite else _connect_args(sa.engine.make_url(url)),
+            poolclass=sa.pool.NullPool,
         )
         if sqlite:
 
