@@ -133,7 +133,7 @@ def test_sigkilled_worker_on_another_machine(pg_url: str, tmp_path: Path) -> Non
     The others cannot see its process: once its heartbeat is stale they mark its trial failed
     and queue it again with the same parameters, and the study ends with exactly --trials
     complete trials; a rerun adds nothing and reports the same best."""
-    n = 4
+    n = 3
     args = [*TUNE, "--steps", "200", "--trials", str(n), "--storage", pg_url]
     procs = _start(tmp_path, [args] * 3, [None, None, "elsewhere"])
     victim = procs[2]
