@@ -1,6 +1,7 @@
 """`basin bench --ray`: the sweep's runs as tasks on a local Ray cluster (2 CPUs), on the same
 store as the sequential sweep -- a real CLI driver SIGKILLed mid-sweep, its rerun resuming
-where it stopped, and every record equal to the sequential sweep's."""
+where it stopped, and every record equal to the sequential sweep's. The workload is a user's
+file (`-w file.py:NAME`), so it has to travel to the Ray workers as an object."""
 
 from __future__ import annotations
 
@@ -25,6 +26,23 @@ pytest.importorskip("ray")
 SRC = str(Path(basin.__file__).resolve().parents[1])
 ENV = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 OPTS, SEEDS, STEPS = ["torch:sgd", "adabelief"], 3, 400
+
+WORKLOAD = """
+import torch
+from torch import nn
+from basin.bench import Workload
+
+def _data(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 8, generator=g)
+    return x, (x[:, :3].sum(1) > 0).long()
+
+def _net():
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+
+workload = Workload.from_tensors("raywl", _net, train=_data(0), eval=_data(1), steps=50,
+                                 batch_size=32, eval_every=100)
+"""
 
 
 def _stored(db: Path) -> dict[str, tuple[str, str]]:
@@ -51,7 +69,9 @@ def _claims(db: Path) -> list[tuple]:
 @pytest.mark.slow
 def test_ray_sweep_resumes_after_sigkill_and_equals_the_sequential_sweep(tmp_path: Path) -> None:
     db = tmp_path / "ray.db"
-    args = [sys.executable, "-m", "basin", "bench", "-w", "f1", "-o", ",".join(OPTS),
+    wl = tmp_path / "raywl.py"
+    wl.write_text(WORKLOAD)
+    args = [sys.executable, "-m", "basin", "bench", "-w", f"{wl}:workload", "-o", ",".join(OPTS),
             "--seeds", str(SEEDS), "--steps", str(STEPS), "--storage", str(db), "--no-report",
             "-q", "--ray", "local", "--ray-cpus", "2"]  # fmt: skip
     n = len(OPTS) * SEEDS
@@ -82,7 +102,7 @@ def test_ray_sweep_resumes_after_sigkill_and_equals_the_sequential_sweep(tmp_pat
     for key, row in before.items():  # finished runs were not run again
         assert after[key] == row
 
-    configs = configs_for(["f1"], OPTS, range(SEEDS), steps=STEPS)
+    configs = configs_for([f"{wl}:workload"], OPTS, range(SEEDS), steps=STEPS)
     with Store(str(tmp_path / "seq.db")) as seq:
         results = {r.key: r for r in sweep(configs, seq)}
     assert set(results) == set(after)
