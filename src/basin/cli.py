@@ -765,7 +765,8 @@ def tune(
         False, "--show-space", help="Print the search space as JSON and exit."
     ),
     storage: str = _o_storage(
-        "SQLAlchemy URL of the studies (sqlite:///file.db, postgresql://... for several workers)."
+        "SQLAlchemy URL of the studies (sqlite:///file.db; postgresql+psycopg://user@host/db "
+        "for workers on several machines)."
     ),
     study_name: str | None = typer.Option(
         None, "--study-name", help="Default: WORKLOAD-OPTIMIZER. Rerunning resumes it."
