@@ -107,6 +107,7 @@ def _new(err: str) -> int:
     return int(re.search(r"\((\d+) new\)", err).group(1))
 
 
+@pytest.mark.slow
 def test_three_workers_share_one_study(pg_url: str, tmp_path: Path) -> None:
     """Three `basin tune` processes started together on an empty database: no schema-creation
     race, exactly --trials trials (all complete, distinct parameters), each trained by one
@@ -128,6 +129,7 @@ def test_three_workers_share_one_study(pg_url: str, tmp_path: Path) -> None:
     assert _sql(pg_url, "SELECT sessions FROM basin_tune_studies") == [(3,)]
 
 
+@pytest.mark.slow
 def test_sigkilled_worker_on_another_machine(pg_url: str, tmp_path: Path) -> None:
     """Three workers; the one that seems to run on another machine is SIGKILLed mid-trial.
     The others cannot see its process: once its heartbeat is stale they mark its trial failed
