@@ -111,7 +111,8 @@ def _new(err: str) -> int:
 def test_three_workers_share_one_study(pg_url: str, tmp_path: Path) -> None:
     """Three `basin tune` processes started together on an empty database: no schema-creation
     race, exactly --trials trials (all complete, distinct parameters), each trained by one
-    worker, and every worker reports the study's best."""
+    worker (which one depends on who opened the study first), and every worker reports the
+    study's best."""
     args = [*TUNE, "--steps", "20", "--trials", "5", "--storage", pg_url]
     res = _finish(_start(tmp_path, [args] * 3, [None] * 3))
     for rc, err in res:
@@ -120,7 +121,6 @@ def test_three_workers_share_one_study(pg_url: str, tmp_path: Path) -> None:
     assert [t.state.name for t in st.trials] == ["COMPLETE"] * 5
     assert len({json.dumps(t.params, sort_keys=True) for t in st.trials}) == 5
     assert sum(_new(e) for _, e in res) == 5
-    assert len({t.user_attrs["basin_pid"] for t in st.trials}) >= 2  # the work was shared
     best = min(t.value for t in st.trials)
     assert st.best_value == best
     for _, err in res:
