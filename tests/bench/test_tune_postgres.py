@@ -24,9 +24,10 @@ from basin.cli import main
 SRC = str(Path(basin.__file__).resolve().parents[1])
 ENV = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
 
-# A worker: one thread, an optional fake host name (a worker on another machine), a short
-# heartbeat (1 s, stale after 5 s) so that a dead worker's trial is noticed quickly; it says it
-# is ready, then waits for the go file, so that the workers really start together.
+# A worker: one thread, an optional fake host name (a worker on another machine) and slow
+# steps, a short heartbeat (1 s, stale after 5 s) so that a dead worker's trial is noticed
+# quickly; it says it is ready, then waits for the go file, so that the workers really start
+# together.
 _WORKER = r"""
 import functools, os, socket, sys, time
 import torch
@@ -34,7 +35,11 @@ torch.set_num_threads(1)
 if os.environ.get("FAKE_HOST"):
     socket.gethostname = lambda: os.environ["FAKE_HOST"]
 import optuna, sqlalchemy, psycopg
+import basin.bench.runner as br
 import basin.bench.tune as bt
+if os.environ.get("SLOW_STEP"):  # a worker whose trials outlast the test
+    _step = br.train_step
+    br.train_step = lambda *a, **k: (time.sleep(float(os.environ["SLOW_STEP"])), _step(*a, **k))[1]
 bt.tune = functools.partial(bt.tune, heartbeat_interval=1, grace_period=5)
 from basin.cli import main
 go, ready = sys.argv[1], sys.argv[2]
@@ -61,15 +66,16 @@ def pg_url(pg_server):
         yield url
 
 
-def _start(tmp_path: Path, argvs: list[list[str]], hosts: list[str | None]) -> list:
+def _start(where: Path, argvs: list[list[str]], env: dict[str, str] | None = None) -> list:
     """Start the workers, wait until all are ready, then let them go together."""
-    go = tmp_path / "go"
+    where.mkdir()
+    go = where / "go"
     procs = []
-    for i, (argv, host) in enumerate(zip(argvs, hosts)):
-        ready = tmp_path / f"ready{i}"
-        env = {**ENV, "FAKE_HOST": host or ""}
+    for i, argv in enumerate(argvs):
+        ready = where / f"ready{i}"
+        penv = {**ENV, **(env or {})}
         cmd = [sys.executable, "-c", _WORKER, str(go), str(ready), *argv]
-        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        p = subprocess.Popen(cmd, env=penv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)  # fmt: skip
         procs.append((ready, p))
     deadline = time.monotonic() + 300
@@ -114,7 +120,7 @@ def test_three_workers_share_one_study(pg_url: str, tmp_path: Path) -> None:
     worker (which one depends on who opened the study first), and every worker reports the
     study's best."""
     args = [*TUNE, "--steps", "20", "--trials", "5", "--storage", pg_url]
-    res = _finish(_start(tmp_path, [args] * 3, [None] * 3))
+    res = _finish(_start(tmp_path / "w", [args] * 3))
     for rc, err in res:
         assert rc == 0, err
     st = optuna.load_study(study_name="f1-adabelief", storage=pg_url)
@@ -131,32 +137,30 @@ def test_three_workers_share_one_study(pg_url: str, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sigkilled_worker_on_another_machine(pg_url: str, tmp_path: Path) -> None:
-    """Three workers; the one that seems to run on another machine is SIGKILLed mid-trial.
-    The others cannot see its process: once its heartbeat is stale they mark its trial failed
-    and queue it again with the same parameters, and the study ends with exactly --trials
-    complete trials; a rerun adds nothing and reports the same best."""
+    """A worker that seems to run on another machine is SIGKILLed mid-trial once two more
+    workers have joined the study. They cannot see its process: once its heartbeat is stale
+    they mark its trial failed and queue it again with the same parameters, and the study
+    ends with exactly --trials complete trials; a rerun adds nothing."""
     n = 3
-    args = [*TUNE, "--steps", "200", "--trials", str(n), "--storage", pg_url]
-    procs = _start(tmp_path, [args] * 3, [None, None, "elsewhere"])
-    victim = procs[2]
+    args = [*TUNE, "--steps", "50", "--trials", str(n), "--storage", pg_url]
+    victim = _start(tmp_path / "v", [args], {"FAKE_HOST": "elsewhere", "SLOW_STEP": "0.5"})[0]
     running = (
         "SELECT t.number FROM trials t JOIN trial_user_attributes a USING (trial_id) "
         "WHERE t.state = 'RUNNING' AND a.key = 'basin_host' AND a.value_json = '\"elsewhere\"' "
         "AND EXISTS (SELECT 1 FROM trial_intermediate_values v WHERE v.trial_id = t.trial_id)"
     )
+    procs = [victim]
     try:
-        deadline = time.monotonic() + 300
-        while not (_has_trials(pg_url) and _sql(pg_url, running)):
-            assert victim.poll() is None, victim.communicate()
-            assert time.monotonic() < deadline, "the worker never reported a running trial"
-            time.sleep(0.05)
+        _wait(lambda: _has_trials(pg_url) and _sql(pg_url, running), victim)
+        procs += _start(tmp_path / "s", [args] * 2)
+        _wait(lambda: _sql(pg_url, "SELECT sessions FROM basin_tune_studies") == [(3,)], victim)
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait(timeout=30)
         (killed,) = [r[0] for r in _sql(pg_url, running)]
     except BaseException:
         _finish(procs, timeout=1)
         raise
-    res = _finish(procs[:2])
+    res = _finish(procs[1:])
     for rc, err in res:
         assert rc == 0, err
 
@@ -169,14 +173,22 @@ def test_sigkilled_worker_on_another_machine(pg_url: str, tmp_path: Path) -> Non
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert len(complete) == n and len(trials) == n + 1  # nothing RUNNING or WAITING left
     assert len({json.dumps(t.params, sort_keys=True) for t in complete}) == n
+    # the victim may have finished a trial before its killed one (a slow machine)
     by_victim = sum(t.user_attrs["basin_host"] == "elsewhere" for t in complete)
     assert sum(_new(e) for _, e in res) + by_victim == n
     best = min(t.value for t in complete)
 
-    rc = main([*args, "--steps", "200"])
-    assert rc == 0
+    assert main(args) == 0
     st = optuna.load_study(study_name="f1-adabelief", storage=pg_url)
     assert len(st.trials) == n + 1 and st.best_value == best
+
+
+def _wait(cond, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def _has_trials(url: str) -> bool:
