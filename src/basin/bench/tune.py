@@ -795,7 +795,7 @@ def _work(
             time.sleep(poll)
             continue
         frozen = _run_trial(study, trial, objective, heartbeat_interval, TrialState)
-        n_new += 1
+        n_new += frozen.state in finished_states  # not one another worker failed as stale
         if on_trial is not None:
             on_trial(frozen, n_finished(), spec.n_trials)
     trials = study.get_trials(deepcopy=False)
@@ -843,14 +843,18 @@ def _run_trial(
             stop.set()
             hb.join()
     except optuna.TrialPruned:
-        return study.tell(trial, state=TrialState.PRUNED)
+        return study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # another worker failed this trial as stale (this one stalled past the grace period,
+        # e.g. a paused machine) and queued it again: the retry counts, this one goes on
+        return storage.get_trial(tid)
     except KeyboardInterrupt:
         _fail_and_requeue(study, tid)  # Ctrl-C: the same parameters run again next time
         raise
     except BaseException:
-        study.tell(trial, state=TrialState.FAIL)
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         raise
-    return study.tell(trial, value)
+    return study.tell(trial, value, skip_if_finished=True)
 
 
 # ------------------------------------------------------------------ report hook
