@@ -521,6 +521,13 @@ def bench(
     ),
     no_report: bool = typer.Option(False, "--no-report", help="Do not write a report."),
     list_workloads: bool = typer.Option(False, "--list", help="List workloads and exit."),
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray",
+        help="Train the runs as Ray tasks (pip install 'basin-optim[ray]'): local (a Ray on "
+        "this machine), auto or HOST:PORT (a running cluster). Same store, same resume.",
+    ),
+    ray_cpus: int | None = typer.Option(None, "--ray-cpus", help="CPUs of a --ray local Ray."),
     quiet: bool = _o_quiet(),
     # differential privacy (DP-SGD through Opacus, basin.bench.private)
     dp_epsilon: float | None = typer.Option(
@@ -577,6 +584,14 @@ def bench(
         raise UserError("--max-batch-size caps --adaptive-batch: give --adaptive-batch too")
     if adaptive_batch is not None and tune_trials:
         raise UserError("--adaptive-batch runs the optimizers' defaults: not with --tune")
+    if ray_cpus is not None and ray_address != "local":
+        raise UserError("--ray-cpus sizes a --ray local Ray")
+    if ray_cpus is not None and ray_cpus < 1:
+        raise UserError(f"--ray-cpus must be >= 1, got {ray_cpus}")
+    if ray_address is not None:
+        from basin.bench.ray_sweep import require_ray
+
+        require_ray()
     sched = _schedule(schedule, warmup=warmup, decay=decay, decay_shape=decay_shape, cycles=cycles)
     overrides = _overrides(hp, optimizers, opts)
     ws = [wl.get(n) for n in names]
@@ -634,7 +649,13 @@ def bench(
                                          extra, quiet)  # fmt: skip
             display, cb = _progress(quiet)
             with display:
-                done = sweep(configs, store, progress=cb, on_result=on_result)
+                if ray_address is None:
+                    done = sweep(configs, store, progress=cb, on_result=on_result)
+                else:
+                    from basin.bench.ray_sweep import sweep_ray
+
+                    done = sweep_ray(configs, store, address=ray_address, num_cpus=ray_cpus,
+                                     threads=threads, progress=cb, on_result=on_result)  # fmt: skip
         except KeyboardInterrupt:
             raise Interrupted(
                 f"interrupted: {stored['n']} run(s) stored in {storage}; rerun to resume"
@@ -824,7 +845,8 @@ def tune(
         False, "--show-space", help="Print the search space as JSON and exit."
     ),
     storage: str = _o_storage(
-        "SQLAlchemy URL of the studies (sqlite:///file.db, postgresql://... for several workers)."
+        "SQLAlchemy URL of the studies (sqlite:///file.db; postgresql+psycopg://user@host/db "
+        "for workers on several machines)."
     ),
     study_name: str | None = typer.Option(
         None, "--study-name", help="Default: WORKLOAD-OPTIMIZER. Rerunning resumes it."

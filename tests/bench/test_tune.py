@@ -244,6 +244,33 @@ def test_resume_after_sigkill(tmp_path: Path, host: str) -> None:
     assert r.n_complete == 4 and r.n_failed == 1
 
 
+def test_a_worker_whose_trial_was_failed_as_stale_goes_on(tmp_path: Path) -> None:
+    """A worker that stalled past the grace period finds its trial failed and queued again
+    by another worker (done here from inside its own training): it drops that run without
+    raising, runs the retry and the study still ends with exactly N finished trials."""
+    url = _url(tmp_path)
+    spec = prepare("f1", "adabelief", 2, storage=url, pruner="none", **FAST)
+    taken: list[int] = []
+
+    def progress(step: int, steps: int | None) -> None:
+        if taken or step < 15:
+            return
+        from basin.bench.tune import _fail_and_requeue, _open_storage
+
+        st = optuna.load_study(study_name=spec.study_name, storage=_open_storage(spec, 10, 30))
+        (t,) = st.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+        assert _fail_and_requeue(st, t._trial_id)  # what a worker on another host does
+        taken.append(t.number)
+
+    r = tune(spec, progress=progress)
+    trials = optuna.load_study(study_name=spec.study_name, storage=url).trials
+    (failed,) = [t for t in trials if t.state.name == "FAIL"]
+    assert failed.number == taken[0] and "hparams" in failed.user_attrs
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == failed.number]
+    assert retry.state.name == "COMPLETE" and retry.params == failed.params
+    assert r.n_complete == 2 and r.n_failed == 1 and r.n_new == 2 and len(trials) == 3
+
+
 # ------------------------------------------------------------------ report hook and CLI
 
 

@@ -58,6 +58,7 @@ OBJECTIVES = ("metric", "eval_loss")
 HEARTBEAT_INTERVAL = 10
 GRACE_PERIOD = 30
 MAX_RETRY = 3
+CONNECT_TIMEOUT = 10  # seconds to reach a database server
 
 
 @dataclass
@@ -253,6 +254,24 @@ def _check_storage_url(url: str) -> None:
         u = make_url(url)
     except Exception as exc:  # noqa: BLE001 -- sqlalchemy raises several types
         raise ValueError(f"cannot parse storage URL {url!r}: {exc}") from None
+    try:
+        dialect = u.get_dialect()
+    except Exception:  # noqa: BLE001 -- NoSuchModuleError: no such database or driver
+        raise ValueError(
+            f"storage {url!r}: SQLAlchemy knows no database driver {u.drivername!r}"
+        ) from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        hint = (
+            "; pip install 'basin-optim[postgres]' and use postgresql+psycopg://..."
+            if u.get_backend_name() == "postgresql"
+            else ""
+        )
+        raise ValueError(
+            f"storage {url!r} needs the database driver {exc.name or u.drivername!r}, "
+            f"which is not installed{hint}"
+        ) from None
     if u.get_backend_name() == "sqlite":
         db = u.database or ""
         if db in ("", ":memory:"):
@@ -366,6 +385,8 @@ def _open_storage(spec: TuneSpec, heartbeat: int, grace: int) -> Any:
         except OSError as exc:
             raise ValueError(f"cannot create storage {url!r}: {exc.strerror}") from None
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    else:
+        kwargs["engine_kwargs"] = {"connect_args": _connect_args(u)}
     try:
         return _retry_init(
             lambda: optuna.storages.RDBStorage(
@@ -380,6 +401,14 @@ def _open_storage(spec: TuneSpec, heartbeat: int, grace: int) -> Any:
         )
     except Exception as exc:  # noqa: BLE001 -- driver missing, unreachable server, bad file
         raise ValueError(f"cannot open storage {url!r}: {_one_line(exc)}") from None
+
+
+def _connect_args(u: Any) -> dict[str, Any]:
+    """A server that does not answer fails in seconds, not after the TCP timeout (libpq's
+    ``connect_timeout``, unless the URL sets one)."""
+    if u.get_backend_name() != "postgresql" or "connect_timeout" in u.query:
+        return {}
+    return {"connect_timeout": CONNECT_TIMEOUT}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -415,7 +444,9 @@ class _Guard:
         self.sa = sa
         sqlite = url.lower().startswith("sqlite")
         self.engine = sa.create_engine(
-            url, connect_args={"timeout": 60} if sqlite else {}, poolclass=sa.pool.NullPool
+            url,
+            connect_args={"timeout": 60} if sqlite else _connect_args(sa.engine.make_url(url)),
+            poolclass=sa.pool.NullPool,
         )
         if sqlite:
 
@@ -765,7 +796,7 @@ def _work(
             time.sleep(poll)
             continue
         frozen = _run_trial(study, trial, objective, heartbeat_interval, TrialState)
-        n_new += 1
+        n_new += frozen.state in finished_states  # not one another worker failed as stale
         if on_trial is not None:
             on_trial(frozen, n_finished(), spec.n_trials)
     trials = study.get_trials(deepcopy=False)
@@ -813,14 +844,18 @@ def _run_trial(
             stop.set()
             hb.join()
     except optuna.TrialPruned:
-        return study.tell(trial, state=TrialState.PRUNED)
+        return study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # another worker failed this trial as stale (this one stalled past the grace period,
+        # e.g. a paused machine) and queued it again: the retry counts, this one goes on
+        return storage.get_trial(tid)
     except KeyboardInterrupt:
         _fail_and_requeue(study, tid)  # Ctrl-C: the same parameters run again next time
         raise
     except BaseException:
-        study.tell(trial, state=TrialState.FAIL)
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         raise
-    return study.tell(trial, value)
+    return study.tell(trial, value, skip_if_finished=True)
 
 
 # ------------------------------------------------------------------ report hook
