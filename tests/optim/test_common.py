@@ -427,9 +427,12 @@ _LR_SHAPES = [pytest.param((), id="0d"), pytest.param((1,), id="1"), pytest.para
 
 
 def _lr_names(case: OptimCase) -> list[str]:
-    """The constructor's learning rates: ``lr`` and a fallback's (``adamw_lr``, ``adam_lr``)."""
+    """The constructor's learning rates: ``lr`` and a fallback's (``adamw_lr``), not the
+    deprecated spellings (default None)."""
     names = inspect.signature(case.cls.__init__).parameters
-    return [n for n in names if n == "lr" or n.endswith("_lr")]
+    return [
+        n for n, p in names.items() if (n == "lr" or n.endswith("_lr")) and p.default is not None
+    ]
 
 
 def _paths(case: OptimCase) -> list[bool]:

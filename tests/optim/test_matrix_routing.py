@@ -91,7 +91,7 @@ def test_automatic_group_moves_vectors_to_a_companion_group(name: str) -> None:
     """matrix_rule=None on a group of Muon/SWAN (whose AdamW has its own defaults): the matrices
     stay, the rest move to a matrix_rule=False group right after it."""
     model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 2))
-    fallback_lr = {"muon": {"adamw_lr": 0.5}, "swan": {"adam_lr": 0.5}}[name]
+    fallback_lr = {"muon": {"adamw_lr": 0.5}, "swan": {"adamw_lr": 0.5}}[name]
     groups = [{"params": model.parameters(), "matrix_rule": None}]
     opt = bo.create(name, groups, **_HP[name], **fallback_lr)
     mg, ag = opt.param_groups

@@ -4,6 +4,9 @@ rank-deficient layers of the default test MLP."""
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import torch
 from optim_db import mlp
@@ -87,7 +90,7 @@ def test_trains_the_default_mlp_with_rank_deficient_layers() -> None:
     default 10 iterations the run stays finite and learns (float32)."""
     torch.manual_seed(0)
     model = mlp()
-    opt = bo.SWAN(model.parameters(), adam_fallback=True, lr=0.01, adam_lr=0.01)
+    opt = bo.SWAN(model.parameters(), adamw_fallback=True, lr=0.01, adamw_lr=0.01)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(256, 8, generator=gen)
     y = (x @ torch.randn(8, 4, generator=gen)).argmax(1)
@@ -105,7 +108,7 @@ def test_non_matrix_parameter_without_fallback_raises() -> None:
         bo.SWAN(nn.Linear(3, 3).named_parameters())
     groups = bo.matrix_param_groups(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)))
     assert [g["matrix_rule"] for g in groups] == [True, False]
-    opt = bo.SWAN(groups, adam_lr=2e-3)
+    opt = bo.SWAN(groups, adamw_lr=2e-3)
     assert opt.param_groups[1]["lr"] == 2e-3 and opt.param_groups[1]["betas"] == (0.9, 0.999)
 
 
@@ -182,3 +185,29 @@ def test_rescale_equals_the_sqrt_mn_form() -> None:
     torch.testing.assert_close(direction, (7 * 13) ** 0.5 * w / w.norm(), rtol=0, atol=1e-11)
     G[2] = 1.5  # a constant row: GradNorm gives 0 there with eps > 0
     assert grad_norm(G, 1e-8).norm() ** 2 < 6.0 * 13 + 1e-6
+
+
+def test_deprecated_adam_spellings_warn_and_mean_the_adamw_options() -> None:
+    """``adam_*`` (before 0.2) still work, warn, and give the same optimizer as ``adamw_*``."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 3))
+    x = torch.randn(16, 6)
+    new = dict(adamw_fallback=True, adamw_lr=3e-3, adamw_betas=(0.8, 0.99), adamw_eps=1e-6,
+               adamw_weight_decay=0.05)  # fmt: skip
+    old = {k.replace("adamw_", "adam_"): v for k, v in new.items()}
+    results = []
+    for hp in (new, old):
+        model = copy.deepcopy(net)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt = bo.SWAN(model.parameters(), lr=0.01, **hp)
+        names = {str(w.message).split()[1] for w in caught if w.category is DeprecationWarning}
+        assert names == ({k for k in old} if hp is old else set())
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert not opt.param_groups[1]["matrix_rule"] and opt.param_groups[1]["lr"] == 3e-3

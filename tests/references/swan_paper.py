@@ -27,11 +27,11 @@ def exact_whitening(G: torch.Tensor, rel_cutoff: float = 1e-10) -> torch.Tensor:
 
 class SWANPaper(Optimizer):
     def __init__(self, params, lr=1e-3, weight_decay=0.0, eps=1e-8, rescale=True,
-                 adam_lr=1e-3, adam_betas=(0.9, 0.999), adam_eps=1e-8, adam_weight_decay=0.0,
+                 adamw_lr=1e-3, adamw_betas=(0.9, 0.999), adamw_eps=1e-8, adamw_weight_decay=0.0,
                  **_ignored):  # fmt: skip
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, eps=eps,
-                         rescale=rescale, adam_lr=adam_lr, adam_betas=adam_betas,
-                         adam_eps=adam_eps, adam_weight_decay=adam_weight_decay))  # fmt: skip
+                         rescale=rescale, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
+                         adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay))  # fmt: skip
 
     @torch.no_grad()
     def step(self):
@@ -55,13 +55,13 @@ class SWANPaper(Optimizer):
                         st["exp_avg_sq"] = torch.zeros_like(g)
                     st["step"] += 1
                     t = st["step"]
-                    b1, b2 = group["adam_betas"]
-                    lr, wd = group["adam_lr"], group["adam_weight_decay"]
+                    b1, b2 = group["adamw_betas"]
+                    lr, wd = group["adamw_lr"], group["adamw_weight_decay"]
                     st["exp_avg"] = b1 * st["exp_avg"] + (1 - b1) * g
                     st["exp_avg_sq"] = b2 * st["exp_avg_sq"] + (1 - b2) * g * g
                     m_hat = st["exp_avg"] / (1 - b1**t)
                     v_hat = st["exp_avg_sq"] / (1 - b2**t)
                     new = p.double() * (1 - lr * wd) - lr * m_hat / (
-                        v_hat.sqrt() + group["adam_eps"]
+                        v_hat.sqrt() + group["adamw_eps"]
                     )
                 p.copy_(new)

@@ -8,12 +8,12 @@ Every parameter group carries ``matrix_rule``:
   parameter with ``ndim < 2`` raises ``ValueError`` naming it and saying how to route it.
 * ``False``: every parameter gets AdamW with the group's ``lr``, ``betas``, ``eps`` and
   ``weight_decay`` (missing ones are filled from the optimizer's fallback defaults).
-* ``None`` (automatic): the optimizer's ``_takes(p, group)`` decides per parameter (Muon and
-  SWAN: ``ndim >= 2``; COSMOS: 2-D with at most ``max_rows`` rows; FRUGAL: 2-D). Optimizers
-  whose own hyperparameters are AdamW's (COSMOS, FRUGAL: ``_companion = False``) keep the
-  other parameters in the group; the others (Muon, SWAN) move them to a companion
-  ``matrix_rule=False`` group right after it, which takes the fallback defaults (group 0 stays
-  the matrix group).
+* ``None`` (automatic): the optimizer's ``_uses_matrix_rule(p, group)`` decides per parameter
+  (Muon and SWAN: ``ndim >= 2``; COSMOS: 2-D with at most ``max_rows`` rows; FRUGAL: 2-D).
+  Optimizers whose own hyperparameters are AdamW's (COSMOS, FRUGAL:
+  ``_separate_fallback_group = False``) keep the other parameters in the group; the others
+  (Muon, SWAN) move them to a companion ``matrix_rule=False`` group right after it, which takes
+  the fallback defaults (group 0 stays the matrix group).
 
 Orientation: the matrix rules are defined on a weight as ``(out, in)`` (``nn.Linear``'s
 layout): Muon's scale ``sqrt(max(1, out/in))``, SWAN's row standardisation and whitening side,
@@ -59,10 +59,11 @@ FALLBACK_KEYS = ("lr", "betas", "eps", "weight_decay")
 class MatrixOptimizer(BasinOptimizer):
     """Base class. Subclasses set ``_algo`` (name for messages), ``_fallback_kw`` (the
     constructor flag that makes ``matrix_rule=None`` the default, or None where it already is)
-    and ``_companion`` (see the module docstring), implement ``_check_hparams(group)`` (the
-    matrix rule's hyperparameters: run on the defaults and on every group) and
-    ``_matrix_step(group, params)``, and may override ``_takes`` (the automatic rule) and
-    ``_check_params(group, gi)`` (per-parameter checks of the matrix rule).
+    and ``_separate_fallback_group`` (see the module docstring), implement
+    ``_check_hparams(group)`` (the matrix rule's hyperparameters: run on the defaults and on
+    every group) and ``_matrix_step(group, params)``, and may override ``_uses_matrix_rule``
+    (the automatic rule) and ``_check_params(group, gi)`` (per-parameter checks of the matrix
+    rule).
 
     ``fallback``: ``lr``, ``betas``, ``eps``, ``weight_decay`` defaults of ``matrix_rule=False``
     groups, validated under the constructor names ``fallback_prefix + key``; None where the
@@ -70,7 +71,7 @@ class MatrixOptimizer(BasinOptimizer):
 
     _algo = "MatrixOptimizer"
     _fallback_kw: str | None = None
-    _companion = True
+    _separate_fallback_group = True
 
     def __init__(
         self,
@@ -91,7 +92,7 @@ class MatrixOptimizer(BasinOptimizer):
 
     # ------------------------------------------------------------ routing
 
-    def _takes(self, p: Tensor, group: dict[str, Any]) -> bool:
+    def _uses_matrix_rule(self, p: Tensor, group: dict[str, Any]) -> bool:
         """Automatic rule (``matrix_rule=None``): does the matrix rule update ``p``?"""
         return p.ndim >= 2
 
@@ -102,7 +103,7 @@ class MatrixOptimizer(BasinOptimizer):
             matrix: list[Tensor] = []
             fallback: list[Tensor] = []
             for p in group["params"]:
-                (matrix if self._takes(p, group) else fallback).append(p)
+                (matrix if self._uses_matrix_rule(p, group) else fallback).append(p)
             return matrix, fallback
         return (list(group["params"]), []) if rule else ([], list(group["params"]))
 
@@ -120,13 +121,13 @@ class MatrixOptimizer(BasinOptimizer):
             raise ValueError(
                 f"transposed must be True (weights stored (in, out)) or False, got {transposed!r}"
             )
-        if rule is None and self._companion:
+        if rule is None and self._separate_fallback_group:
             merged = {**self.defaults, **group}
             matrix: list[Any] = []
             other: list[Any] = []
             for item in group["params"]:
                 p = item[1] if isinstance(item, tuple) else item
-                (matrix if self._takes(p, merged) else other).append(item)
+                (matrix if self._uses_matrix_rule(p, merged) else other).append(item)
             self._warn_ndim_routing(matrix, other)
             if matrix or not other:
                 self.add_param_group({**group, "params": matrix, "matrix_rule": True})

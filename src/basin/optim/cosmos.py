@@ -161,7 +161,7 @@ class COSMOS(MatrixOptimizer):
     """
 
     _algo = "COSMOS"
-    _companion = False
+    _separate_fallback_group = False
 
     def __init__(
         self,
@@ -202,11 +202,11 @@ class COSMOS(MatrixOptimizer):
         )
         super().__init__(params, defaults, None)
 
-    def _takes(self, p: Tensor, group: dict[str, Any]) -> bool:
+    def _uses_matrix_rule(self, p: Tensor, group: dict[str, Any]) -> bool:
         return p.ndim == 2 and matrix_shape(p, group["transposed"])[0] <= group["max_rows"]
 
     def _check_hparams(self, group: dict[str, Any]) -> None:
-        _check_hparams(group)
+        check_group_hparams(group)
 
     def _matrix_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         for p in self._with_grad(params):
@@ -241,7 +241,7 @@ class COSMOS(MatrixOptimizer):
             )
 
 
-def _check_hparams(group: dict[str, Any]) -> None:
+def check_group_hparams(group: dict[str, Any]) -> None:
     check_fallback(group)  # lr, betas, eps, weight_decay: shared with the AdamW fallback
     check_nonnegative("lr_ratio", group["lr_ratio"])
     check_nonnegative("gamma", group["gamma"])

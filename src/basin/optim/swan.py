@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -56,8 +57,8 @@ class SWAN(MatrixOptimizer):
     ``matrix_rule`` is ``True`` (default: SWAN; an ``ndim < 2`` parameter raises ``ValueError``
     naming it), ``False`` (AdamW) or ``None`` (``ndim >= 2`` to SWAN, the rest to a companion
     AdamW group); :func:`basin.optim.matrix_param_groups` builds the groups, and
-    ``adam_fallback=True`` makes ``None`` the default. ``matrix_rule=False`` groups take missing
-    hyperparameters from the ``adam_*`` fallback defaults (lr 1e-3, betas (0.9, 0.999), eps
+    ``adamw_fallback=True`` makes ``None`` the default. ``matrix_rule=False`` groups take missing
+    hyperparameters from the ``adamw_*`` fallback defaults (lr 1e-3, betas (0.9, 0.999), eps
     1e-8, decoupled weight decay 0).
 
     Args:
@@ -69,12 +70,14 @@ class SWAN(MatrixOptimizer):
             coupled iteration; see :func:`basin.optim._kernels.whiten_newton_schulz`).
         eps: added to the row std and to the norm in the rescaling (default 1e-8).
         rescale: rescale the whitened matrix to the Frobenius norm of ``G~`` (default True).
-        adam_lr: the AdamW fallback's learning rate.
-        adam_betas: the fallback's betas.
-        adam_eps: the fallback's epsilon.
-        adam_weight_decay: the fallback's decoupled weight decay.
-        adam_fallback: default ``matrix_rule=None`` (automatic routing) instead of True
-            (default False).
+        adamw_lr: the AdamW fallback's learning rate.
+        adamw_betas: the fallback's betas.
+        adamw_eps: the fallback's epsilon.
+        adamw_weight_decay: the fallback's decoupled weight decay.
+        adamw_fallback: default ``matrix_rule=None`` (automatic routing) instead of True
+            (default False). The same options as :class:`Muon`'s; the former spellings
+            ``adam_lr``, ``adam_betas``, ``adam_eps``, ``adam_weight_decay`` and
+            ``adam_fallback`` still work and warn (``DeprecationWarning``).
         maximize: maximize the objective (default False).
         foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
         nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
@@ -139,7 +142,7 @@ class SWAN(MatrixOptimizer):
     """
 
     _algo = "SWAN"
-    _fallback_kw = "adam_fallback"
+    _fallback_kw = "adamw_fallback"
 
     def __init__(
         self,
@@ -151,16 +154,34 @@ class SWAN(MatrixOptimizer):
         rescale: bool = True,
         *,
         ns_beta: float = 0.5,
-        adam_lr: float | Tensor = 1e-3,
-        adam_betas: tuple[float, float] = (0.9, 0.999),
-        adam_eps: float = 1e-8,
-        adam_weight_decay: float = 0.0,
-        adam_fallback: bool = False,
+        adamw_lr: float | Tensor = 1e-3,
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float = 0.0,
+        adamw_fallback: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
         nonfinite: str = "raise",
+        # deprecated spellings of the adamw_* options (before 0.2)
+        adam_lr: float | Tensor | None = None,
+        adam_betas: tuple[float, float] | None = None,
+        adam_eps: float | None = None,
+        adam_weight_decay: float | None = None,
+        adam_fallback: bool | None = None,
     ) -> None:
-        check_bool("adam_fallback", adam_fallback)
+        old = dict(lr=adam_lr, betas=adam_betas, eps=adam_eps, weight_decay=adam_weight_decay,
+                   fallback=adam_fallback)  # fmt: skip
+        new = dict(lr=adamw_lr, betas=adamw_betas, eps=adamw_eps, weight_decay=adamw_weight_decay,
+                   fallback=adamw_fallback)  # fmt: skip
+        for key, value in old.items():
+            if value is not None:
+                warnings.warn(
+                    f"SWAN: adam_{key} is deprecated, use adamw_{key} (as Muon does)",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+                new[key] = value
+        check_bool("adamw_fallback", new["fallback"])
         defaults = dict(
             lr=lr,
             weight_decay=weight_decay,
@@ -172,8 +193,8 @@ class SWAN(MatrixOptimizer):
             foreach=foreach,
             nonfinite=nonfinite,
         )
-        fallback = dict(lr=adam_lr, betas=adam_betas, eps=adam_eps, weight_decay=adam_weight_decay)
-        super().__init__(params, defaults, None if adam_fallback else True, fallback, "adam_")
+        fallback = {k: new[k] for k in ("lr", "betas", "eps", "weight_decay")}
+        super().__init__(params, defaults, None if new["fallback"] else True, fallback, "adamw_")
 
     def _check_hparams(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
@@ -284,8 +305,8 @@ register(
         capabilities=ELEMENTWISE_CAPS | {"matrix", "fallback", "stateless"},
         state_note="matrices: stateless (0.0); Adam fallback params (embeddings, head, ndim<2): 2.0",
         family="matrix",
-        lr_from={"lr": ("adaptive",), "adam_lr": ("adaptive",)},
-        search_space={"lr": LR_ADAPTIVE, "adam_lr": LR_ADAPTIVE, "weight_decay": WEIGHT_DECAY},
+        lr_from={"lr": ("adaptive",), "adamw_lr": ("adaptive",)},
+        search_space={"lr": LR_ADAPTIVE, "adamw_lr": LR_ADAPTIVE, "weight_decay": WEIGHT_DECAY},
         param_groups=matrix_groups,
     )
 )

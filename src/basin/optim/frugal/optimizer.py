@@ -188,7 +188,7 @@ class FRUGAL(MatrixOptimizer):
     """
 
     _algo = "FRUGAL"
-    _companion = False
+    _separate_fallback_group = False
 
     def __init__(
         self,
@@ -233,11 +233,11 @@ class FRUGAL(MatrixOptimizer):
         )
         super().__init__(params, defaults, None)
 
-    def _takes(self, p: Tensor, group: dict[str, Any]) -> bool:
+    def _uses_matrix_rule(self, p: Tensor, group: dict[str, Any]) -> bool:
         return p.ndim == 2
 
     def _check_hparams(self, group: dict[str, Any]) -> None:
-        _check_hparams(group)
+        check_group_hparams(group)
 
     def _check_params(self, group: dict[str, Any], gi: int) -> None:
         if group["proj_type"] != "block" or group["block_order"] != "mirror":
@@ -312,7 +312,7 @@ class FRUGAL(MatrixOptimizer):
             )
 
 
-def _check_hparams(group: dict[str, Any]) -> None:
+def check_group_hparams(group: dict[str, Any]) -> None:
     check_fallback(group)  # lr, betas, eps, weight_decay: shared with the AdamW fallback
     check_range("density", group["density"], 0.0, 1.0, low_inclusive=False)
     check_nonnegative("inactive_lr_scale", group["inactive_lr_scale"])
