@@ -191,7 +191,7 @@ class RegularizedNewton(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         if closure is None:
             raise ValueError("RegularizedNewton.step needs a closure that returns the loss")
         group = self.param_groups[0]
