@@ -318,3 +318,14 @@ def test_negative_curvature_regularizes_more_and_reaches_a_local_minimum(solver)
         losses.append(float(closure().detach()))
     assert all(b <= a for a, b in zip(losses, losses[1:]))
     torch.testing.assert_close(x.detach().abs(), torch.ones(3, dtype=D), rtol=0, atol=1e-8)
+
+
+def test_step_returns_the_closure_loss_at_the_start():
+    q, b = _quadratic(n=3)
+    x = torch.ones(3, dtype=D, requires_grad=True)
+    closure = _quad_closure(x, q, b)
+    before = float(closure().detach())
+    opt = RegularizedNewton([x])
+    out = opt.step(closure)
+    assert isinstance(out, torch.Tensor) and float(out.detach()) == before
+    assert float(closure().detach()) < before

@@ -33,7 +33,7 @@ class RegularizedNewton(torch.optim.Optimizer):
     rule of gradient-regularized Newton).
 
     ``step(closure)`` needs a closure that zeroes the gradients, computes the loss, calls
-    ``backward()`` and returns the loss; one step costs one closure call at ``x_k`` plus one per
+    ``backward()`` and returns the loss (``step`` returns its value at ``x_k``); one step costs one closure call at ``x_k`` plus one per
     try, plus the curvature products. ``curvature`` gives ``A_k``:
 
     - ``None``: Hessian-vector products by central differences of closure gradients,
@@ -112,7 +112,7 @@ class RegularizedNewton(torch.optim.Optimizer):
                 p.copy_(flat[i : i + p.numel()].view_as(p))
                 i += p.numel()
 
-    def _eval(self, closure: Callable[[], Any]) -> tuple[float, Tensor]:
+    def _eval(self, closure: Callable[[], Any]) -> tuple[Any, float, Tensor]:
         with torch.enable_grad():
             loss = closure()
         if loss is None:
@@ -125,10 +125,10 @@ class RegularizedNewton(torch.optim.Optimizer):
                 for p in self._params()
             ]
         )
-        value = float(loss)
+        value = float(loss.detach() if isinstance(loss, Tensor) else loss)
         if not math.isfinite(value) or not torch.isfinite(grad).all():
             raise ValueError(f"non-finite loss or gradient (loss {value})")
-        return value, grad.clone()
+        return loss, value, grad.clone()
 
     # ------------------------------------------------------------------ curvature
     def _operator(self, closure: Callable[[], Any], x: Tensor) -> Callable[[Tensor], Tensor]:
@@ -141,9 +141,9 @@ class RegularizedNewton(torch.optim.Optimizer):
                     return torch.zeros_like(v)
                 h = scale / nv
                 self._set_params(x + h * v)
-                _, gp = self._eval(closure)
+                _, _, gp = self._eval(closure)
                 self._set_params(x - h * v)
-                _, gm = self._eval(closure)
+                _, _, gm = self._eval(closure)
                 self._set_params(x)
                 return (gp - gm) / (2 * h)
 
@@ -199,11 +199,11 @@ class RegularizedNewton(torch.optim.Optimizer):
         gamma = float(state.get("gamma", group["gamma"]))
         eps, gamma_min = group["eps"], group["gamma_min"]
         x = self._flat_params()
-        f, g = self._eval(closure)
+        loss, f, g = self._eval(closure)
         g_norm = float(g.norm())
         if g_norm == 0.0:
             state["gamma"] = gamma
-            return f
+            return loss
         av = self._operator(closure, x)
         dense = eye = None
         if self.solver == "exact":
@@ -232,11 +232,11 @@ class RegularizedNewton(torch.optim.Optimizer):
             moved = True
             if not self.adaptive:
                 break
-            f_new, g_new = self._eval(closure)
+            _, f_new, g_new = self._eval(closure)
             if f - f_new >= float(g_new @ g_new) / (8 * lam):
                 gamma = max(2.0 * gamma, gamma_min)
                 break
             gamma *= 0.5
         state["gamma"] = gamma
         state["lam"] = lam
-        return f
+        return loss
