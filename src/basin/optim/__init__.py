@@ -24,6 +24,7 @@ from .registry import (
     register,
     resolve,
 )
+from .regularized_newton import RegularizedNewton
 from .sam import SAM
 from .schedule_free import ScheduleFreeAdamW, ScheduleFreeSGD
 from .sgd_sai import SGDSaI
@@ -31,6 +32,7 @@ from .soap import SOAP
 from .swan import SWAN
 
 __all__ = [
+    "RegularizedNewton",
     "COSMOS",
     "FRUGAL",
     "GGPO",

@@ -10,6 +10,7 @@ from .biper import BiPerConv2d, BiPerLinear, biper_sign, biper_weight, set_biper
 from .data import IndexedDataset
 from .lora import LoRALinear, add_lora, lora_parameters
 from .mesa import MESA
+from .odice import orthogonal_gradient, orthogonal_gradient_
 from .reste import ReSTEConv2d, ReSTELinear, ReSTESchedule, reste_grad, reste_o, reste_sign
 from .saf import SAF
 from .sar import SAR
@@ -42,4 +43,6 @@ __all__ = [
     "set_biper_stage",
     "tract",
     "tract_linear",
+    "orthogonal_gradient",
+    "orthogonal_gradient_",
 ]
