@@ -8,6 +8,7 @@ from .biper import BiPerConv2d, BiPerLinear, biper_sign, biper_weight, set_biper
 from .data import IndexedDataset
 from .lora import LoRALinear, add_lora, lora_parameters
 from .mesa import MESA
+from .nap import NormalizeAndProject, insert_layernorm
 from .reste import ReSTEConv2d, ReSTELinear, ReSTESchedule, reste_grad, reste_o, reste_sign
 from .saf import SAF
 from .sar import SAR
@@ -26,6 +27,8 @@ __all__ = [
     "reste_sign",
     "set_biper_stage",
     "MESA",
+    "NormalizeAndProject",
+    "insert_layernorm",
     "SAF",
     "SAR",
     "IndexedDataset",
