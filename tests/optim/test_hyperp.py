@@ -123,3 +123,17 @@ def test_hyperp_lr_rule() -> None:
         hyperp_lr(0.02, tokens=1e9)
     with pytest.raises(ValueError, match="base_lr"):
         hyperp_lr(0.0)
+
+
+def test_width_transfer_benchmark_runs() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "benchmarks" / "hyperp_width_transfer.py"
+    spec = importlib.util.spec_from_file_location("hyperp_width_transfer", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for method in ("adamw", "hyperp"):
+        best = mod.best_lrs(method, (8, 16), steps=2, lrs=[1e-3, 1e-2])
+        assert set(best) == {8, 16} and mod.shift(best) in (0.0, math.log2(10))
