@@ -125,7 +125,7 @@ def test_hyperp_lr_rule() -> None:
         hyperp_lr(0.0)
 
 
-def test_width_transfer_benchmark_runs() -> None:
+def _benchmark():  # benchmarks/hyperp_width_transfer.py as a module
     import importlib.util
     from pathlib import Path
 
@@ -134,6 +134,17 @@ def test_width_transfer_benchmark_runs() -> None:
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    for method in ("adamw", "hyperp"):
-        best = mod.best_lrs(method, (8, 16), steps=2, lrs=[1e-3, 1e-2])
-        assert set(best) == {8, 16} and mod.shift(best) in (0.0, math.log2(10))
+    return mod
+
+
+@pytest.mark.slow
+def test_lr_transfers_across_width_better_than_adamw() -> None:
+    """Widths 64 and 256, 30 full-batch steps, grids narrowed around each method's optima
+    (the full sweep is in docs/training-methods.md): HyperP's best lr is the same at both
+    widths, AdamW's moves by three octaves."""
+    torch.set_num_threads(1)
+    mod = _benchmark()
+    hyperp = mod.best_lrs("hyperp", (64, 256), 30, lrs=[2.0**-4, 2.0**-3, 2.0**-2])
+    adamw = mod.best_lrs("adamw", (64, 256), 30, lrs=[2.0**k for k in range(-8, -3)])
+    assert mod.shift(hyperp) <= 1.0
+    assert mod.shift(hyperp) < mod.shift(adamw)
