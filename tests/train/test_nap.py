@@ -159,3 +159,21 @@ def test_effective_lr_rule() -> None:
     assert math.isclose(effective_lr(0.1, 1.0), effective_lr(0.9, 3.0), rel_tol=1e-15)
     assert math.isclose(nap_matched_lr(0.1, 3.0, 1.0), 0.1 / 9.0, rel_tol=1e-15)
     assert math.isclose(nap_matched_lr(0.1, 3.0, 1.0, adaptive=True), 0.1 / 3.0, rel_tol=1e-15)
+
+
+def test_closure_is_passed_to_the_base() -> None:
+    model = _model()
+    x, y = _batch()
+    nap = NormalizeAndProject(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3))
+    r0 = list(nap.norms)
+
+    def closure() -> torch.Tensor:
+        nap.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    loss = nap.step(closure)
+    assert torch.is_tensor(loss)
+    for p, r in zip(nap.params, r0):
+        assert abs(float(p.detach().norm()) - r) <= 1e-12 * r

@@ -34,7 +34,8 @@ class HyperP:
 
     ``params``: the matrices on the sphere (default: every parameter of ``optimizer`` with
     ``ndim >= 2``); ``radius``: one radius for all instead of their initial norms; ``eps``: a
-    ``||D||`` at or below it leaves the weight where it is.
+    ``||D||`` at or below it leaves the weight where it is. The step holds a copy of the sphere
+    matrices (one extra parameter's worth of memory while it runs).
 
     Reference: Ren, Liu, Shen, Chen, arXiv:2603.28743 (2026); code github.com/microsoft/ArchScale
     (``lit_gpt/optim/muon.py``, ``use_muonh``). Differences: docs/training-methods.md.
