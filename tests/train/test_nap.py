@@ -177,3 +177,25 @@ def test_closure_is_passed_to_the_base() -> None:
     assert torch.is_tensor(loss)
     for p, r in zip(nap.params, r0):
         assert abs(float(p.detach().norm()) - r) <= 1e-12 * r
+
+
+def test_bench_entry_projects_after_each_step() -> None:
+    from basin.bench import make_config, run
+
+    res = run(make_config("mnist1d_mlp", "nap", steps=3))
+    assert math.isfinite(res.final["train_loss"])
+    from basin.bench import workloads as wl
+    from basin.bench.runner import build_training
+
+    task = wl.get("mnist1d_mlp").build(0)
+    opt, method = build_training("nap", {"lr": 1e-2}, task)
+    norms = [float(p.detach().double().norm()) for p in task.model.parameters() if p.ndim >= 2]
+    x, y = task.probe_batch
+    nn.functional.cross_entropy(task.model(x), y).backward()
+    opt.step()
+    method.after_step(task.model)
+    after = [float(p.detach().double().norm()) for p in task.model.parameters() if p.ndim >= 2]
+    for a, b in zip(after, norms):
+        assert abs(a - b) <= 1e-6 * b  # float32 weights
+    with pytest.raises(ValueError, match="weight matrices"):
+        make_config("rosenbrock", "nap", steps=2)

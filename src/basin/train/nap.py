@@ -183,3 +183,76 @@ def insert_layernorm(model: nn.Module) -> nn.Module:
             for j, layer in enumerate(out):
                 module.add_module(str(j), layer)
     return model
+
+
+class _BenchNaP:
+    """NaP in the harness: the task's weights (``ndim >= 2``) projected back to their norms at
+    the start of the run after every optimizer step; nothing added to the loss."""
+
+    state_bytes = 0
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = [p for p in model.parameters() if p.ndim >= 2]
+        self.norms = [float(p.detach().double().norm()) for p in self.params]
+
+    def penalty(self, x: Any, y: Any, out: Tensor) -> Tensor:
+        return out.new_zeros(())
+
+    @torch.no_grad()
+    def after_step(self, model: Any) -> None:
+        for p, r in zip(self.params, self.norms):
+            n = float(p.double().norm())
+            if n > 0 and math.isfinite(n):
+                p.mul_(r / n)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"norms": list(self.norms)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["norms"]) != len(self.norms):
+            raise ValueError("NaP state: a different number of projected weights")
+        self.norms = [float(n) for n in state["norms"]]
+
+
+def bench_method(task: Any) -> _BenchNaP:
+    """The harness's NaP (registry entry ``nap``, over AdamW): projection only, on the workload's
+    model as it is (its own normalization layers, if any; none is inserted, since the optimizer
+    is built first). ``ValueError`` for a workload without weight matrices (bare points)."""
+    params = [p for p in task.model.parameters() if p.ndim >= 2]
+    if not params:
+        raise ValueError(
+            "nap needs a model with weight matrices (ndim >= 2); this workload has none"
+        )
+    if any(not float(p.detach().double().norm()) > 0 for p in params):
+        raise ValueError("nap needs nonzero initial weights to project to their norms")
+    return _BenchNaP(task.model)
+
+
+def _register() -> None:
+    from basin.optim.param_groups import decay_groups
+    from basin.optim.registry import ADAM_SPACE, OptimInfo, Paper, register
+
+    register(
+        OptimInfo(
+            name="nap",
+            cls=torch.optim.AdamW,
+            paper=Paper(
+                "Normalization and effective learning rates in reinforcement learning",
+                "Lyle et al.",
+                "2407.01800",
+                2024,
+            ),
+            state_memory=2.0,
+            state_note="AdamW moments; NaP keeps one norm per weight matrix",
+            capabilities=frozenset({"method"}),
+            family="adaptive",
+            lr_scaling="sqrt",
+            lr_from={"lr": ("nap", "adaptive")},
+            search_space=dict(ADAM_SPACE),
+            param_groups=decay_groups,
+            method="basin.train.nap:bench_method",
+        )
+    )
+
+
+_register()
