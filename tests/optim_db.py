@@ -949,6 +949,15 @@ METHOD_CASES: list[OptimCase] = [
         tested_in="tests/train/test_tract.py",
     )
     for name, cls in (("tract", torch.optim.SGD), ("tract_adamw", torch.optim.AdamW))
+] + [
+    # nap: Normalize-and-Project's projection (basin.train.nap) over torch AdamW
+    OptimCase(
+        name="nap",
+        cls=torch.optim.AdamW,
+        variants=[{}],
+        method=True,
+        tested_in="tests/train/test_nap.py",
+    )
 ]
 
 CASES_BY_NAME = {c.name: c for c in CASES + METHOD_CASES}

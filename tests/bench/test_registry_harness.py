@@ -34,6 +34,8 @@ METHOD_WORKLOADS = {
     # tract: a first layer that is a Linear/Conv (not charlm's embedding, not a bare point)
     "tract": {"digits_cnn", "mnist1d_cnn", "mnist1d_mlp"},
     "tract_adamw": {"digits_cnn", "mnist1d_cnn", "mnist1d_mlp"},
+    # nap: weight matrices to project (not the bare points)
+    "nap": {"charlm", "digits_cnn", "mnist1d_cnn", "mnist1d_mlp"},
 }
 
 

@@ -11,6 +11,7 @@ from .diffgrad import DiffGrad
 from .exadam import EXAdam
 from .frugal import FRUGAL
 from .ggpo import GGPO
+from .hyperp import HyperP, hyperp_lr
 from .muon import Muon
 from .param_groups import matrix_param_groups, weight_decay_groups
 from .registry import (
@@ -36,6 +37,8 @@ __all__ = [
     "COSMOS",
     "FRUGAL",
     "GGPO",
+    "HyperP",
+    "hyperp_lr",
     "SAM",
     "SGDP",
     "SOAP",

@@ -10,6 +10,7 @@ from .biper import BiPerConv2d, BiPerLinear, biper_sign, biper_weight, set_biper
 from .data import IndexedDataset
 from .lora import LoRALinear, add_lora, lora_parameters
 from .mesa import MESA
+from .nap import NormalizeAndProject, insert_layernorm
 from .odice import orthogonal_gradient, orthogonal_gradient_
 from .reste import ReSTEConv2d, ReSTELinear, ReSTESchedule, reste_grad, reste_o, reste_sign
 from .saf import SAF
@@ -23,6 +24,7 @@ __all__ = [
     "IndexedDataset",
     "LoRALinear",
     "MESA",
+    "NormalizeAndProject",
     "ReSTEConv2d",
     "ReSTELinear",
     "ReSTESchedule",
@@ -35,7 +37,10 @@ __all__ = [
     "biper_sign",
     "biper_weight",
     "first_layer",
+    "insert_layernorm",
     "lora_parameters",
+    "orthogonal_gradient",
+    "orthogonal_gradient_",
     "per_sample_gradients",
     "reste_grad",
     "reste_o",
@@ -43,6 +48,4 @@ __all__ = [
     "set_biper_stage",
     "tract",
     "tract_linear",
-    "orthogonal_gradient",
-    "orthogonal_gradient_",
 ]
