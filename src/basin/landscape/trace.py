@@ -385,9 +385,9 @@ def hessian_trace(
             ``kind="ggn"`` only), ``"gn-split"`` (exact Gauss-Newton trace plus Hutchinson on
             the residual ``H - G`` with ``n_hvp`` products; see the module notes for when it
             applies), ``"gn-xtrace"`` (the same split with XTrace on the residual), or
-            ``"auto"``: ``"gn-xtrace"`` (exact ``"gn-split"`` for ``kind="ggn"``) where the
-            split applies, else ``"xtrace"`` (``"xnystrace"`` for ``kind="ggn"``). The
-            result's ``method`` names the one that ran.
+            ``"auto"``: ``"gn-split"`` (exact for ``kind="ggn"``) where the split applies,
+            else ``"xtrace"`` (``"xnystrace"`` for ``kind="ggn"``). The result's ``method``
+            names the one that ran.
         max_outputs: ``"gn-split"`` refuses models with more outputs per example (it makes
             one per-example Jacobian pass per output).
         kind: ``"hessian"`` (default) or ``"ggn"``. A ``CurvatureOperator`` passed as
@@ -429,8 +429,8 @@ def hessian_trace(
             try:
                 with autocast_off(op.device):
                     ggn, passes = _exact_ggn_trace(op, max_outputs)
-                if method == "auto":
-                    method = "gn-split" if kind == "ggn" else "gn-xtrace"
+                if method == "auto":  # Hutchinson beats XTrace on the bulk residual
+                    method = "gn-split"
             except GNSplitInapplicable:
                 if method != "auto":
                     raise
