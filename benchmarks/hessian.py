@@ -6,11 +6,13 @@ examples); a long float64 Lanczos run (tol 1e-10) and a float64 ``gn-split`` tra
 residual products (exact Gauss-Newton part; its standard error is printed) for the large one
 (40-300-300-10, 105,610 parameters, 1,000 examples). Both libraries run in float32 on the CPU on
 the same model and batch; PyHessian with its defaults (power iteration, tol 1e-3; Hutchinson, tol
-1e-3). basin's trace gets half of PyHessian's products, once with Hutch++ and once with
-``gn-split`` (which also makes one per-example Jacobian pass per class: the "J" column; compare
-the seconds). Errors are medians over ``--seeds`` seeds.
+1e-3). basin's trace gets half of PyHessian's products, with Hutch++, XTrace, ``gn-split`` and
+``gn-xtrace`` (what ``method="auto"`` picks here; the split methods also make one per-example
+Jacobian pass per class: the "J" column; compare the seconds). Errors are medians over
+``--seeds`` seeds; "rel.se" is the median reported standard error over the true trace.
+``--trace-only`` skips the eigenvalues (and the large model's Lanczos truth).
 
-    python benchmarks/hessian.py [--seeds 3] [--no-large] [--no-small]
+    python benchmarks/hessian.py [--seeds 3] [--no-large] [--no-small] [--trace-only]
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def pyhessian_counted(model, x, y):
     return h, count, lambda: setattr(ph, "hessian_vector_product", orig)
 
 
-def truth_small(model, x, y):
+def truth_small(model, x, y, trace_only=False):
     m = copy.deepcopy(model).double()
     names = [n for n, _ in m.named_parameters()]
     shapes = [p.shape for p in m.parameters()]
@@ -84,31 +86,37 @@ def truth_small(model, x, y):
     return ev.flip(0)[:5], float(h.trace()), 0.0
 
 
-def truth_large(model, x, y):
+def truth_large(model, x, y, trace_only=False):
     m = copy.deepcopy(model).double()
     data = (x.double(), y)
-    eig = hessian_eigenvalues(m, nn.functional.cross_entropy, data, k=5, tol=1e-10, max_iter=400)
-    assert bool(eig.converged.all()), "truth run did not converge"
+    if trace_only:
+        eig = None
+    else:
+        eig = hessian_eigenvalues(
+            m, nn.functional.cross_entropy, data, k=5, tol=1e-10, max_iter=400
+        )
+        assert bool(eig.converged.all()), "truth run did not converge"
     tr = hessian_trace(m, nn.functional.cross_entropy, data, n_hvp=400, method="gn-split", seed=123)
-    return eig.eigenvalues, tr.trace, tr.stderr
+    return (None if eig is None else eig.eigenvalues), tr.trace, tr.stderr
 
 
 def rel(a, b):
     return abs(float(a) - float(b)) / abs(float(b))
 
 
-def run_case(label, model, x, y, truth, seeds):
+def run_case(label, model, x, y, truth, seeds, trace_only=False):
     top5, tr_true, tr_se = truth
     rows = []
     lf = nn.functional.cross_entropy
     data = (x, y)
     # ---- PyHessian
-    res = {"top1": [], "top5": [], "trace": []}
+    keys = ("trace",) if trace_only else ("top1", "top5", "trace")
+    res = {k: [] for k in keys}
     for s in range(seeds):
         torch.manual_seed(s)
         h, count, restore = pyhessian_counted(model, x, y)
         try:
-            for key in ("top1", "top5", "trace"):
+            for key in keys:
                 count["n"] = 0
                 t0 = time.perf_counter()
                 if key == "trace":
@@ -125,36 +133,50 @@ def run_case(label, model, x, y, truth, seeds):
                     err = max(rel(v, t) for v, t in zip(val, top5))
                 else:
                     err = rel(val[0], tr_true)
-                res[key].append((count["n"], 0, sec, err))
+                res[key].append((count["n"], 0, sec, err, float("nan")))
         finally:
             restore()
     ph = {k: [statistics.median(c) for c in zip(*v)] for k, v in res.items()}
     # ---- basin: tol=1e-3 on the relative error *bound*, the accuracy PyHessian aims at
-    bres = {"top1": [], "top5": [], "trace": []}
+    bres = {k: [] for k in keys}
+    nan = float("nan")
     for s in range(seeds):
-        e1 = hessian_eigenvalues(model, lf, data, k=1, tol=1e-3, seed=s)
-        bres["top1"].append((e1.n_hvp, 0, e1.seconds, rel(e1.eigenvalues[0], top5[0])))
-        e5 = hessian_eigenvalues(model, lf, data, k=5, tol=1e-3, seed=s)
-        bres["top5"].append(
-            (e5.n_hvp, 0, e5.seconds, max(rel(a, b) for a, b in zip(e5.eigenvalues, top5)))
-        )
-        budget = max(3, int(ph["trace"][0]) // 2)
-        for key, method, n in (
-            ("trace", "hutch++", budget),
-            ("trace-gn", "gn-split", budget),
-            ("trace99", "hutch++", 99),
-        ):
+        if not trace_only:
+            e1 = hessian_eigenvalues(model, lf, data, k=1, tol=1e-3, seed=s)
+            bres["top1"].append((e1.n_hvp, 0, e1.seconds, rel(e1.eigenvalues[0], top5[0]), nan))
+            e5 = hessian_eigenvalues(model, lf, data, k=5, tol=1e-3, seed=s)
+            err5 = max(rel(a, b) for a, b in zip(e5.eigenvalues, top5))
+            bres["top5"].append((e5.n_hvp, 0, e5.seconds, err5, nan))
+        budget = max(4, int(ph["trace"][0]) // 2)
+        for key, method, n in TRACE_RUNS:
+            n = budget if n is None else n
             t = hessian_trace(model, lf, data, n_hvp=n, method=method, seed=s)
             bres.setdefault(key, []).append(
-                (t.n_hvp, t.n_jacobian_passes, t.seconds, rel(t.trace, tr_true))
+                (
+                    t.n_hvp,
+                    t.n_jacobian_passes,
+                    t.seconds,
+                    rel(t.trace, tr_true),
+                    t.stderr / abs(tr_true),
+                )
             )
     bs = {k: [statistics.median(c) for c in zip(*v)] for k, v in bres.items()}
-    for key in ("top1", "top5", "trace"):
+    for key in keys:
         rows.append((label, key, "pyhessian", *ph[key]))
         rows.append((label, key, "basin", *bs[key]))
-    rows.append((label, "trace", "basin gn-split", *bs["trace-gn"]))
-    rows.append((label, "trace", "basin (99 HVP)", *bs["trace99"]))
+    for key, _, _ in TRACE_RUNS[1:]:
+        rows.append((label, "trace", f"basin {key}", *bs[key]))
     return rows
+
+
+# (row key, method, products: None = half of PyHessian's); the first is the "basin" row
+TRACE_RUNS = (
+    ("trace", "hutch++", None),
+    ("xtrace", "xtrace", None),
+    ("gn-split", "gn-split", None),
+    ("gn-xtrace", "gn-xtrace", None),
+    ("hutch++ 99", "hutch++", 99),
+)
 
 
 def main():
@@ -162,6 +184,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--no-large", action="store_true")
     ap.add_argument("--no-small", action="store_true")
+    ap.add_argument("--trace-only", action="store_true", help="skip the eigenvalues")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     x, y = mnist1d(1000)
@@ -173,27 +196,30 @@ def main():
         xs, ys = x[:n], y[:n]
         model = trained_mlp(widths, xs, ys)
         t0 = time.perf_counter()
-        truth = truth_fn(model, xs, ys)
+        truth = truth_fn(model, xs, ys, args.trace_only)
         print(
             f"# {label}: {sum(p.numel() for p in model.parameters())} params, truth in {time.perf_counter() - t0:.1f}s;"
-            f" top-5 {[round(float(v), 6) for v in truth[0]]}, trace {truth[1]:.6g} (+- {truth[2]:.2g})",
+            f" top-5 {None if truth[0] is None else [round(float(v), 6) for v in truth[0]]},"
+            f" trace {truth[1]:.6g} (+- {truth[2]:.2g})",
             flush=True,
         )
-        rows += run_case(label, model, xs, ys, truth, args.seeds)
+        rows += run_case(label, model, xs, ys, truth, args.seeds, args.trace_only)
     print(
         f"\n{time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}  torch {torch.__version__}"
         f"  threads {torch.get_num_threads()}  medians over {args.seeds} seeds"
     )
     print(
         f"{'model':10s} {'quantity':8s} {'method':16s} {'HVPs':>6s} {'J':>4s} {'seconds':>8s}"
-        f" {'rel.err':>9s}"
+        f" {'rel.err':>9s} {'rel.se':>9s}"
     )
-    for label, key, meth, n, nj, sec, err in rows:
-        print(f"{label:10s} {key:8s} {meth:16s} {n:6.0f} {nj:4.0f} {sec:8.3f} {err:9.1e}")
+    for label, key, meth, n, nj, sec, err, se in rows:
+        print(f"{label:10s} {key:8s} {meth:16s} {n:6.0f} {nj:4.0f} {sec:8.3f} {err:9.1e} {se:9.1e}")
     for label in dict.fromkeys(r[0] for r in rows):
         for key in ("top1", "top5", "trace"):
-            p = next(r for r in rows if r[:3] == (label, key, "pyhessian"))
-            for meth in ("basin", "basin gn-split"):
+            p = next((r for r in rows if r[:3] == (label, key, "pyhessian")), None)
+            if p is None:  # --trace-only
+                continue
+            for meth in ("basin", *(f"basin {k}" for k, _, _ in TRACE_RUNS[1:])):
                 b = next((r for r in rows if r[:3] == (label, key, meth)), None)
                 if b is not None:
                     print(

@@ -174,7 +174,7 @@ def test_gn_split_bad_input(bn_setup, mlp_setup):
     with pytest.raises(ValueError, match="n_hvp"):
         hessian_trace(model, loss_fn, (x, y), method="gn-split", n_hvp=1)
     with pytest.raises(ValueError, match="method"):
-        hessian_trace(model, loss_fn, (x, y), method="xtrace")
+        hessian_trace(model, loss_fn, (x, y), method="xtrace++")
 
 
 class ReusedWeight(nn.Module):

@@ -1,4 +1,5 @@
-"""Hessian (or GGN) trace by Hutch++ or Hutchinson, with a standard error.
+"""Hessian (or GGN) trace by Hutch++, Hutchinson, XTrace or the Gauss-Newton split, with a
+standard error (XTrace and XNysTrace are in :mod:`basin.landscape.xtrace`).
 
 References: M. F. Hutchinson, "A stochastic estimator of the trace of the influence matrix for
 Laplacian smoothing splines", 1989; R. A. Meyer, C. Musco, C. Musco, D. P. Woodruff, "Hutch++:
@@ -52,6 +53,7 @@ from ._hvp import (
     full_precision,
     make_operator,
 )
+from .xtrace import xnystrace, xtrace
 
 __all__ = ["TraceResult", "hessian_trace"]
 
@@ -74,8 +76,23 @@ class TraceResult:
     n_jacobian_passes: int = 0
 
 
-METHODS = ("hutch++", "hutchinson", "gn-split")
-MIN_PRODUCTS = {"hutch++": 3, "hutchinson": 2, "gn-split": 2}  # for a standard error
+METHODS = ("auto", "hutch++", "hutchinson", "xtrace", "xnystrace", "gn-split", "gn-xtrace")
+# the fewest products that give a standard error
+MIN_PRODUCTS = {
+    "auto": 4,
+    "hutch++": 3,
+    "hutchinson": 2,
+    "xtrace": 4,
+    "xnystrace": 2,
+    "gn-split": 2,
+    "gn-xtrace": 4,
+}
+GN_METHODS = ("gn-split", "gn-xtrace")
+
+
+class GNSplitInapplicable(ValueError):
+    """The model or loss does not allow the exact Gauss-Newton split (``method="auto"`` then
+    falls back to XTrace on the whole operator)."""
 
 
 def _rademacher(n: int, dtype, device, gen) -> Tensor:
@@ -162,7 +179,7 @@ def _output_hessian_blocks(op: CurvatureOperator, out: Tensor, y: Tensor) -> Ten
             probe[0] = 1.0
             hp = hvp(probe)
             if hp is not None and float(hp[1:].abs().max()) > 1e-6 * float(hp.abs().max()):
-                raise ValueError(
+                raise GNSplitInapplicable(
                     "method='gn-split' needs a loss that is a sum or mean of per-example terms; "
                     "this loss_fn couples examples (use method='hutch++')"
                 )
@@ -234,13 +251,13 @@ def _exact_ggn_trace(op: CurvatureOperator, max_outputs: int, memory: int = 2**2
     model = op.model
     bn = _train_mode_batchnorm(model)
     if bn is not None:
-        raise ValueError(
+        raise GNSplitInapplicable(
             f"method='gn-split' needs examples that are independent, but {bn} is a BatchNorm in "
             "train mode: call model.eval() or use method='hutch++'"
         )
     drop = _train_mode_dropout(model)
     if drop is not None:
-        raise ValueError(
+        raise GNSplitInapplicable(
             f"method='gn-split' needs a deterministic forward (its per-example passes cannot "
             f"reuse the batch's masks), but {drop} is a Dropout in train mode: call "
             "model.eval() or use method='hutch++'"
@@ -272,7 +289,7 @@ def _exact_ggn_trace(op: CurvatureOperator, max_outputs: int, memory: int = 2**2
                 h.remove()
         c = out[0].numel()
         if c > max_outputs:
-            raise ValueError(
+            raise GNSplitInapplicable(
                 f"method='gn-split' computes one Jacobian pass per output; the model has {c} "
                 f"outputs per example, more than max_outputs={max_outputs} (raise it, or use "
                 "method='hutch++')"
@@ -362,9 +379,15 @@ def hessian_trace(
 
     Args:
         n_hvp: budget of curvature-vector products (Hutch++ needs >= 3, Hutchinson >= 2).
-        method: ``"hutch++"`` (default), ``"hutchinson"``, or ``"gn-split"`` (exact Gauss-Newton
-            trace plus Hutchinson on the residual ``H - G`` with ``n_hvp`` products; see the
-            module notes for when it applies and why it is more accurate).
+        method: ``"hutch++"`` (default), ``"hutchinson"``, ``"xtrace"`` (XTrace,
+            arXiv:2301.07825: ``n_hvp // 2`` Gaussian test vectors, error estimate from its
+            leave-one-out estimates), ``"xnystrace"`` (XNysTrace, for the positive semidefinite
+            ``kind="ggn"`` only), ``"gn-split"`` (exact Gauss-Newton trace plus Hutchinson on
+            the residual ``H - G`` with ``n_hvp`` products; see the module notes for when it
+            applies), ``"gn-xtrace"`` (the same split with XTrace on the residual), or
+            ``"auto"``: ``"gn-split"`` (exact for ``kind="ggn"``) where the split applies,
+            else ``"xtrace"`` (``"xnystrace"`` for ``kind="ggn"``). The result's ``method``
+            names the one that ran.
         max_outputs: ``"gn-split"`` refuses models with more outputs per example (it makes
             one per-example Jacobian pass per output).
         kind: ``"hessian"`` (default) or ``"ggn"``. A ``CurvatureOperator`` passed as
@@ -386,9 +409,8 @@ def hessian_trace(
     lo = MIN_PRODUCTS[method]
     if isinstance(n_hvp, bool) or not isinstance(n_hvp, int) or n_hvp < lo:
         raise ValueError(f"n_hvp must be an integer >= {lo} for {method}, got {n_hvp!r}")
-    if method != "gn-split":
-        op = make_operator(model, loss_fn, data, params=params, kind=kind, seed=seed)
-    else:
+    ggn, passes, op = None, 0, None
+    if method in GN_METHODS or method == "auto":
         if isinstance(model, CurvatureOperator):
             base = make_operator(model, loss_fn, data, params=params, kind=kind)
             kind = base.kind
@@ -396,27 +418,54 @@ def hessian_trace(
             base = None
             kind = "hessian" if kind is None else kind
         if kind not in ("hessian", "ggn"):
-            raise ValueError(f"method='gn-split' needs kind 'hessian' or 'ggn', got {kind!r}")
-        if base is not None:  # reuse its model, data, selection and seed
-            op = base.with_kind("residual")
+            if method != "auto":
+                raise ValueError(f"method='{method}' needs kind 'hessian' or 'ggn', got {kind!r}")
+            op, method = base, "xtrace"
         else:
-            op = make_operator(model, loss_fn, data, params=params, kind="residual", seed=seed)
+            if base is not None:  # reuse its model, data, selection and seed
+                op = base.with_kind("residual")
+            else:
+                op = make_operator(model, loss_fn, data, params=params, kind="residual", seed=seed)
+            try:
+                with autocast_off(op.device):
+                    ggn, passes = _exact_ggn_trace(op, max_outputs)
+                if method == "auto":  # Hutchinson beats XTrace on the bulk residual
+                    method = "gn-split"
+            except GNSplitInapplicable:
+                if method != "auto":
+                    raise
+                method = "xnystrace" if kind == "ggn" else "xtrace"
+                op = base if base is not None else None
+    if op is None:
+        op = make_operator(model, loss_fn, data, params=params, kind=kind, seed=seed)
     if method == "hutch++" and n_hvp // 3 >= op.n:
         raise ValueError(f"n_hvp={n_hvp} is more than 3x the parameter count {op.n}")
+    if method in ("xtrace", "gn-xtrace") and n_hvp // 2 >= op.n:
+        raise ValueError(f"n_hvp={n_hvp} is more than 2x the parameter count {op.n}")
+    if method == "xnystrace":
+        if op.kind != "ggn":
+            raise ValueError(
+                f"method='xnystrace' needs a positive semidefinite operator (kind='ggn'), got "
+                f"kind {op.kind!r}; use method='xtrace'"
+            )
+        if n_hvp > op.n:
+            raise ValueError(f"n_hvp={n_hvp} is more than the parameter count {op.n}")
     gen = torch.Generator(device=op.device).manual_seed(seed)
     start = op.n_products
-    ggn, passes = None, 0
-    if method == "gn-split":
-        with autocast_off(op.device):
-            ggn, passes = _exact_ggn_trace(op, max_outputs)
-        if kind == "ggn":
-            est, se, samples = ggn, 0.0, []
-        else:
-            est, se, samples = hutchinson(op.matvec, op.n, n_hvp, op.dtype, op.device, gen)
-            est += ggn
+    estimators = {
+        "hutch++": hutchpp,
+        "hutchinson": hutchinson,
+        "gn-split": hutchinson,
+        "xtrace": xtrace,
+        "gn-xtrace": xtrace,
+        "xnystrace": xnystrace,
+    }
+    if ggn is not None and kind == "ggn":
+        est, se, samples = ggn, 0.0, []
     else:
-        fn = hutchpp if method == "hutch++" else hutchinson
-        est, se, samples = fn(op.matvec, op.n, n_hvp, op.dtype, op.device, gen)
+        est, se, samples = estimators[method](op.matvec, op.n, n_hvp, op.dtype, op.device, gen)
+        if ggn is not None:
+            est += ggn
     return TraceResult(
         trace=est,
         stderr=se,
