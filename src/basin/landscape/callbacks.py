@@ -50,8 +50,9 @@ class SharpnessTracker:
             the GGN's, exact with ``trace_method="gn-split"``).
         every: measure when ``step % every == 0``.
         trace_hvp: products for the trace (0 disables the trace).
-        trace_method: ``"hutch++"`` (default), ``"hutchinson"`` or ``"gn-split"`` (exact
-            Gauss-Newton part plus sampled residual; see :func:`~basin.landscape.hessian_trace`).
+        trace_method: any method of :func:`~basin.landscape.hessian_trace`: ``"hutch++"``
+            (default), ``"hutchinson"``, ``"xtrace"``, ``"gn-split"`` (exact Gauss-Newton part
+            plus sampled residual), ``"gn-xtrace"`` or ``"auto"``.
         tol: Lanczos tolerance (relative error bound of the sharpness).
         params: parameter subset.
     """
