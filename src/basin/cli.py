@@ -545,7 +545,7 @@ def bench(
     import torch
 
     from basin.bench import workloads as wl
-    from basin.bench.runner import DEFAULT_OPTIMIZERS, configs_for, sweep
+    from basin.bench.runner import DEFAULT_OPTIMIZERS, sweep
     from basin.bench.store import Store
 
     console = Console(width=160)
@@ -607,29 +607,16 @@ def bench(
     dp = _dp_settings(dp_epsilon, dp_noise, dp_delta, dp_max_grad_norm, tune_trials)
     if dp is not None:
         extra["dp"] = dp
-    configs = []
+    configs: list = []
     if not tune_trials:
-        from basin.bench.schedules import scale_lr as _scale
-        from basin.bench.schedules import scaling_rule
+        from basin.bench.plan import plan_runs
 
-        for w in ws:
-            per = {o: dict(overrides.get(o, {})) for o in opts}
-            if scale_lr and batch_size is not None:
-                for o in opts:
-                    if "lr" not in per[o]:
-                        base = wl.default_hparams(w, o).get("lr")
-                        if base is not None:
-                            per[o]["lr"] = _scale(base, w.batch_size, batch_size, scaling_rule(o))
-            if lr_rule == "steplaw":
-                _steplaw_lrs(w, opts, per, steps, batch_size)
-            ab = None
-            if adaptive_batch is not None:
-                first = batch_size or w.batch_size
-                ab = {"test": adaptive_batch, "max_batch_size": max_batch_size or 8 * first}
-            configs += configs_for(
-                [w], opts, range(seeds), {o: h for o, h in per.items() if h}, **budget, **extra,
-                adaptive_batch=ab,
-            )  # fmt: skip
+        configs, notes = plan_runs(
+            ws, opts, seeds, overrides, scale_lr=scale_lr, lr_rule=lr_rule,
+            adaptive_batch=adaptive_batch, max_batch_size=max_batch_size, **budget, **extra,
+        )  # fmt: skip
+        for note in notes:
+            print(f"basin: {note}", file=sys.stderr)
     torch.set_num_threads(threads)
     stored = {"n": 0}
 
@@ -692,27 +679,6 @@ def _dp_settings(epsilon, noise, delta, max_grad_norm, tune_trials):  # noqa: AN
         raise UserError("--dp-* with --tune: tuning trials would spend unaccounted privacy")
     return {"noise_multiplier": noise, "target_epsilon": epsilon, "delta": delta,
             "max_grad_norm": max_grad_norm}  # fmt: skip
-
-
-def _steplaw_lrs(w, opts, per, steps, batch_size) -> None:  # noqa: ANN001
-    """``--lr-rule steplaw``: Step Law's learning rate into ``per`` (``--hp`` wins)."""
-    from basin.bench import steplaw as sl
-
-    try:
-        d = sl.steplaw_tokens(w, steps, batch_size)
-        n = sl.non_embedding_params(w.build(0, 1).model)
-        for o in opts:
-            for k, v in sl.steplaw_hparams(w, o, steps, batch_size, n_params=n).items():
-                per[o].setdefault(k, v)
-    except ValueError as e:
-        raise UserError(f"--lr-rule steplaw: {e}") from None
-    tokens = sl.steplaw_batch_size(d)
-    print(
-        f"basin: steplaw on {w.name}: N={n} non-embedding parameters, D={d} tokens, "
-        f"lr={sl.steplaw_lr(n, d):.4g} (Step Law's batch: {tokens:.0f} tokens = "
-        f"{tokens / w.tokens_per_sample:.0f} samples)",
-        file=sys.stderr,
-    )
 
 
 def _tuned_configs(ws, opts, n, seeds, storage, overrides, budget, extra, quiet):  # noqa: ANN001
