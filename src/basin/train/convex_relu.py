@@ -141,14 +141,12 @@ def fit_convex_relu(
             us.append(cols[:, i] / r)
             alphas.append(sign * r)
     m = len(us)
-    model = nn.Sequential(
-        nn.Linear(d, m, bias=False, dtype=torch.float64),
-        nn.ReLU(),
-        nn.Linear(m, 1, bias=False, dtype=torch.float64),
-    )
+    hidden = nn.Linear(d, m, bias=False, dtype=torch.float64)
+    out = nn.Linear(m, 1, bias=False, dtype=torch.float64)
     with torch.no_grad():
-        model[0].weight.copy_(torch.as_tensor(np.array(us).reshape(m, d)))
-        model[2].weight.copy_(torch.as_tensor(np.array(alphas).reshape(1, m)))
+        hidden.weight.copy_(torch.as_tensor(np.array(us).reshape(m, d)))
+        out.weight.copy_(torch.as_tensor(np.array(alphas).reshape(1, m)))
+    model = nn.Sequential(hidden, nn.ReLU(), out)
     resid = (D * (Xn @ (v - w))).sum(axis=1) - yn
     objective = 0.5 * float(resid @ resid) + beta * float(nv.sum() + nw.sum())
     return ConvexReLUResult(model, objective, m, D, v, w, str(prob.status))
