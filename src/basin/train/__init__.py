@@ -5,6 +5,7 @@ registry entry also run in ``basin bench`` / ``tune`` / ``pbt`` by name (``-o sa
 from __future__ import annotations
 
 from .biper import BiPerConv2d, BiPerLinear, biper_sign, biper_weight, set_biper_stage
+from .boosting import BoostedNet, fit_boosted, pseudo_residual
 from .convex_relu import ConvexReLUResult, activation_patterns, fit_convex_relu, relu_objective
 from .data import IndexedDataset
 from .lora import LoRALinear, add_lora, lora_parameters
@@ -15,6 +16,9 @@ from .sar import SAR
 from .tract import TrActConv1d, TrActConv2d, TrActLinear, first_layer, tract, tract_linear
 
 __all__ = [
+    "BoostedNet",
+    "fit_boosted",
+    "pseudo_residual",
     "ConvexReLUResult",
     "activation_patterns",
     "fit_convex_relu",
