@@ -186,3 +186,6 @@ def test_invalid_arguments():
         fit_boosted(X, torch.ones(16, dtype=D64), 2, loss="logistic")
     with pytest.raises(ValueError, match="loss"):
         pseudo_residual(y, y, "hinge")
+    net = fit_boosted(X, y, 2, epochs=1)
+    with pytest.raises(ValueError, match="n_stages"):
+        net(X, n_stages=3)

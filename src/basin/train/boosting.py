@@ -62,6 +62,9 @@ class BoostedNet(nn.Module):
     """``F(x) = bias + sum_t weights[t] * stages[t](x)``; ``forward(x, n_stages=k)`` uses the
     first ``k`` stages only (the paper's switching off of the last-trained units)."""
 
+    bias: Tensor
+    weights: Tensor
+
     def __init__(self, bias: Tensor, stages: list[nn.Module], weights: list[float]) -> None:
         super().__init__()
         self.register_buffer("bias", bias.detach().clone())
@@ -72,6 +75,8 @@ class BoostedNet(nn.Module):
 
     def forward(self, x: Tensor, n_stages: int | None = None) -> Tensor:
         k = len(self.stages) if n_stages is None else n_stages
+        if not 0 <= k <= len(self.stages):
+            raise ValueError(f"n_stages must be in [0, {len(self.stages)}], got {n_stages!r}")
         out = self.bias.expand(x.shape[0], -1).clone()
         for t in range(k):
             out = out + self.weights[t] * self.stages[t](x)
