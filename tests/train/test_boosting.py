@@ -154,6 +154,18 @@ def test_comparable_to_joint_training():
     assert sum(p.numel() for p in boosted.parameters()) == 8 * (3 * 4 + 4 + 4 + 1)
 
 
+def test_integrated_network():
+    X, y = data(n=64, seed=6)
+    net = fit_boosted(X, y.reshape(-1, 1).repeat(1, 2), 3, hidden=5, nu=0.4, epochs=20, seed=0)
+    seq = net.to_sequential()
+    assert seq[0].out_features == 15 and seq[2].out_features == 2
+    with torch.no_grad():
+        torch.testing.assert_close(seq(X), net(X), rtol=1e-12, atol=1e-12)
+    other = fit_boosted(X, y, 2, block=lambda: nn.Linear(3, 1, dtype=D64), epochs=2)
+    with pytest.raises(ValueError, match="to_sequential"):
+        other.to_sequential()
+
+
 def test_custom_block_and_float32():
     X, y = data(n=64)
     X32, y32 = X.float(), y.float()

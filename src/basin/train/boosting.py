@@ -82,6 +82,39 @@ class BoostedNet(nn.Module):
             out = out + self.weights[t] * self.stages[t](x)
         return out
 
+    def to_sequential(self) -> nn.Sequential:
+        """The paper's integrated network: when every stage is ``Linear -> ReLU -> Linear``,
+        one ``Linear(d, sum hidden) -> ReLU -> Linear(sum hidden, k)`` with the same output
+        (output weights scaled by ``weights[t]``, biases summed with ``bias``)."""
+        firsts: list[nn.Linear] = []
+        lasts: list[nn.Linear] = []
+        for stage in self.stages:
+            mods = list(stage.children()) if isinstance(stage, nn.Sequential) else []
+            kinds = [type(m) for m in mods]
+            if kinds != [nn.Linear, nn.ReLU, nn.Linear]:
+                raise ValueError("to_sequential needs every stage to be Linear -> ReLU -> Linear")
+            first, last = mods[0], mods[2]
+            assert isinstance(first, nn.Linear) and isinstance(last, nn.Linear)
+            firsts.append(first)
+            lasts.append(last)
+        W1 = torch.cat([f.weight for f in firsts])
+        b1 = torch.cat(
+            [f.bias if f.bias is not None else W1.new_zeros(f.out_features) for f in firsts]
+        )
+        W2 = torch.cat([c * g.weight for c, g in zip(self.weights, lasts)], dim=1)
+        b2 = self.bias.clone()
+        for c, g in zip(self.weights, lasts):
+            if g.bias is not None:
+                b2 = b2 + c * g.bias
+        hidden = nn.Linear(W1.shape[1], W1.shape[0], dtype=W1.dtype)
+        out = nn.Linear(W2.shape[1], W2.shape[0], dtype=W2.dtype)
+        with torch.no_grad():
+            hidden.weight.copy_(W1)
+            hidden.bias.copy_(b1)
+            out.weight.copy_(W2)
+            out.bias.copy_(b2)
+        return nn.Sequential(hidden, nn.ReLU(), out)
+
 
 def _default_block(d: int, k: int, hidden: int, dtype: torch.dtype) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
