@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from .adadagrad import AdaptiveBatchSize, per_sample_gradients
 from .biper import BiPerConv2d, BiPerLinear, biper_sign, biper_weight, set_biper_stage
+from .boosting import BoostedNet, fit_boosted, pseudo_residual
+from .convex_relu import ConvexReLUResult, activation_patterns, fit_convex_relu, relu_objective
 from .data import IndexedDataset
 from .lora import LoRALinear, add_lora, lora_parameters
 from .mesa import MESA
@@ -21,6 +23,8 @@ __all__ = [
     "AdaptiveBatchSize",
     "BiPerConv2d",
     "BiPerLinear",
+    "BoostedNet",
+    "ConvexReLUResult",
     "IndexedDataset",
     "LoRALinear",
     "MESA",
@@ -33,15 +37,20 @@ __all__ = [
     "TrActConv1d",
     "TrActConv2d",
     "TrActLinear",
+    "activation_patterns",
     "add_lora",
     "biper_sign",
     "biper_weight",
     "first_layer",
+    "fit_boosted",
+    "fit_convex_relu",
     "insert_layernorm",
     "lora_parameters",
     "orthogonal_gradient",
     "orthogonal_gradient_",
     "per_sample_gradients",
+    "pseudo_residual",
+    "relu_objective",
     "reste_grad",
     "reste_o",
     "reste_sign",
