@@ -6,6 +6,7 @@ step all-or-nothing, and state dicts that name the optimizer that wrote them.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
@@ -220,7 +221,10 @@ class BasinOptimizer(Optimizer):
       step is skipped and counted in ``skipped_steps`` (``nonfinite="skip"``; where groups
       disagree, "raise" wins). The check costs one norm of the gradients and one host sync;
       under ``torch.compile`` it is not traced (it would break the graph), so compiled steps are
-      unchecked.
+      unchecked. Optimizers whose step runs a factorization that can fail (QR, SVD, eigh:
+      COSMOS, SOAP, FRUGAL's projector rebuilds) snapshot the parameters and state they are
+      about to change (:meth:`_needs_snapshot`) and, if the step raises, put them back before
+      the error propagates (eager steps).
     * ``lr`` may be a float or a one-element tensor (0-d, ``[1]``, ``[1, 1]``) on every path.
     * ``state_dict()`` records the writing class under ``"basin_optimizer"``; loading a state
       dict written by another basin optimizer raises ``ValueError`` (one without the tag, e.g.
@@ -276,9 +280,54 @@ class BasinOptimizer(Optimizer):
         if not self._check_grads():
             self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
             return loss
-        for group in self.param_groups:
-            self._step_group(group)
+        snapshot = None if is_compiling() or not self._needs_snapshot() else self._snapshot()
+        try:
+            for group in self.param_groups:
+                self._step_group(group)
+        except Exception:
+            if snapshot is not None:
+                self._restore(snapshot)
+            raise
         return loss
+
+    def _needs_snapshot(self) -> bool:
+        """Whether this step may fail part-way (a factorization), so that :meth:`step` keeps a
+        copy to restore; False by default (the elementwise steps cannot fail once the
+        gradients are checked)."""
+        return False
+
+    def _snapshot(self) -> list[tuple[Tensor, Tensor, dict[str, Any] | None]]:
+        """Copies of every parameter with a gradient and of its state (None: no state yet)."""
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state.get(p)
+                saved = None if not st else {
+                    k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in st.items()
+                }  # fmt: skip
+                out.append((p, p.detach().clone(), saved))
+        return out
+
+    def _restore(self, snapshot: list[tuple[Tensor, Tensor, dict[str, Any] | None]]) -> None:
+        """Put back what :meth:`_snapshot` saved: values are copied into the live tensors, so
+        views and pools that share storage with them stay shared."""
+        for p, value, saved in snapshot:
+            p.detach().copy_(value)
+            if saved is None:
+                self.state.pop(p, None)
+                continue
+            st = self.state[p]
+            for k in list(st):
+                if k not in saved:
+                    del st[k]
+            for k, v in saved.items():
+                cur = st.get(k)
+                if isinstance(v, Tensor) and isinstance(cur, Tensor) and cur.shape == v.shape:
+                    cur.copy_(v)
+                else:
+                    st[k] = v
 
     def _check_grads(self) -> bool:
         """Before anything is modified: every gradient dense and real (``RuntimeError``

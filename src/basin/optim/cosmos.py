@@ -208,6 +208,9 @@ class COSMOS(MatrixOptimizer):
     def _check_hparams(self, group: dict[str, Any]) -> None:
         check_group_hparams(group)
 
+    def _needs_snapshot(self) -> bool:
+        return True  # every step takes a QR (and the first an SVD) of each matrix
+
     def _matrix_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         for p in self._with_grad(params):
             state = self.state[p]

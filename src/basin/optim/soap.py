@@ -136,6 +136,9 @@ class SOAP(BasinOptimizer):
         for name in ("merge_dims", "precondition_1d", "normalize_grads", "correct_bias"):
             check_bool(name, group[name])
 
+    def _needs_snapshot(self) -> bool:
+        return True  # eigenbasis refreshes take eigh / QR of every factor
+
     def _step_group(self, group: dict[str, Any]) -> None:
         params, grads, states = [], [], []
         for p in group["params"]:

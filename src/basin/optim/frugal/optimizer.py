@@ -279,6 +279,21 @@ class FRUGAL(MatrixOptimizer):
             start += len(g["params"])
         return {id(q): group["seed"] + start + i for i, q in enumerate(group["params"])}
 
+    def _needs_snapshot(self) -> bool:
+        """A projector is built this step (first step, or every ``update_gap``): SVD / QR."""
+        for group in self.param_groups:
+            if group["proj_type"] == "block":
+                continue  # re-selection draws indices: nothing to fail
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state.get(p)
+                if not st:
+                    return True
+                if "global_step" in st and int(st["global_step"]) % group["update_gap"] == 0:
+                    return True
+        return False
+
     def _matrix_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         if group["proj_type"] == "block":
             block_step(self, group, params)
