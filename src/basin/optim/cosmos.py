@@ -50,11 +50,10 @@ class COSMOS(MatrixOptimizer):
         B  = NS5(G~ - G~ P P^T);  B <- sqrt(mn) B / (||B||_F + eps)
         W <- W (1 - lr wd) - lr lr_ratio sqrt(mn) (A + gamma B) / (||A + gamma B||_F + eps)
 
-    Routing: ``matrix_rule=None`` (default) uses the matrix rule for 2-D parameters with at
-    most ``max_rows`` rows and the AdamW fallback (group's ``lr``, ``betas``, ``eps``,
-    ``weight_decay``) for the rest; ``True`` forces it (``ndim < 2`` raises ``ValueError``),
-    ``False`` gives AdamW. ``transposed=True`` groups (e.g. GPT-2 ``Conv1D``) get the update of
-    the same ``nn.Linear``, transposed. Keep ``rank`` below the gradients' rank.
+    ``matrix_rule=None`` (default): the matrix rule for 2-D parameters with at most ``max_rows``
+    rows, the AdamW fallback for the rest; ``True`` forces it, ``False`` gives AdamW.
+    ``transposed=True`` groups (e.g. GPT-2 ``Conv1D``) get the ``nn.Linear`` update, transposed.
+    Keep ``rank`` below the gradients' rank.
 
     Args:
         params: iterable of parameters or parameter groups.
@@ -74,9 +73,9 @@ class COSMOS(MatrixOptimizer):
             the square root, Muon part on the momentum's residual).
         max_rows: matrices with more rows use AdamW (default 10000, as the authors).
         maximize: maximize the objective (default False).
-        foreach: multi-tensor AdamW fallback (None picks per device).
+        foreach: multi-tensor AdamW fallback (None picks per device); the matrix rule is a loop.
         nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
-            ``ValueError`` naming the parameter, or skips the step; either way nothing changes.
+            ``ValueError`` naming the parameter, or skips the step; nothing changes (eager steps).
 
     Differences from the paper / reference code (github.com/lliu606/COSMOS):
         * The AdamW fallback uses ``beta1`` (the reference hard-codes 0.9).

@@ -82,7 +82,7 @@ class Muon(MatrixOptimizer):
         maximize: maximize the objective (default False).
         foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
         nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
-            ``ValueError`` naming the parameter, or skips the step; either way nothing changes.
+            ``ValueError`` naming the parameter, or skips the step; nothing changes (eager steps).
         distributed: share Newton-Schulz across data-parallel ranks (default False).
         process_group: the ranks to share it over (default: the world); only with
             ``distributed=True``.

@@ -70,7 +70,7 @@ class SWAN(MatrixOptimizer):
         maximize: maximize the objective (default False).
         foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
         nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
-            ``ValueError`` naming the parameter, or skips the step; either way nothing changes.
+            ``ValueError`` naming the parameter, or skips the step; nothing changes (eager steps).
 
     Differences from the paper (there is no authors' code):
         * ``eps`` in the row std and in the rescaling (the paper divides by the std alone).

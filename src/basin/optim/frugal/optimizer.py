@@ -35,14 +35,12 @@ class FRUGAL(MatrixOptimizer):
         W <- W (1 - lr wd);  g_low = Q^T G  (G Q on the right);  u = AdamW direction of g_low
         W <- W - lr proj_params_lr_scale (Q u + inactive_lr_scale rule(G - Q g_low))
 
-    with ``rule`` = ``sign`` (sign_sgd), identity (sgd) or zero (no). ``proj_type="block"`` (the
-    paper's BlockAdamW) instead activates ``max(1, round(density * n))`` of a group's ``n``
-    projected tensors every ``update_gap`` steps, in ``block_order``; active tensors take AdamW,
-    the others the residual rule. Routing: ``matrix_rule`` ``None`` (default) projects every
-    2-D parameter, ``True`` forces it (``ndim < 2`` raises ``ValueError``), ``False`` gives
-    AdamW; :func:`basin.optim.matrix_param_groups` builds the paper's split. Deterministic
-    (seeded per parameter, generator state in ``state_dict``); ``torch.compile`` works without
-    graph breaks (the block variant's compiled step is slower than eager on CPU).
+    with ``rule`` = ``sign`` (sign_sgd), identity (sgd) or zero (no). ``proj_type="block"``
+    (the paper's BlockAdamW) instead gives AdamW to ``max(1, round(density * n))`` of a group's
+    ``n`` projected tensors at a time, in ``block_order``, and the residual rule to the others.
+    ``matrix_rule`` ``None`` (default) projects every 2-D parameter, ``True`` forces it,
+    ``False`` gives AdamW (:func:`basin.optim.matrix_param_groups` builds the paper's split).
+    Seeded per parameter; compiles without graph breaks (block variant: slower than eager on CPU).
 
     Args:
         params: iterable of parameters or parameter groups.
@@ -64,9 +62,10 @@ class FRUGAL(MatrixOptimizer):
             even count) for ``"block"`` (default ``"random"``).
         seed: base seed of the random projectors and block draws (default 0).
         maximize: maximize the objective (default False).
-        foreach: multi-tensor AdamW for non-projected parameters (None picks per device).
+        foreach: multi-tensor AdamW for non-projected parameters (None picks per device);
+            projected matrices are a per-tensor loop.
         nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
-            ``ValueError`` naming the parameter, or skips the step; either way nothing changes.
+            ``ValueError`` naming the parameter, or skips the step; nothing changes (eager steps).
 
     Differences from the reference code (github.com/fzmushko/FRUGAL):
         * Canonical signs for SVD/random projectors (no dependence on LAPACK's sign choices).
