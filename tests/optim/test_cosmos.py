@@ -205,7 +205,7 @@ def test_paper_momentum_is_a_reparametrisation_of_the_code_momentum() -> None:
 def test_matrix_step_has_frobenius_norm_lr_lr_ratio_sqrt_mn(variant, shape) -> None:
     """Both variants step by ``lr * lr_ratio * sqrt(mn)`` in Frobenius norm (the code's scale and
     the ICLR-version rendering's ``eta sqrt(m) NORM(G~)``; the other rendering of the box reads
-    ``eta NORM(G~)``, i.e. ``sqrt(n)``: see the class docstring)."""
+    ``eta NORM(G~)``, i.e. ``sqrt(n)``: see docs/optimizers.md#cosmos)."""
     gen = torch.Generator().manual_seed(5)
     m, n = shape
     w = nn.Parameter(torch.randn(m, n, generator=gen, dtype=torch.float64))

@@ -19,9 +19,8 @@ with smoothness constants ``L_i`` and ``w_i = L_i / sum_j L_j``::
     c_i = TopK(grad_i / (n w_i) - g_i);  g_i <- g_i + c_i;  g <- g + sum_i w_i c_i
 
 so that ``g = sum_i w_i g_i`` tracks ``sum_i w_i grad_i / (n w_i) = mean_i grad_i``; equal
-weights give EF21 exactly. (Transcribed from our reading of the paper's algorithm; the stored
-text we could search held only the abstract, so the ``1/(n w_i)`` scaling is UNVERIFIED against
-the algorithm box.)
+weights give EF21 exactly (provenance of the ``1/(n w_i)`` scaling: docs/distributed.md,
+"EF21-W").
 
 Communication. Top-K indices differ per rank, so the compressed messages are exchanged either
 *sparse* (``all_gather`` of K values and K indices per rank; int32 indices while the bucket has

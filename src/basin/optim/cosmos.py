@@ -35,58 +35,25 @@ VARIANTS = ("code", "paper")
 
 
 class COSMOS(MatrixOptimizer):
-    r"""COSMOS (Liu et al., 2025): for a weight matrix :math:`W \in R^{m \times n}` with
-    gradient :math:`G`, an Adam-like (SOAP-style) update inside a rank-``r`` subspace
-    :math:`P \in R^{n \times r}` that tracks the top eigenvectors of the EMA of
-    :math:`G^T G`, plus a Muon (Newton-Schulz) update of the residual outside it.
+    r"""COSMOS (Liu et al., 2025, arXiv:2502.17410): for a weight matrix ``W`` (``m x n`` as
+    ``(out, in)``) an Adam-like (SOAP-style) update inside a rank-``r`` subspace ``P`` tracking
+    the top eigenvectors of the EMA of ``G^T G``, plus a Muon (Newton-Schulz) update of the
+    residual; per step ``t`` (``bc1 = (1-b1^t)/(1-b1)``, ``bc2 = 1-b2^t``; ``variant="code"``)::
 
-    Per matrix and step ``t`` (``bc1 = (1-b1^t)/(1-b1)``, ``bc2 = 1-b2^t``)::
-
-        M <- b1 M + G                                         (unnormalised momentum)
-        t = 1:  P = top-r eigenvectors of G^T G,  S = (1-b2) P^T G^T G P
-        t > 1:  P' = QR(b2 P S + (1-b2) G^T G P).Q,  R = P^T P'
-                S  = b2 R^T S R + (1-b2) (G P')^T (G P'),  P <- P'
-        V <- b2 V + (1-b2) (G P)^2                            (m x r, element-wise square)
+        M <- b1 M + G
+        t = 1:  P = top-r right singular vectors of G,  S = (1-b2) P^T G^T G P
+        t > 1:  P' = QR(b2 P S + (1-b2) G^T G P).Q,  R = P^T P',
+                S = b2 R^T S R + (1-b2) (G P')^T (G P'),  P <- P'
+        V <- b2 V + (1-b2) (G P)^2
         G~ = (G + b1 M) / (1 + b1 bc1)   if nesterov   else   M / bc1
         A  = [(G~ P) / (sqrt(V / bc2) + eps)] P^T
         B  = NS5(G~ - G~ P P^T);  B <- sqrt(mn) B / (||B||_F + eps)
         W <- W (1 - lr wd) - lr lr_ratio sqrt(mn) (A + gamma B) / (||A + gamma B||_F + eps)
 
-    ``NS5`` is Muon's quintic Newton-Schulz iteration (:func:`basin.optim._kernels.newton_schulz5`).
-    This is ``variant="code"`` (default), the authors' ``COSMOS_optim.py``. ``variant="paper"``
-    follows the algorithm as the paper writes it (see "Differences" below)::
-
-        M <- b1 M + (1-b1) G                                  (normalised momentum)
-        G~ = ((1-b1) G + b1 M) / (1 - b1^(t+1))   if nesterov   else   M / (1 - b1^t)
-        A  = [(G~ P) / sqrt((V + eps) / bc2)] P^T             (eps inside the square root)
-        B  = NS5(M - M P P^T);  B <- sqrt(mn) B / (||B||_F + eps)   (residual of the momentum)
-
-    with ``P``, ``S``, ``V`` and the final step as above. ``G~`` is the same matrix in both
-    variants (``M`` is only rescaled by ``1 - b1``); the update differs through ``eps`` and,
-    with ``nesterov=True``, through the Muon part (momentum residual, not the Nesterov one).
-
-    Routing (shared by the matrix optimizers, :mod:`basin.optim._matrix`): a group's
-    ``matrix_rule`` is ``None`` (default: the matrix rule for 2-D parameters with at most
-    ``max_rows`` rows, the authors' 10000; AdamW for every other parameter, e.g. biases, gains,
-    very tall embeddings), ``True`` (matrix rule; ndim > 2 viewed as ``(size(0), -1)``; an
-    ``ndim < 2`` parameter raises ``ValueError`` naming it) or ``False`` (AdamW). The AdamW
-    fallback (:func:`basin.optim._matrix.adamw_fallback`) uses the group's ``lr``, ``betas``,
-    ``eps`` and ``weight_decay``; :func:`basin.optim.matrix_param_groups` builds a matrix and a
-    fallback group from a model (embeddings and the output head to AdamW).
-
-    ``m x n`` is the weight as ``(out, in)``: in groups with ``transposed=True`` (weights stored
-    ``(in, out)``, e.g. HF's GPT-2 ``Conv1D``; detected by :func:`basin.optim.matrix_param_groups`)
-    ``G``, ``M`` and the update are taken transposed, ``P``, ``S``, ``V`` are kept in that
-    orientation, and ``max_rows`` counts output units, so such a layer gets the update of the
-    same ``nn.Linear``, transposed.
-
-    Keep ``rank`` below the rank of the gradients (for a classifier head trained with
-    cross-entropy that is ``classes - 1``): otherwise the residual ``G~ - G~ P P^T`` is rounding
-    noise that the Frobenius normalisation of ``B`` blows up to full size, as in the reference
-    code.
-
-    Memory: ``M`` (mn) + ``V`` (mr) + ``P`` (nr) + ``S`` (r^2), i.e. ``1 + r/n + r/m + r^2/mn``
-    times the parameter (1.13 for a 1024 x 1024 matrix with r = 64), versus 2 for Adam.
+    ``matrix_rule=None`` (default): the matrix rule for 2-D parameters with at most ``max_rows``
+    rows, the AdamW fallback for the rest; ``True`` forces it, ``False`` gives AdamW.
+    ``transposed=True`` groups (e.g. GPT-2 ``Conv1D``) get the ``nn.Linear`` update, transposed.
+    Keep ``rank`` below the gradients' rank.
 
     Args:
         params: iterable of parameters or parameter groups.
@@ -94,70 +61,32 @@ class COSMOS(MatrixOptimizer):
         betas: momentum and second-moment coefficients (default (0.9, 0.999)).
         eps: denominator term (default 1e-8).
         lr_ratio: scale of the matrix step relative to ``lr`` (default 0.1).
-        rank: subspace rank ``r`` (default 64); clipped per matrix to ``min(m, n)``, so one
-            setting serves layers of every size.
+        rank: subspace rank ``r`` (default 64), clipped per matrix to ``min(m, n)``.
         weight_decay: decoupled weight decay (default 0).
         gamma: weight of the Muon part ``B`` (default 0.2).
         nesterov: Nesterov-style momentum (default True).
         ns_steps: Newton-Schulz iterations (default 5).
         ns_dtype: compute dtype of Newton-Schulz (default bfloat16 as the authors; None keeps
             the gradient's dtype, for exact float64 checks).
-        variant: ``"code"`` (default: the authors' code, which the paper's experiments ran) or
-            ``"paper"`` (the paper's algorithm box as described above; see "Sources" below).
+        variant: ``"code"`` (default, the authors' ``COSMOS_optim.py``) or ``"paper"`` (the
+            algorithm box as read through third-party renderings: EMA momentum, ``eps`` inside
+            the square root, Muon part on the momentum's residual).
         max_rows: matrices with more rows use AdamW (default 10000, as the authors).
         maximize: maximize the objective (default False).
-        foreach: multi-tensor AdamW fallback (None picks per device); the matrix rule is always a
-            per-tensor loop.
+        foreach: multi-tensor AdamW fallback (None picks per device); the matrix rule is a loop.
         nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
-            ``ValueError`` naming the parameter, or skips the step; either way nothing is
-            changed (eager steps; see :class:`basin.optim._base.BasinOptimizer`).
+            ``ValueError`` naming the parameter, or skips the step; nothing changes (eager steps).
 
-    References:
-        Liming Liu, Zhenghao Xu, Zixuan Zhang, Hao Kang, Zichong Li, Chen Liang, Weizhu Chen,
-        Tuo Zhao. "COSMOS: A Hybrid Adaptive Optimizer for Memory-Efficient Training of LLMs."
-        arXiv:2502.17410, 2025. Reference code: github.com/lliu606/COSMOS (COSMOS_optim.py).
-        The paper compares COSMOS against SOAP (full eigenbases, :class:`basin.optim.SOAP`).
+    Differences from the paper / reference code (github.com/lliu606/COSMOS):
+        * The AdamW fallback uses ``beta1`` (the reference hard-codes 0.9).
+        * At ``t = 1`` the subspace comes from the SVD of ``G``, not the eigenvectors of ``G^T G``.
+        * ``nesterov=False`` uses ``M / bc1`` (the reference uses ``G / bc1``: no momentum).
+        * ``variant="paper"`` exists; the default is the code, since the paper's text was not read.
+        * ``p.grad`` is not modified (the reference overwrites it with ``G~``).
+        * ``rank`` is clipped to ``min(m, n)``; at ``r = n`` the Muon part is dropped.
+        * bfloat16/float16: matrix math in float32, state in the parameter's dtype.
 
-    Differences from the paper / reference code:
-        * The AdamW fallback uses ``beta1``; the reference hard-codes 0.9 in its bias correction
-          and momentum weight (identical at the default ``beta1 = 0.9``).
-        * At ``t = 1`` the subspace comes from the SVD of ``G`` (right singular vectors) rather
-          than of ``G^T G``: the same eigenvectors without squaring the condition number.
-        * ``nesterov=False`` uses the bias-corrected momentum ``M / bc1`` (the paper's ``M_t``);
-          the reference code uses ``G / bc1`` there, i.e. no momentum at all.
-        * Paper vs code (``variant``): the paper's algorithm box, as basin read it, writes a
-          normalised EMA momentum, ``eps`` inside the square root of the SOAP denominator, NS5
-          of the residual of the momentum ``M - M P P^T``, and no Nesterov step; the code keeps
-          an unnormalised sum, adds ``eps`` after the square root and, with Nesterov, feeds the
-          Nesterov mix ``G~`` to both parts. The momentum scaling is a pure reparametrisation
-          (same ``G~``). ``"paper"`` keeps the code's Nesterov option (applied to the SOAP part
-          only, since the box has none), its ``t = 1`` initialisation and its ``+ eps`` in the
-          Frobenius normalisations.
-        * Sources and why the default stays ``"code"``: the paper's own text (arXiv abs/html
-          v1-v3, ar5iv) could not be read from basin's build machines: only its title page and
-          abstract are in the stored copies searched. The box was read through two third-party
-          renderings: junaidaliop.github.io/zij/math/cosmos/ (repository junaidaliop/zij) and a
-          paper note on the ICLR 2026 version (OpenReview j2QTOOtM8R). Both give
-          ``M <- b1 M + (1-b1) G``, ``A = [(M P / (1-b1^t)) / sqrt((V + eps) / (1-b2^t))] P^T``,
-          ``B = NORM(NS5(R / ||R||_F))`` with ``R = M - M P P^T`` and ``NORM(X) = sqrt(n) X /
-          ||X||_F``, and ``G~ = A + gamma sqrt(m) B`` (a Muon part of norm ``gamma sqrt(mn)``,
-          as implemented). They disagree on the final step: ``W <- W - eta NORM(G~)`` (norm
-          ``eta sqrt(n)``) in the first, ``W <- W - eta sqrt(m) NORM(G~)`` (norm ``eta
-          sqrt(mn)``, the code's scale, with ``eta = lr * lr_ratio``) in the second; both
-          variants use ``sqrt(mn)``. The authors' first release (``COSMOS.py``, Feb 2025,
-          replaced by ``COSMOS_optim.py`` in Feb 2026; git history of lliu606/COSMOS) agrees
-          with the box on the EMA momentum, the momentum residual and the absent Nesterov step,
-          but adds ``eps`` after the square root and uses ``gamma = lr_ratio``. Until the
-          primary text confirms the box (and settles ``sqrt(n)`` vs ``sqrt(mn)``), the default
-          is the released code.
-        * ``p.grad`` is not modified in place (the reference overwrites it with ``G~``).
-        * ``rank`` is clipped to ``min(m, n)`` per matrix (the reference fails with a shape
-          error for ``rank > n`` and picks arbitrary null-space directions for ``rank > m``).
-          When the subspace is the whole row space (``r = n``), ``P P^T = I`` and the residual
-          is zero in exact arithmetic: the Muon part is dropped instead of orthogonalising
-          rounding noise to full size.
-        * bfloat16/float16 parameters: the matrix math runs in float32 (torch's QR/SVD need it),
-          state is stored in the parameter's dtype.
+    Provenance and details: docs/optimizers.md#cosmos.
     """
 
     _algo = "COSMOS"

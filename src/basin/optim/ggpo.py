@@ -30,11 +30,11 @@ VARIANTS = ("paper", "port")
 
 
 class GGPO(WrapperOptimizer):
-    r"""LoRA-GGPO (Chang et al., 2025): before the forward, every perturbed weight matrix gets a
-    Gaussian perturbation whose per-row scale grows with the row's weight norm and with the row's
-    gradient norm of the previous step; after the backward the weights are restored (a copy,
-    bit-exact) and the base optimizer steps with the gradient taken at the perturbed point. One
-    forward/backward per step (SAM needs two).
+    r"""LoRA-GGPO (Chang et al., 2025, arXiv:2502.14538v1): before the forward, every perturbed
+    weight matrix gets a Gaussian perturbation whose per-row scale grows with the row's weight
+    norm and with the row's gradient norm of the previous step; after the backward the weights
+    are restored (a copy, bit-exact) and the base optimizer steps with the gradient taken at the
+    perturbed point. One forward/backward per step (SAM needs two).
 
     For a weight ``W`` (``m x n``: rows = dim 0, the rest flattened), ``g`` its gradient of the
     previous step (zero before the first) and ``z ~ N(0, I)``::
@@ -80,25 +80,12 @@ class GGPO(WrapperOptimizer):
             first, so the step ends where it began.
         **base_hp: the base optimizer's hyperparameters (``lr``, ``betas``, ``weight_decay``...).
 
-    References:
-        Yupeng Chang, Chenlu Guo, Yi Chang, Yuan Wu. "LoRA-GGPO: Mitigating Double Descent in
-        LoRA Fine-Tuning via Gradient-Guided Perturbation Optimization." arXiv:2502.14538v1,
-        2025. (Later versions of that arXiv id are a different method, LoRA-MGPO.)
+    Differences from the paper (arXiv:2502.14538v1; no authors' code):
+        * The form of the paper's gradient term is a choice: ``variant`` offers two readings.
+        * ``A`` and ``B`` are perturbed, not the merged weight ``W + AB``.
+        * The gradient norms are one step stale (zero before the first step).
 
-    What the paper leaves open, and what basin chose (the authors' code is not public):
-        * The stored copies of the paper that could be read give the objective
-          ``min_{A,B} E_eps L(W + AB + eps)`` and a diagonal covariance built from
-          ``sigma_n^2 diag(||W'_1||^2, ...)`` (row norms, with the Flat-LoRA factor
-          ``sigma^2 / n``) and from the gradient norms weighted by ``beta``; the exact form of the
-          gradient term was not legible. ``variant="paper"`` reads it as a variance term
-          ``beta ||g_i||^2`` added to the weight term; ``variant="port"`` is the per-row standard
-          deviation of a third-party port (``sigma ||W_i|| + beta ||g_i||^2``, gradient norm
-          squared, sigma 0.03, beta 0.01). Neither is confirmed by the authors' code.
-        * The paper writes the covariance over rows of the merged weight ``W' = W + AB``; basin
-          perturbs the trained matrices themselves (``A`` and ``B``), which is what an optimizer
-          can do without knowing the layer.
-        * The gradient norms are one step stale (those of the gradient the base optimizer used,
-          after any clipping), and zero before the first step.
+    Provenance and details: docs/optimizers.md#lora-ggpo.
     """
 
     _algo = "GGPO"

@@ -45,36 +45,23 @@ def check_ns_dtype(ns_dtype: Any) -> None:
 
 
 class Muon(MatrixOptimizer):
-    r"""Muon (Jordan et al., 2024): SGD-momentum whose update for each weight matrix is replaced
-    by an approximately orthogonal matrix with the same singular vectors, computed by a quintic
-    Newton-Schulz iteration. Only for hidden weight matrices; embeddings, the output head, biases
-    and gains use the built-in AdamW fallback.
+    r"""Muon (Jordan et al., 2024; Liu et al., arXiv:2502.16982): SGD-momentum whose update of
+    each hidden weight matrix is replaced by an approximately orthogonal matrix with the same
+    singular vectors (quintic Newton-Schulz, :func:`basin.optim._kernels.newton_schulz5`);
+    per matrix (``rows x cols`` as ``(out, in)``, ``ndim > 2`` viewed as ``(size(0), -1)``)::
 
-    Update of a matrix group (``ndim >= 2``; kernels of ``ndim > 2`` are viewed as
-    ``(size(0), -1)``)::
+        m <- b m + (1-b) g;   u = (1-b) g + b m  if nesterov else m
+        O = NS5(u) * sqrt(max(1, rows/cols));   p <- p (1 - lr wd) - lr O
 
-        m <- b m + (1-b) g                           (torch.lerp)
-        u = (1-b) g + b m  if nesterov else m
-        O = NS5(u) * sqrt(max(1, rows/cols))         (NS5: basin.optim._kernels.newton_schulz5)
-
-    ``rows x cols`` is the weight as ``(out, in)``: groups with ``transposed=True`` (weights stored
-    ``(in, out)``, e.g. HF's GPT-2 ``Conv1D``, which :func:`basin.optim.matrix_param_groups` and
-    ``Muon(model)`` detect) are orthogonalised and scaled as their transpose, so a ``Conv1D``
-    gets exactly the update of the same layer as ``nn.Linear``, transposed.
-        p <- p (1 - lr wd) - lr O
-
-    Fallback (``matrix_rule=False`` groups): AdamW,
-    ``p <- p(1 - lr wd) - lr m_hat/(sqrt(v_hat)+eps)`` (:func:`basin.optim._matrix.adamw_fallback`).
-
-    Routing (shared by the matrix optimizers, :mod:`basin.optim._matrix`): a group's
-    ``matrix_rule`` picks the rule: ``True`` (the default) Muon, ``False`` AdamW, ``None``
-    Muon for ``ndim >= 2`` and AdamW for the rest, which move to a companion ``matrix_rule=False``
-    group right after it. Build the groups with :func:`basin.optim.matrix_param_groups` (hidden
-    matrices to Muon; embeddings, the last ``nn.Linear`` and ``ndim < 2`` parameters to AdamW),
-    or pass ``adamw_fallback=True`` to make ``None`` the default. Without either, a Muon group
-    holding an ``ndim < 2`` parameter raises ``ValueError`` naming it. ``matrix_rule=False``
-    groups take missing ``lr``, ``betas``, ``eps``, ``weight_decay`` from ``adamw_lr``,
-    ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay``.
+    ``transposed=True`` groups (e.g. GPT-2 ``Conv1D``, detected by
+    :func:`basin.optim.matrix_param_groups` and ``Muon(model)``) get exactly the update of the
+    same ``nn.Linear``, transposed. Routing: ``matrix_rule`` ``True`` (default) Muon, ``False``
+    AdamW (:func:`basin.optim._matrix.adamw_fallback`; missing hyperparameters from the
+    ``adamw_*`` options), ``None`` Muon for ``ndim >= 2`` and AdamW for the rest; a Muon group
+    holding an ``ndim < 2`` parameter raises ``ValueError`` naming it. ``distributed=True``
+    (DDP or any data parallelism with identical parameters and averaged gradients) splits
+    Newton-Schulz across ranks and all-gathers the results, bit-identical to single-process
+    Muon; eager steps only, every rank must step the same parameters.
 
     Args:
         params: parameters or parameter groups (see above).
@@ -85,8 +72,8 @@ class Muon(MatrixOptimizer):
         ns_steps: Newton-Schulz iterations (default 5).
         ns_dtype: compute dtype of Newton-Schulz: ``torch.bfloat16`` (default, as the reference),
             ``torch.float32``/``torch.float64``, or None for the parameter's dtype.
-        adamw_lr: the AdamW fallback's learning rate (default 3e-4; the fallback defaults are
-            the reference's ``SingleDeviceMuonWithAuxAdam``'s).
+        adamw_lr: the AdamW fallback's learning rate (default 3e-4, as the reference's
+            ``SingleDeviceMuonWithAuxAdam``, like the other fallback defaults).
         adamw_betas: the fallback's betas (default (0.9, 0.95)).
         adamw_eps: the fallback's epsilon (default 1e-10).
         adamw_weight_decay: the fallback's decoupled weight decay (default 0).
@@ -95,46 +82,18 @@ class Muon(MatrixOptimizer):
         maximize: maximize the objective (default False).
         foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
         nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
-            ``ValueError`` naming the parameter, or skips the step; either way nothing is
-            changed (eager steps; see :class:`basin.optim._base.BasinOptimizer`).
-        distributed: share Newton-Schulz across data-parallel ranks (default False); see below.
+            ``ValueError`` naming the parameter, or skips the step; nothing changes (eager steps).
+        distributed: share Newton-Schulz across data-parallel ranks (default False).
         process_group: the ranks to share it over (default: the world); only with
             ``distributed=True``.
 
-    Distributed (``distributed=True``, under DDP or any data parallelism where every rank holds
-    the same parameters and the same averaged gradients): every rank updates the momentum of
-    every matrix (elementwise, cheap) and runs the AdamW fallback locally, but runs
-    Newton-Schulz only for its share of the matrices (greedy assignment balanced by
-    Newton-Schulz cost, the same on every rank); the orthogonalised updates are then
-    all-gathered (one ``all_gather`` of padded flat buffers per group and dtype, as the
-    reference's distributed ``Muon``) and every rank applies all of them. Parameters, momentum
-    and state dicts are bit-identical to single-process Muon on every rank
-    (tests/distributed/test_distributed_muon.py), so a state dict saved on any rank loads into either form.
-    With no initialised process group, or a group of one rank, the step is plain Muon. Every
-    rank must step with the same parameters having gradients (collectives); eager steps only
-    (``torch.compile`` of a distributed step is not supported). Work per rank:
-    ``basin.optim._distributed``; ``ns_owner`` maps each matrix to its rank after a step.
-
-    References:
-        Keller Jordan, Yuchen Jin, Vlado Boza, Jiacheng You, Franz Cesista, Laker Newhouse,
-        Jeremy Bernstein. "Muon: An optimizer for hidden layers in neural networks." Blog post,
-        2024, https://kellerjordan.github.io/posts/muon/. Jingyuan Liu et al. "Muon is Scalable
-        for LLM Training." arXiv:2502.16982, 2025. Reference code: muon-optimizer 0.1.0
-        (KellerJordan/Muon), ``SingleDeviceMuon`` / ``SingleDeviceMuonWithAuxAdam``.
-
-    Differences from the reference code:
-        * Kernels with ``ndim > 2`` are all flattened to ``(size(0), -1)`` and the scale
-          ``sqrt(max(1, rows/cols))`` uses that matrix's shape. The reference flattens only
-          ``ndim == 4`` and takes the scale from the kernel's last two (spatial) dimensions, and
-          orthogonalises a 3-D tensor as a batch of matrices; basin follows the stated rule
-          (scale by the shape of the matrix that was orthogonalised). Identical for 2-D weights.
-          (muon-optimizer 0.1.0 also never reshapes a conv update back, so its step raises on
-          4-D kernels; tests/optim/test_muon.py checks both.)
+    Differences from the reference code (muon-optimizer 0.1.0, KellerJordan/Muon):
+        * ``ndim > 2`` kernels are flattened to ``(size(0), -1)`` and scaled by that shape.
         * ``p.grad`` is not modified (the reference overwrites it with the Nesterov blend).
-        * Options the reference lacks: ``nesterov=False``, ``ns_steps``, ``ns_dtype``,
-          ``maximize``, ``adamw_fallback``; ``lr`` may be a tensor.
-        Otherwise Muon and the AdamW fallback are bit-identical to the reference in bfloat16
-        Newton-Schulz (tests/optim/test_muon.py).
+        * Extra options: ``nesterov=False``, ``ns_steps``, ``ns_dtype``, ``maximize``,
+          ``adamw_fallback``; ``lr`` may be a tensor.
+
+    Provenance and details: docs/optimizers.md#muon.
     """
 
     _algo = "Muon"

@@ -29,9 +29,9 @@ __all__ = ["SOAP", "soap"]
 
 
 class SOAP(BasinOptimizer):
-    r"""SOAP (Vyas et al., 2024): Shampoo's left and right preconditioner factors supply an
-    eigenbasis, and Adam runs in it. Per tensor (a matrix ``G`` of shape m x n here; every
-    dimension of a higher-order tensor gets its own factor)::
+    r"""SOAP (Vyas et al., ICLR 2025, arXiv:2409.11321): Shampoo's left and right preconditioner
+    factors supply an eigenbasis, and Adam runs in it. Per tensor (a matrix ``G`` of shape
+    m x n here; every dimension of a higher-order tensor gets its own factor)::
 
         L = b_s L + (1 - b_s) G G^T,   R = b_s R + (1 - b_s) G^T G   (b_s = shampoo_beta)
         Q_L, Q_R: eigenvectors of L, R (eigh at the first gradient; then every
@@ -68,22 +68,12 @@ class SOAP(BasinOptimizer):
             ``ValueError`` naming the parameter, or skips the step; either way nothing is
             changed (see :class:`basin.optim._base.BasinOptimizer`).
 
-    References:
-        Nikhil Vyas, Depen Morwani, Rosie Zhao, Mujin Kwun, Itai Shapira, David Brandfonbrener,
-        Lucas Janson, Sham Kakade. "SOAP: Improving and Stabilizing Shampoo using Adam."
-        ICLR 2025, arXiv:2409.11321. Reference code: github.com/nikhilvyas/SOAP (soap.py).
+    Differences from the reference code (github.com/nikhilvyas/SOAP):
+        * L, R and Q in float64 for float64 parameters, float32 otherwise (bfloat16/float16 work).
+        * No ``data_format="channels_last"``; adds ``maximize``, ``nonfinite``, tensor ``lr``.
+        * The step is eager (no ``torch.compile``).
 
-    Differences from the reference code:
-        * Precision: the authors keep L and R in torch's default dtype and take eigh/QR in
-          float32; basin keeps L, R and Q in float64 for float64 parameters (so a float64 run
-          is exact; tested against a float64 transcription) and in float32 for every other
-          dtype (bfloat16/float16 parameters work: the rotations run in float32, the moments
-          are kept in the parameter's dtype; the authors' code fails on them).
-        * ``data_format="channels_last"`` is not offered (merge_dims treats tensors as
-          channels-first); ``maximize``, ``nonfinite``, tensor ``lr``.
-        * No ``torch.compile`` of the step: the refresh every ``precondition_frequency`` steps
-          is a Python branch on the step count (a tensor under compile) and eigh/QR are
-          per-tensor LAPACK calls; the step runs eagerly.
+    Provenance and details: docs/optimizers.md#soap.
     """
 
     def __init__(

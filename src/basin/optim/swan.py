@@ -35,31 +35,21 @@ __all__ = ["SWAN", "swan"]
 
 
 class SWAN(MatrixOptimizer):
-    r"""SWAN (Ma et al., 2024): SGD on the current gradient of each weight matrix after row
-    standardisation (GradNorm) and whitening (GradWhitening). Keeps no state for matrices;
-    embeddings, the output head, biases and gains use the built-in AdamW fallback.
-
-    Update of a matrix group (``G`` is ``m x n``; kernels of ``ndim > 2`` viewed as
-    ``(size(0), -1)``; computed in float32, or float64 for float64 parameters)::
+    r"""SWAN (Ma et al., 2024, arXiv:2412.13148): stateless SGD on each weight matrix's current
+    gradient after row standardisation (GradNorm) and whitening (GradWhitening); per matrix
+    (``G`` is ``m x n`` as ``(out, in)``, ``ndim > 2`` viewed as ``(size(0), -1)``; float32,
+    or float64 for float64 parameters)::
 
         G~ = (G - mean_row(G)) / (std_row(G) + eps)      per row, population std over n columns
-        W  = (G~ G~^T)^(-1/2) G~                          coupled Newton-Schulz: ns_steps
-                                                          steps of size ns_beta
+        W  = (G~ G~^T)^(-1/2) G~                          coupled Newton-Schulz (ns_steps, ns_beta)
         W <- W * ||G~||_F / (||W||_F + eps)               if rescale
         p <- p (1 - lr wd) - lr W
 
-    ``G`` is the gradient as ``(out, in)``: in groups with ``transposed=True`` (weights stored
-    ``(in, out)``, e.g. HF's GPT-2 ``Conv1D``; detected by :func:`basin.optim.matrix_param_groups`)
-    rows are output units there too, so such a layer gets the update of the same ``nn.Linear``,
-    transposed.
-
-    Routing works as in :class:`Muon` (shared, :mod:`basin.optim._matrix`): a group's
-    ``matrix_rule`` is ``True`` (default: SWAN; an ``ndim < 2`` parameter raises ``ValueError``
-    naming it), ``False`` (AdamW) or ``None`` (``ndim >= 2`` to SWAN, the rest to a companion
-    AdamW group); :func:`basin.optim.matrix_param_groups` builds the groups, and
-    ``adamw_fallback=True`` makes ``None`` the default. ``matrix_rule=False`` groups take missing
-    hyperparameters from the ``adamw_*`` fallback defaults (lr 1e-3, betas (0.9, 0.999), eps
-    1e-8, decoupled weight decay 0).
+    ``transposed=True`` groups (weights stored ``(in, out)``, e.g. GPT-2 ``Conv1D``) get the
+    update of the same ``nn.Linear``, transposed. Routing as in :class:`Muon`: ``matrix_rule``
+    ``True`` (default; ``ndim < 2`` raises ``ValueError``), ``False`` (AdamW) or ``None``
+    (``ndim >= 2`` to SWAN, the rest to a companion AdamW group); see
+    :func:`basin.optim.matrix_param_groups`.
 
     Args:
         params: parameters or parameter groups.
@@ -70,75 +60,26 @@ class SWAN(MatrixOptimizer):
             coupled iteration; see :func:`basin.optim._kernels.whiten_newton_schulz`).
         eps: added to the row std and to the norm in the rescaling (default 1e-8).
         rescale: rescale the whitened matrix to the Frobenius norm of ``G~`` (default True).
-        adamw_lr: the AdamW fallback's learning rate.
-        adamw_betas: the fallback's betas.
-        adamw_eps: the fallback's epsilon.
-        adamw_weight_decay: the fallback's decoupled weight decay.
+        adamw_lr: the AdamW fallback's learning rate (default 1e-3).
+        adamw_betas: the fallback's betas (default (0.9, 0.999)).
+        adamw_eps: the fallback's epsilon (default 1e-8).
+        adamw_weight_decay: the fallback's decoupled weight decay (default 0).
         adamw_fallback: default ``matrix_rule=None`` (automatic routing) instead of True
-            (default False). The same options as :class:`Muon`'s; the former spellings
-            ``adam_lr``, ``adam_betas``, ``adam_eps``, ``adam_weight_decay`` and
-            ``adam_fallback`` still work and warn (``DeprecationWarning``).
+            (default False). The former spellings ``adam_lr``, ``adam_betas``, ``adam_eps``,
+            ``adam_weight_decay``, ``adam_fallback`` still work and warn (``DeprecationWarning``).
         maximize: maximize the objective (default False).
         foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
         nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
-            ``ValueError`` naming the parameter, or skips the step; either way nothing is
-            changed (eager steps; see :class:`basin.optim._base.BasinOptimizer`).
+            ``ValueError`` naming the parameter, or skips the step; nothing changes (eager steps).
 
-    References:
-        Chao Ma, Wenbo Gong, Meyer Scetbon, Edward Meeds. "SWAN: SGD with Normalization and
-        Whitening Enables Stateless LLM Training." arXiv:2412.13148 (2024; ICML 2025, PMLR
-        267:41907-41942). No official code (the ICML version says it "will be released at
-        github.com/microsoft/msr_optim"; no snapshot of it is reachable here). Verified against a
-        float64 transcription with an exact eigendecomposition-based inverse square root
-        (tests/references/swan_paper.py).
+    Differences from the paper (there is no authors' code):
+        * ``eps`` in the row std and in the rescaling (the paper divides by the std alone).
+        * ``ns_steps=10``, ``ns_beta=0.5`` (one port uses 0.8: pass ``ns_beta=0.8``); keep
+          ``ns_steps`` below ~20 in float32.
+        * ``rescale=True``, ``lr`` 1e-3 and the AdamW fallback with its defaults are basin's.
+        * Whitening on the smaller Gram matrix when ``m > n`` (the paper assumes ``m <= n``).
 
-    Sources checked (the paper's PDF/HTML body itself was not readable from here): the PMLR
-        and OpenReview abstracts; the same authors' restatement of SWAN (W. Gong, M. Scetbon,
-        C. Ma, E. Meeds, "Towards Efficient Optimizer Design for LLM via Structured Fisher
-        Approximation with a Low-Rank Extension", arXiv:2502.07752, App. B.7 eqs. 30-32:
-        ``GradNorm(G) = (G - g 1_n^T) / (s 1_n^T)`` with ``g``, ``s`` the mean and population std
-        of each row over its ``n`` entries, ``GradWhitening(G) = (G G^T)^(-1/2) G``, "in practice
-        computed using Newton-Schulz iterations", and App. B.8: ``Y_0 = A / ||A||_F``,
-        ``Z_0 = I``, ``Y <- Y (3I - Z Y) / 2``, ``Z <- (3I - Z Y) Z / 2``); a
-        reproducibility summary of the ICML version ("Algorithm 1 SWAN, Algorithm 2 Grad
-        Whitening Operator, Algorithm 3 Grad Norm Operator"; whitening in FP32, weights and
-        gradients in BF16); and four independent public ports that transcribe Algorithms 1-3.
-
-    Confirmed (by those sources):
-        * GradNorm: row-wise mean and population std over the ``n`` columns; GradWhitening
-          ``(G~ G~^T)^(-1/2) G~`` by the coupled Newton-Schulz iteration started from the
-          Frobenius-normalised Gram matrix ``A = G~ G~^T / ||G~ G~^T||_F`` (App. B.8 above; the
-          result is rescaled by ``||G~ G~^T||_F^(-1/2)``), ``Z_0 = I``,
-          ``Y <- beta Y (3I - Z Y)``, ``Z <- beta (3I - Z Y) Z``. The ports agree on this form
-          with a step size ``beta`` (exposed as ``ns_beta``); App. B.8 has ``beta = 1/2``.
-        * Whitening in float32 for low-precision parameters (the paper whitens in FP32).
-        * Rescaling: the ports write it either as ``W * ||G~||_F / ||W||_F`` or as
-          ``sqrt(m n) W / ||W||_F``; these are the same map, because every standardised row of
-          ``G~`` has squared norm ``n`` (tested: tests/optim/test_swan.py).
-
-    Differences from the paper / still UNVERIFIED (paper text not read; no authors' code):
-        * ``eps`` in the row std and in the rescaling (the paper divides by the std alone,
-          undefined for a constant row). With ``eps > 0`` a constant row (e.g. a dead unit)
-          standardises to 0 and ``||G~||_F`` is then below ``sqrt(m n)``: we keep the
-          ``||G~||_F`` form there, the ``sqrt(m n)`` form would scale the other rows up.
-        * ``ns_steps=10`` and ``ns_beta=0.5``: two ports attribute ``k = 10`` to the paper, one
-          of them with ``beta = 0.8`` (and ``k = 2``, ``beta = 0.4`` for a diagonal variant,
-          not implemented here); the others and App. B.8 use ``beta = 0.5``. 0.5 is kept:
-          only there does the iteration converge to the whitening (quadratically); 0.8 gives a
-          bounded approximate whitening (singular values within ~1.1-1.3, not equal) that
-          reaches small eigenvalues faster (``9 beta^2`` growth per step vs 2.25). Pass
-          ``ns_beta=0.8`` to reproduce that setting. At 0.5 the iteration converges only for
-          eigenvalues of the normalised Gram matrix above about ``2.25**-ns_steps``, smaller
-          directions are damped. Row centering makes square and tall gradients
-          rank-deficient; there rounding noise in the null space grows ~1.5x per iteration,
-          so do not raise ``ns_steps`` far beyond ~20 in float32 (at 40 it can overflow to NaN
-          on such layers).
-        * ``rescale=True`` (so that ``lr`` is on Adam's scale), the default ``lr`` 1e-3, the
-          Adam fallback for embeddings, head and ``ndim < 2`` parameters, and its defaults.
-        * Whitening on the smaller Gram matrix (``G~ (G~^T G~)^(-1/2)`` when ``m > n``), equal to
-          the paper's form where that is defined (the paper assumes ``m <= n``).
-        * The ICML version also names a "SWAN-0" variant beside "SWAN"; which of the two this
-          stateless update corresponds to there could not be checked.
+    Provenance and details: docs/optimizers.md#swan.
     """
 
     _algo = "SWAN"

@@ -47,11 +47,10 @@ class MESA:
     Arguments: ``lam`` 0.8 (>= 0), ``tau`` 5 (> 0), ``decay`` 0.9998 (in [0, 1)),
     ``start_epoch`` 5 (>= -1), ``end_epoch`` None (never; the authors' 360).
 
-    Differences: ``MESA_train.py`` defaults to ``--reinforce 0.3``; its README and ``run.sh``
-    use 0.8, taken here (the paper's number could not be checked against its text:
-    UNVERIFIED). Integer buffers (``num_batches_tracked``) are copied: timm's
-    ``decay * e + (1 - decay) * m`` on an integer tensor truncates back to the old count. The
-    authors run the EMA forward on every step (for logging); here only when active.
+    Differences: lam 0.8 as the authors' README and ``run.sh`` (their code defaults to 0.3;
+    docs/training-methods.md, "SAF and MESA"); integer buffers (``num_batches_tracked``) are
+    copied, not averaged (timm's average truncates them); the EMA forward runs only on active
+    steps (the authors run it every step, for logging).
 
     References: Du, Zhou, Feng, Tan, Zhou, "Sharpness-Aware Training for Free", NeurIPS 2022,
     arXiv:2205.14083; code github.com/AngusDujw/SAF (``MESA_train.py``).

@@ -42,12 +42,10 @@ class SAF:
     ``lam`` 0.3 (coefficient, >= 0), ``tau`` 5 (temperature, > 0), ``memory`` 3 (E~, epochs
     back, >= 1), ``start_epoch`` 5 (>= -1), ``end_epoch`` None (never; the authors' 300).
 
-    Differences: the authors' ``SAF_train.py`` defaults are ``--reinforce 0.16`` and
-    ``--minus_epoch 3``; their README and ``run.sh`` use lambda 0.3 and E~ 2 (README: "2/3").
-    The paper's own numbers could not be checked here against its text (UNVERIFIED): lambda
-    0.3 and E~ 3 are taken, the README's lambda with the code's E~. The authors compute
-    ``log(softmax(.))``; this uses ``log_softmax`` (same value, stable). ``end_epoch=None``
-    stands for their fixed ``--kl_end_epoch``.
+    Differences: lambda 0.3 with E~ 3 (the authors' README's lambda with their code's E~; see
+    docs/training-methods.md, "SAF and MESA", for the sources); ``log_softmax`` for their
+    ``log(softmax(.))`` (same value, stable); ``end_epoch=None`` for their fixed
+    ``--kl_end_epoch``.
 
     References: Du, Zhou, Feng, Tan, Zhou, "Sharpness-Aware Training for Free", NeurIPS 2022,
     arXiv:2205.14083; code github.com/AngusDujw/SAF (``SAF_train.py``).

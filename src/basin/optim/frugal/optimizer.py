@@ -25,166 +25,59 @@ _BLOCK_ORDERS = ("random", "ascending", "descending", "mirror")
 
 
 class FRUGAL(MatrixOptimizer):
-    r"""FRUGAL (Zmushko et al., 2024): gradient splitting. For each weight matrix the gradient
-    ``G`` is split by an orthogonal projector ``Q Q^T`` into a state-full part, updated by AdamW in
-    the ``r``-dimensional coordinates ``Q^T G`` (``r = round(density * dim)``), and the residual
-    ``G - Q Q^T G``, updated by a state-free rule (signSGD by default).
+    r"""FRUGAL (Zmushko et al., 2024, arXiv:2411.07837): gradient splitting. Each weight matrix's
+    gradient ``G`` (as ``(out, in)``) is split by an orthogonal projector ``Q Q^T`` into a
+    state-full part, stepped by AdamW in the ``r``-dimensional coordinates
+    (``r = max(1, round(density * dim))``, on the smaller side by default), and the residual,
+    stepped by a state-free rule (signSGD by default)::
 
-    Per projected matrix (``Q`` acts on the smaller side by default: ``G Q`` when
-    ``rows >= cols`` ("right"), else ``Q^T G`` ("left"))::
+        every update_gap steps (first included): rebuild Q from G (zero moments if reset_statistics)
+        W <- W (1 - lr wd);  g_low = Q^T G  (G Q on the right);  u = AdamW direction of g_low
+        W <- W - lr proj_params_lr_scale (Q u + inactive_lr_scale rule(G - Q g_low))
 
-        every update_gap steps (first step included): rebuild Q from the current G, and with
-            reset_statistics zero the AdamW moments and restart their step count
-        W  <- W (1 - lr wd)
-        g_low = Q^T G                             (r x n, or m x r on the right)
-        u  = AdamW direction of g_low (bias-corrected m / (sqrt(v) + eps))
-        W  <- W - lr proj_params_lr_scale Q u
-        R  = G - Q g_low
-        W  <- W - lr proj_params_lr_scale inactive_lr_scale sign(R)   (sign_sgd; R for sgd;
-                                                                      nothing for "no")
-
-    ``G`` is the gradient as ``(out, in)``: in groups with ``transposed=True`` (weights stored
-    ``(in, out)``, e.g. HF's GPT-2 ``Conv1D``; detected by :func:`basin.optim.matrix_param_groups`)
-    the side, the projector and the moments are those of the transposed weight, so such a layer
-    gets the update of the same ``nn.Linear``, transposed (the block variant is elementwise per
-    tensor: orientation does not matter there).
-
-    Projectors (``proj_type``): ``"svd"`` top-``r`` singular vectors of ``G``; ``"random"`` a
-    random semi-orthogonal matrix (QR of a Gaussian, R with positive diagonal); ``"randperm"``
-    ``r`` random columns (rows) of the identity, stored as an index vector. Randomness comes from
-    a per-parameter ``torch.Generator`` seeded with ``seed + index of the parameter`` (in
-    param-group order), whose state is kept in the optimizer state, so runs are deterministic
-    and a ``state_dict`` round trip continues identically.
-
-    Block variant (``proj_type="block"``, the paper's BlockAdamW state-full part): whole
-    projected tensors are the blocks. Every ``update_gap`` steps of a parameter group (first step
-    included), ``k = max(1, round(density * n))`` of its ``n`` projected tensors (in parameter
-    order) become active, chosen by ``block_order`` (the authors' four orders; re-selection
-    number ``j = 0, 1, ...``):
-
-    * ``"random"`` (default): the first ``k`` of ``randperm(n)`` from a generator seeded with
-      ``seed + index of the group's first projected parameter`` (its state is kept in that
-      parameter's state as ``"rng_state"``);
-    * ``"ascending"``: blocks ``jk, jk + 1, ..., jk + k - 1`` (mod ``n``), i.e. sweeping from
-      the first tensor upwards, cyclically;
-    * ``"descending"``: blocks ``n - 1 - jk, ..., n - jk - k`` (mod ``n``), sweeping from the
-      last tensor (nearest the output) downwards, as BAdam (Luo et al., arXiv:2404.02827);
-    * ``"mirror"``: ``k / 2`` blocks ``i`` from ``jk/2`` upwards (mod ``n // 2``), each with
-      its mirror ``n - 1 - i``; ``k`` must be even (``ValueError`` naming ``block_order``
-      otherwise) and, for odd ``n``, the middle tensor is never active (as in the reference).
-
-    The count ``j`` is kept in the first parameter's state (``"block_draws"``), so a
-    ``state_dict`` round trip continues the cycle. Each block's ``"active"`` flag is in its
-    state. Active blocks take the AdamW step (:func:`basin.optim._matrix.adamw_fallback`,
-    scaled by ``proj_params_lr_scale``); inactive ones take the residual rule on their whole
-    gradient. With ``reset_statistics`` a block's moments are zeroed (step count restarted)
-    when it becomes active and are not kept when it leaves; without it, a block keeps (frozen)
-    moments while inactive and continues them when chosen again. ``proj_side`` is ignored.
-
-    Block state layout (fixed in size, so that a compiled step never sees it change): the
-    moments live in flat pools, one per (device, dtype) of the group's blocks, held in the
-    state of the first block of that kind (``"exp_avg_pool"``, ``"exp_avg_sq_pool"``); each
-    block has an ``"offset"`` into its pool and its own ``"step"``. With ``reset_statistics``
-    a pool holds the ``k`` largest blocks of its kind, and each re-selection packs the active
-    blocks into it in parameter order; without it every block has a fixed region (the whole
-    size of its kind).
-
-    Routing (shared by the matrix optimizers, :mod:`basin.optim._matrix`): a parameter group's
-    ``matrix_rule`` decides who is projected: ``None`` (default) projects every 2-D parameter;
-    ``True`` projects (ndim > 2 viewed as ``(size(0), -1)``; an ``ndim < 2`` parameter raises
-    ``ValueError`` naming it); ``False`` gives full AdamW
-    (:func:`basin.optim._matrix.adamw_fallback`, with the group's ``lr``, ``betas``, ``eps``,
-    ``weight_decay``). The paper projects the attention/MLP linear layers and trains
-    embeddings, norms and the output head with AdamW: :func:`basin.optim.matrix_param_groups`
-    builds those two groups.
-
-    Memory of a projected ``m x n`` matrix: ``2 r x (other side)`` floats of AdamW state, i.e.
-    ``2 * density`` times the parameter (0.5 at the default), plus the projector (``r * dim``
-    floats for svd/random, ``r`` indices for randperm). Block variant with
-    ``reset_statistics``: ``2 x (sum of the k largest blocks)`` floats per group (per kind),
-    the most any selection can need: ``2 * density`` of the blocks when they are equal-sized,
-    more when they are not (e.g. 0.67 of a GPT-like stack of qkv/proj/fc1/fc2 at density 0.25,
-    whose selections need 0.5 on average); without ``reset_statistics``, twice all blocks.
-
-    ``torch.compile(opt.step, fullgraph=True)``: the projected variants (svd, random,
-    randperm) compile with no graph break and no recompile across rebuilds. Their state is
-    allocated once at its final size; each step is a rebuild phase
-    (:func:`.projectors._rebuild`), eager Python (a branch on the CPU step counter, the SVD or
-    seeded draw, in-place overwrite of projector, moments and generator state), then
-    branch-free per-step math. Under compile the
-    rebuild phase is the opaque custom op ``basin::frugal_rebuild`` (``torch.library``, with its
-    in-place mutations declared): one extern call in the graph that decides at run time, while
-    Inductor compiles the rest. Eager and compiled steps run the same rebuild code. The block
-    variant compiles the same way: its re-selection (the draw, the ``active`` flags, the
-    offsets, zeroing the pools) is the opaque op ``basin::frugal_reselect``, and under
-    compile each block's step gathers its moments from the pool at its run-time offset,
-    computes both the AdamW and the residual step and keeps one with ``torch.where`` on its
-    flag (:func:`.blocks._block_update_branch_free`: the inactive blocks' AdamW is wasted
-    work); eagerly only the active blocks' AdamW runs, on views of the pool. So the compiled block
-    step does more work than the eager one: on CPU it was about 5x slower (22 vs 4 ms, 24
-    float32 blocks of a d=128 GPT-like stack, one thread; Inductor's gathers at a run-time
-    offset are scalar loops); prefer the eager step there.
+    with ``rule`` = ``sign`` (sign_sgd), identity (sgd) or zero (no). ``proj_type="block"``
+    (the paper's BlockAdamW) instead gives AdamW to ``max(1, round(density * n))`` of a group's
+    ``n`` projected tensors at a time, in ``block_order``, and the residual rule to the others.
+    ``matrix_rule`` ``None`` (default) projects every 2-D parameter, ``True`` forces it,
+    ``False`` gives AdamW (:func:`basin.optim.matrix_param_groups` builds the paper's split).
+    Seeded per parameter; compiles without graph breaks (block variant: slower than eager on CPU).
 
     Args:
         params: iterable of parameters or parameter groups.
         lr: learning rate (default 1e-3).
         betas: AdamW coefficients (default (0.9, 0.999)).
         eps: AdamW's epsilon (default 1e-8).
-        weight_decay: decoupled weight decay, on every parameter (default 0.01, as the authors'
-            AdamW).
-        density: fraction of the projected side kept in the state-full subspace (for
-            ``"block"``: fraction of the group's projected tensors), in (0, 1] (default 0.25).
+        weight_decay: decoupled weight decay, on every parameter (default 0.01).
+        density: kept fraction of the projected side (for ``"block"``: of the group's projected
+            tensors), in (0, 1] (default 0.25).
         update_gap: steps between projector rebuilds / block re-selections (default 200).
-        proj_type: ``"svd"`` | ``"random"`` | ``"randperm"`` | ``"block"`` (whole tensors,
-            see above) (default ``"svd"``).
-        proj_side: ``"std"`` (smaller side, default) | ``"left"`` | ``"right"``.
+        proj_type: ``"svd"`` | ``"random"`` | ``"randperm"`` | ``"block"`` (default ``"svd"``).
+        proj_side: ``"std"`` (smaller side, default) | ``"left"`` | ``"right"``; ignored by
+            ``"block"``.
         inactive_update_rule: ``"sign_sgd"`` | ``"sgd"`` | ``"no"`` (default ``"sign_sgd"``).
         inactive_lr_scale: scale of the residual step (default 1.0).
         proj_params_lr_scale: scale of all steps of projected matrices (default 1.0).
         reset_statistics: zero the AdamW state at every rebuild (default True).
-        block_order: ``"random"`` | ``"ascending"`` | ``"descending"`` | ``"mirror"``, the order
-            in which ``proj_type="block"`` activates tensors (see above; ignored by the other
-            projectors) (default ``"random"``).
-        seed: base seed of the random projectors (default 0).
+        block_order: ``"random"`` | ``"ascending"`` | ``"descending"`` | ``"mirror"`` (needs an
+            even count) for ``"block"`` (default ``"random"``).
+        seed: base seed of the random projectors and block draws (default 0).
         maximize: maximize the objective (default False).
         foreach: multi-tensor AdamW for non-projected parameters (None picks per device);
             projected matrices are a per-tensor loop.
         nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
-            ``ValueError`` naming the parameter, or skips the step; either way nothing is
-            changed (eager steps; see :class:`basin.optim._base.BasinOptimizer`).
+            ``ValueError`` naming the parameter, or skips the step; nothing changes (eager steps).
 
-    References:
-        Philip Zmushko, Aleksandr Beznosikov, Martin Takáč, Samuel Horváth. "FRUGAL:
-        Memory-Efficient Optimization by Reducing State Overhead for Scalable Training."
-        arXiv:2411.07837, 2024 (ICML 2025). Reference code: github.com/fzmushko/FRUGAL
-        (frugal/proj_optimizer_templates.py, galore_projector.py, adamw.py).
+    Differences from the reference code (github.com/fzmushko/FRUGAL):
+        * Canonical signs for SVD/random projectors (no dependence on LAPACK's sign choices).
+        * float64 SVD for float64 parameters (the reference converts to float32).
+        * Per-parameter seeded generators (the reference: global RNG); randperm stores indices.
+        * The rebuild schedule is per parameter (the reference reads the group's first one).
+        * At ``r = dim`` the residual is skipped (the reference steps the sign of rounding noise).
+        * Block variant: seeded draws, ``k >= 1``, ``reset_statistics=False`` keeps moments,
+          ``"mirror"`` with odd ``k`` raises ``ValueError``.
+        * ``r >= 1`` (the reference allows ``r = 0``).
 
-    Differences from the reference code:
-        * SVD projectors get a canonical column sign (largest-magnitude entry positive) and
-          random ones a positive-diagonal R, so that with ``reset_statistics=False`` (state kept
-          across rebuilds, in the new basis' coordinates, as in the reference) the trajectory
-          does not depend on the LAPACK build's sign choices.
-        * The SVD runs in the parameter's dtype for float64 (the reference converts every
-          non-float32 gradient to float32 first); float16/bfloat16 use float32 in both.
-        * Random projectors draw from a per-parameter seeded generator (the reference uses the
-          global RNG), and ``randperm`` stores indices instead of a 0/1 matrix.
-        * The rebuild schedule is per parameter (the reference reads the first parameter of the
-          group); the same for parameters that are stepped together.
-        * When the kept subspace is the whole side (``r = dim``, e.g. ``density=1``) the residual
-          is zero by definition and is skipped; the reference steps ``sign`` of its rounding noise
-          (full ``±lr`` steps). With ``"svd"`` and ``r >= rank(G)`` the residual is rounding noise
-          in both, and sign_sgd amplifies it to ``±lr``: prefer ``inactive_update_rule="sgd"``.
-        * Block variant (reference: ``BlockOptimizer``/``BlockAdamW``, the same
-          ``randperm(n)[:k]`` draw per group every ``update_gap`` steps for ``"random"``, and a
-          cursor ``next_block_start`` in the group for the fixed orders, whose sets equal the
-          closed forms above): the random draw comes from a seeded generator kept in the state
-          (the reference uses the global RNG); ``k >= 1`` (the reference allows ``k = 0``); the
-          reference always clears a block's moments at re-selection, whatever
-          ``reset_statistics``, while here ``reset_statistics=False`` keeps them (frozen while
-          inactive); ``"mirror"`` with odd ``k`` raises ``ValueError`` (an ``assert`` there).
-          The coordinate variant's column/row choice equals ``proj_type="randperm"``.
-        * ``r = max(1, round(density * dim))`` (the reference allows ``r = 0``); for ``"svd"`` at
-          most ``min(m, n)`` (the reference truncates silently the same way).
+    Provenance and details: docs/optimizers.md#frugal.
     """
 
     _algo = "FRUGAL"
