@@ -43,12 +43,15 @@ def dp_config(dp: dict[str, Any] | None) -> dict[str, Any] | None:
         "target_epsilon": None if eps is None else _check_positive("--dp-epsilon", eps),
         "delta": _check_delta(dp.get("delta", 1e-5) if dp.get("delta") is not None else 1e-5),
         "max_grad_norm": _check_positive(
-            "--dp-max-grad-norm", dp.get("max_grad_norm") if dp.get("max_grad_norm") is not None else 1.0
+            "--dp-max-grad-norm",
+            dp.get("max_grad_norm") if dp.get("max_grad_norm") is not None else 1.0,
         ),
         "accountant": dp.get("accountant") or "prv",
     }
     if out["accountant"] not in ACCOUNTANTS:
-        raise ValueError(f"DP accountant must be one of {', '.join(ACCOUNTANTS)}, got {out['accountant']!r}")
+        raise ValueError(
+            f"DP accountant must be one of {', '.join(ACCOUNTANTS)}, got {out['accountant']!r}"
+        )
     return out
 
 

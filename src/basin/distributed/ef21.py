@@ -163,7 +163,9 @@ class EF21State:
                     "DDP's bucket_cap_mb"
                 )
             return self.k
-        density = self.density if self.density is not None else 1.0  # __init__ sets one of k, density
+        density = (
+            self.density if self.density is not None else 1.0
+        )  # __init__ sets one of k, density
         return max(1, min(numel, math.ceil(density * numel)))
 
     def _sparse_cheaper(self, k: int, numel: int, value_bytes: int, index_bytes: int) -> bool:
