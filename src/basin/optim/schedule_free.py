@@ -345,10 +345,18 @@ def _multi_tensor_schedule_free_adamw(
         us = torch._foreach_div(gs, denom)
         if weight_decay != 0:
             torch._foreach_add_(us, ys, alpha=weight_decay)
-        torch._foreach_lerp_(ys, zs_, [c for _, c in coefs])
-        y_coefs = [lt * (beta1 * (1 - c) - 1) for lt, c in coefs]
-        torch._foreach_add_(ys, torch._foreach_mul(us, y_coefs))
-        torch._foreach_add_(zs_, torch._foreach_mul(us, [-lt for lt, _ in coefs]))
+        _foreach_average_and_step(ys, zs_, us, coefs, beta1)
+
+
+def _foreach_average_and_step(
+    ys: list[Tensor], zs: list[Tensor], us: list[Tensor], coefs: list[tuple[Any, Any]], beta: float
+) -> None:
+    """The update both Schedule-Free methods share, given each tensor's direction ``u`` and
+    ``(lr_t, c_t)``: ``y <- (1 - c) y + c z + lr (beta (1 - c) - 1) u``, ``z <- z - lr u``."""
+    torch._foreach_lerp_(ys, zs, [c for _, c in coefs])
+    y_coefs = [lt * (beta * (1 - c) - 1) for lt, c in coefs]
+    torch._foreach_add_(ys, torch._foreach_mul(us, y_coefs))
+    torch._foreach_add_(zs, torch._foreach_mul(us, [-lt for lt, _ in coefs]))
 
 
 register(
@@ -531,10 +539,7 @@ def _multi_tensor_schedule_free_sgd(
             for t, m, s in zip(steps, maxs, sums)
         ]  # fmt: skip
         us = torch._foreach_add(gs, ys, alpha=weight_decay) if weight_decay != 0 else gs
-        torch._foreach_lerp_(ys, zs_, [c for _, c in coefs])
-        y_coefs = [lt * (momentum * (1 - c) - 1) for lt, c in coefs]
-        torch._foreach_add_(ys, torch._foreach_mul(us, y_coefs))
-        torch._foreach_add_(zs_, torch._foreach_mul(us, [-lt for lt, _ in coefs]))
+        _foreach_average_and_step(ys, zs_, us, coefs, momentum)
 
 
 register(
