@@ -13,11 +13,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._base import check_positive, check_range
+from ._sphere import FixedNormWrapper
 
 __all__ = ["HyperP", "hyperp_lr"]
 
 
-class HyperP:
+class HyperP(FixedNormWrapper):
     r"""Keep each weight matrix on its Frobenius sphere of radius ``R`` (its norm at
     construction, or ``radius``), moving it by a step of fixed relative size ``lr`` along the
     base optimizer's update direction (the authors' MuonH when the base is Muon)::
@@ -41,6 +42,11 @@ class HyperP:
     (``lit_gpt/optim/muon.py``, ``use_muonh``). Differences: docs/training-methods.md.
     """
 
+    _name = "HyperP"
+    _state_key = "hyperp"
+    _what = "sphere matrices"
+    _matrices_only = True
+
     def __init__(
         self,
         optimizer: Optimizer,
@@ -49,55 +55,22 @@ class HyperP:
         radius: float | None = None,
         eps: float = 1e-10,
     ) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise ValueError(
-                f"optimizer must be a torch.optim.Optimizer instance, got {type(optimizer)!r}"
-            )
-        if radius is not None:
-            check_positive("radius", radius)
         check_range("eps", eps, 0.0, math.inf, high_inclusive=False)
-        self.optimizer, self.eps = optimizer, float(eps)
-        owned = [p for g in optimizer.param_groups for p in g["params"]]
-        ids = {id(p) for p in owned}
-        if params is None:
-            chosen = [p for p in owned if p.ndim >= 2]
-        else:
-            chosen = list(params)
-            for i, p in enumerate(chosen):
-                if not isinstance(p, Tensor) or id(p) not in ids:
-                    raise ValueError(f"params[{i}] is not a parameter of the optimizer")
-                if p.ndim < 2:
-                    raise ValueError(f"params[{i}] has ndim {p.ndim}: HyperP is for matrices")
-        if not chosen:
-            raise ValueError("params: no matrix (ndim >= 2) to keep on the sphere")
-        if len({id(p) for p in chosen}) != len(chosen):
-            raise ValueError("params: a tensor is listed twice")
-        self.params = chosen
-        self.radii: list[float] = []
-        for i, p in enumerate(chosen):
-            n = float(p.detach().double().norm())
-            if not n > 0 or not math.isfinite(n):
-                raise ValueError(f"params[{i}] has norm {n}: HyperP needs a finite nonzero weight")
-            self.radii.append(float(radius) if radius is not None else n)
+        super().__init__(optimizer, params, radius=radius)
+        self.eps = float(eps)
         self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
 
     @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    @property
-    def state(self) -> Any:
-        return self.optimizer.state
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+    def radii(self) -> list[float]:
+        """The sphere radii (``norms``)."""
+        return self.norms
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         with torch.no_grad():
             before = [p.detach().clone() for p in self.params]
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         with torch.no_grad():
-            for p, w, r in zip(self.params, before, self.radii):
+            for p, w, r in zip(self.params, before, self.norms):
                 d = w - p
                 dn = float(d.double().norm())
                 if not dn > self.eps:
@@ -115,18 +88,9 @@ class HyperP:
                 p.copy_(new)
         return loss
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "hyperp": {"radii": list(self.radii)}}
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        radii = list(state["hyperp"]["radii"])
-        if len(radii) != len(self.params):
-            raise ValueError(
-                f"HyperP state has {len(radii)} sphere matrices, this HyperP has {len(self.params)}"
-            )
-        self.optimizer.load_state_dict(state["optimizer"])
+        super().load_state_dict(state)
         self._group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-        self.radii = [float(r) for r in radii]
 
 
 def hyperp_lr(

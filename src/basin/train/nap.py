@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
 from basin.optim._base import check_bool, check_positive
+from basin.optim._sphere import FixedNormWrapper
 
 __all__ = ["NormalizeAndProject", "effective_lr", "insert_layernorm", "nap_matched_lr"]
 
@@ -27,7 +27,7 @@ _ACTIVATIONS = (
 )
 
 
-class NormalizeAndProject:
+class NormalizeAndProject(FixedNormWrapper):
     r"""NaP's projection step over any optimizer: after each ``optimizer.step()`` every projected
     weight is rescaled back to its norm at construction (or to ``radius``)::
 
@@ -48,52 +48,9 @@ class NormalizeAndProject:
     effective learning rates in reinforcement learning", NeurIPS 2024, arXiv:2407.01800.
     """
 
-    def __init__(
-        self,
-        optimizer: Optimizer,
-        params: Iterable[Tensor] | None = None,
-        *,
-        radius: float | None = None,
-    ) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise ValueError(
-                f"optimizer must be a torch.optim.Optimizer instance, got {type(optimizer)!r}"
-            )
-        if radius is not None:
-            check_positive("radius", radius)
-        self.optimizer = optimizer
-        owned = [p for g in optimizer.param_groups for p in g["params"]]
-        ids = {id(p) for p in owned}
-        if params is None:
-            chosen = [p for p in owned if p.ndim >= 2]
-        else:
-            chosen = list(params)
-            for i, p in enumerate(chosen):
-                if not isinstance(p, Tensor) or id(p) not in ids:
-                    raise ValueError(f"params[{i}] is not a parameter of the optimizer")
-        if not chosen:
-            raise ValueError("params: nothing to project (no parameter with ndim >= 2)")
-        if len({id(p) for p in chosen}) != len(chosen):
-            raise ValueError("params: a tensor is listed twice")
-        self.params = chosen
-        norms = []
-        for i, p in enumerate(chosen):
-            n = float(p.detach().double().norm())
-            if not n > 0 or not math.isfinite(n):
-                raise ValueError(f"params[{i}] has norm {n}: NaP needs a finite nonzero weight")
-            norms.append(float(radius) if radius is not None else n)
-        self.norms = norms
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    @property
-    def state(self) -> Any:
-        return self.optimizer.state
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+    _name = "NaP"
+    _state_key = "nap"
+    _what = "projected weights"
 
     @torch.no_grad()
     def project(self) -> None:
@@ -107,18 +64,6 @@ class NormalizeAndProject:
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         self.project()
         return loss
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "nap": {"norms": list(self.norms)}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        norms = list(state["nap"]["norms"])
-        if len(norms) != len(self.params):
-            raise ValueError(
-                f"NaP state has {len(norms)} projected weights, this NaP has {len(self.params)}"
-            )
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.norms = [float(n) for n in norms]
 
 
 def effective_lr(lr: float, weight_norm: float, *, adaptive: bool = False) -> float:
