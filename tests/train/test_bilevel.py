@@ -47,9 +47,7 @@ def test_direct_upper_term_is_added():
     # F(x, y) = x * y  +  g(x, y) = (y - x)^2 / 2  ->  y* = x, F = x^2, dF/dx = 2x
     x = torch.tensor([1.5], dtype=D, requires_grad=True)
     y = torch.tensor([1.5], dtype=D, requires_grad=True)
-    (g,) = implicit_hypergradient(
-        lambda: (x * y).sum(), lambda: ((y - x) ** 2 / 2).sum(), [x], [y]
-    )
+    (g,) = implicit_hypergradient(lambda: (x * y).sum(), lambda: ((y - x) ** 2 / 2).sum(), [x], [y])
     assert float(g) == pytest.approx(3.0, abs=1e-12)
 
 

@@ -32,7 +32,9 @@ def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     return out
 
 
-def conjugate_gradient(hvp: HVP, b: Sequence[Tensor], *, iters: int = 100, tol: float = 1e-10) -> Vec:
+def conjugate_gradient(
+    hvp: HVP, b: Sequence[Tensor], *, iters: int = 100, tol: float = 1e-10
+) -> Vec:
     """Solve ``H z = b`` for symmetric positive-definite ``H`` given by ``hvp`` (from ``z = 0``);
     stops when ``||r|| <= tol * ||b||`` or after ``iters`` products."""
     check_int("iters", iters, 1)
@@ -107,6 +109,4 @@ def implicit_hypergradient(
     else:
         z = neumann_series(hvp, fy, terms=iters, alpha=alpha)
     mixed = torch.autograd.grad(gy, xs, grad_outputs=z, allow_unused=True)
-    return [
-        a.detach() if m is None else (a - m).detach() for a, m in zip(fx, mixed, strict=True)
-    ]
+    return [a.detach() if m is None else (a - m).detach() for a, m in zip(fx, mixed, strict=True)]
