@@ -6,8 +6,10 @@ batch-size controller drives ``basin bench --adaptive-batch``."""
 from __future__ import annotations
 
 from .adadagrad import AdaptiveBatchSize, per_sample_gradients
+from .bilevel import conjugate_gradient, implicit_hypergradient, neumann_series
 from .biper import BiPerConv2d, BiPerLinear, biper_sign, biper_weight, set_biper_stage
 from .boosting import BoostedNet, fit_boosted, pseudo_residual
+from .borep import BOREP
 from .convex_relu import ConvexReLUResult, activation_patterns, fit_convex_relu, relu_objective
 from .data import IndexedDataset
 from .lora import LoRALinear, add_lora, lora_parameters
@@ -21,6 +23,7 @@ from .tract import TrActConv1d, TrActConv2d, TrActLinear, first_layer, tract, tr
 
 __all__ = [
     "AdaptiveBatchSize",
+    "BOREP",
     "BiPerConv2d",
     "BiPerLinear",
     "BoostedNet",
@@ -39,13 +42,16 @@ __all__ = [
     "TrActLinear",
     "activation_patterns",
     "add_lora",
+    "conjugate_gradient",
     "biper_sign",
     "biper_weight",
     "first_layer",
+    "implicit_hypergradient",
     "fit_boosted",
     "fit_convex_relu",
     "insert_layernorm",
     "lora_parameters",
+    "neumann_series",
     "orthogonal_gradient",
     "orthogonal_gradient_",
     "per_sample_gradients",
