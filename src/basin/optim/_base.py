@@ -186,7 +186,7 @@ def check_grad(p: Tensor, optimizer: str) -> None:
 # keys of ``defaults`` that are not a functional's keyword: ``betas`` (passed as beta1, beta2),
 # ``differentiable``, which torch's Optimizer.__setstate__ (load_state_dict) adds, and
 # ``nonfinite``, which the step's gradient check reads
-_NOT_KEYWORDS = frozenset({"betas", "differentiable", "nonfinite"})
+_NOT_KEYWORDS = frozenset({"betas", "differentiable", "fused", "nonfinite"})
 
 # the key of state_dict() that names the optimizer class that wrote it
 STATE_DICT_TAG = "basin_optimizer"
