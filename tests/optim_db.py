@@ -209,6 +209,7 @@ DIFFGRAD = OptimCase(
         {"lr": 3e-3, "betas": (0.5, 0.9), "eps": 1e-10, "weight_decay": 0.01},
     ],
     reference=_diffgrad_reference,
+    has_fused=True,
     state_map={
         "exp_avg": "exp_avg",
         "exp_avg_sq": "exp_avg_sq",

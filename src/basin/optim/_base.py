@@ -236,6 +236,11 @@ class BasinOptimizer(Optimizer):
     @staticmethod
     def _check_common(group: dict[str, Any]) -> None:
         check_foreach(group.get("foreach"))
+        fused = group.get("fused")
+        if fused is not None and not isinstance(fused, bool):
+            raise ValueError(f"fused must be None, True or False, got {fused!r}")
+        if fused and group.get("foreach"):
+            raise ValueError("fused=True and foreach=True are exclusive: pick one path")
         check_bool("maximize", group.get("maximize", False))
         check_nonfinite(group.get("nonfinite", "raise"))
 

@@ -30,9 +30,9 @@ from ._base import get_value, is_compiling
 __all__ = [
     "FlatRun",
     "check_fusable",
-    "check_fused",
     "compiled_kernel",
     "flat_runs",
+    "fused_step",
     "group_runs",
     "scatter",
     "use_fused",
@@ -49,13 +49,6 @@ def compiled_kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
     if kernel is None:
         kernel = _KERNELS[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
     return kernel
-
-
-def check_fused(fused: Any, foreach: Any = None) -> None:
-    if fused is not None and not isinstance(fused, bool):
-        raise ValueError(f"fused must be None, True or False, got {fused!r}")
-    if fused and foreach:
-        raise ValueError("fused=True and foreach=True are exclusive: pick one path")
 
 
 def use_fused(fused: bool | None, params: Sequence[Tensor]) -> bool:
@@ -173,6 +166,29 @@ def check_fusable(params: Sequence[Tensor], optimizer: str) -> None:
                 f"{optimizer}(fused=True) needs gradients of the parameter's dtype and device, "
                 f"got {g.dtype} on {g.device} for a {p.dtype} parameter on {p.device}"
             )
+
+
+def fused_step(
+    optimizer: Any,
+    group: dict[str, Any],
+    keys: Sequence[str | None],
+    kernel: Callable[..., Tensor],
+    coefficients: Callable[..., Tensor],
+    *static: Any,
+) -> None:
+    """One fused step of ``group``: per flat run, advance the step counters, compute the
+    step's scalars ``coefficients(step, **hyperparameters)`` (a float64 tensor) on the host and
+    call the compiled ``kernel(params, grads, *state, coefficients, *static)``, which updates
+    the flat state in place and returns the new flat parameters. A ``None`` key is an optional
+    buffer this group does not use (passed as ``None``); ``static`` are Python flags the
+    kernel branches on (one compiled graph per combination)."""
+    hp = optimizer._hyperparameters(group)
+    compiled = compiled_kernel(kernel)
+    for run in group_runs(optimizer, group, [k for k in keys if k is not None]):
+        run.advance()
+        coefs = coefficients(run.step_value(), **hp)
+        state = [None if k is None else run.flats[k] for k in keys]
+        scatter(compiled(run.gather_params(), run.gather_grads(), *state, coefs, *static), run)
 
 
 def group_runs(optimizer: Any, group: dict[str, Any], keys: Sequence[str]) -> list[FlatRun]:

@@ -19,7 +19,7 @@ from ._base import (
     scalar_lr,
     use_foreach,
 )
-from ._fused import check_fused, compiled_kernel, group_runs, scatter, use_fused
+from ._fused import fused_step, use_fused
 from .param_groups import decay_groups
 from .registry import ADAM_SPACE, ELEMENTWISE_CAPS, OptimInfo, Paper, register
 
@@ -126,7 +126,6 @@ class AdaBelief(BasinOptimizer):
         check_nonnegative("weight_decay", group["weight_decay"])
         for name in ("amsgrad", "weight_decouple", "fixed_decay", "rectify", "degenerated_to_sgd"):
             check_bool(name, group[name])
-        check_fused(group.get("fused"), group.get("foreach"))
 
     def _step_group(self, group: dict[str, Any]) -> None:
         if use_fused(group.get("fused"), group["params"]):
@@ -145,18 +144,8 @@ class AdaBelief(BasinOptimizer):
 
     def _fused_step_group(self, group: dict[str, Any]) -> None:
         amsgrad = group["amsgrad"]
-        keys = ("exp_avg", "exp_avg_var") + (("max_exp_avg_var",) if amsgrad else ())
-        hp = self._hyperparameters(group)
-        kernel = compiled_kernel(_flat_adabelief)
-        for run in group_runs(self, group, keys):
-            run.advance()
-            coefs = _flat_coefficients(run.step_value(), **hp)
-            f = run.flats
-            new_params = kernel(
-                run.gather_params(), run.gather_grads(), f["exp_avg"], f["exp_avg_var"],
-                f.get("max_exp_avg_var"), coefs, amsgrad,
-            )  # fmt: skip
-            scatter(new_params, run)
+        keys = ("exp_avg", "exp_avg_var", "max_exp_avg_var" if amsgrad else None)
+        fused_step(self, group, keys, _flat_adabelief, _flat_coefficients, amsgrad)
 
 
 def _flat_coefficients(
