@@ -243,6 +243,7 @@ EXADAM = OptimCase(
         {"lr": 1e-2, "betas": (0.5, 0.9), "eps": 1e-10},
     ],
     reference=_exadam_reference,
+    has_fused=True,
     state_map={"exp_avg": "m", "exp_avg_sq": "v"},
     errors=_ADAM_LIKE_ERRORS + [({"dynamic_step_size": "no"}, "dynamic_step_size")],
     train_hp={"lr": 1e-2},
