@@ -145,3 +145,20 @@ def test_fused_refuses_bad_inputs(case: OptimCase) -> None:
     z.grad = torch.ones_like(z)
     with pytest.raises(RuntimeError, match="complex"):
         case.cls([z], **{**hp, "fused": True}).step()
+
+
+def test_registry_lists_fused_exactly_for_the_fused_cases() -> None:
+    import basin.optim as bo
+
+    listed = {n for n in bo.available() if "fused" in bo.info(n).capabilities}
+    assert listed == {c.name for c in CASES if c.has_fused}
+
+
+@pytest.mark.parametrize("case", FUSED)
+def test_fused_is_off_by_default(case: OptimCase) -> None:
+    """``fused=None`` keeps the eager paths (no compile, no flat buffers)."""
+    model = make_model(case)
+    opt = case.cls(model.parameters(), **case.variants[0])
+    loss_of(model, make_data(1)[0]).backward()
+    opt.step()
+    assert not getattr(opt, "_flat_runs", None)
