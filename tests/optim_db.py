@@ -39,6 +39,8 @@ class OptimCase:
     train_hp: dict[str, Any] = field(default_factory=dict)
     compile_variants: list[int] = field(default_factory=lambda: [0])
     has_foreach: bool = True
+    # a ``fused=True`` path (basin.optim._fused): checked against the single-tensor path
+    has_fused: bool = False
     model: Callable[[], nn.Module] | None = None  # default: tests.optim_db.mlp
     steps: int = 100
     # a training method (the entry's OptimInfo.method: SAF, MESA) over a torch optimizer: not
@@ -173,6 +175,7 @@ ADABELIEF = OptimCase(
         {"lr": 1e-2, "betas": (0.5, 0.9), "eps": 1e-8, "rectify": False},
     ],
     reference=_adabelief_reference,
+    has_fused=True,
     state_map={
         "exp_avg": "exp_avg",
         "exp_avg_var": "exp_avg_var",
@@ -206,6 +209,7 @@ DIFFGRAD = OptimCase(
         {"lr": 3e-3, "betas": (0.5, 0.9), "eps": 1e-10, "weight_decay": 0.01},
     ],
     reference=_diffgrad_reference,
+    has_fused=True,
     state_map={
         "exp_avg": "exp_avg",
         "exp_avg_sq": "exp_avg_sq",
@@ -239,6 +243,7 @@ EXADAM = OptimCase(
         {"lr": 1e-2, "betas": (0.5, 0.9), "eps": 1e-10},
     ],
     reference=_exadam_reference,
+    has_fused=True,
     state_map={"exp_avg": "m", "exp_avg_sq": "v"},
     errors=_ADAM_LIKE_ERRORS + [({"dynamic_step_size": "no"}, "dynamic_step_size")],
     train_hp={"lr": 1e-2},

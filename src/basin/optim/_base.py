@@ -187,7 +187,7 @@ def check_grad(p: Tensor, optimizer: str) -> None:
 # keys of ``defaults`` that are not a functional's keyword: ``betas`` (passed as beta1, beta2),
 # ``differentiable``, which torch's Optimizer.__setstate__ (load_state_dict) adds, and
 # ``nonfinite``, which the step's gradient check reads
-_NOT_KEYWORDS = frozenset({"betas", "differentiable", "nonfinite"})
+_NOT_KEYWORDS = frozenset({"betas", "differentiable", "fused", "nonfinite"})
 
 # the key of state_dict() that names the optimizer class that wrote it
 STATE_DICT_TAG = "basin_optimizer"
@@ -240,6 +240,11 @@ class BasinOptimizer(Optimizer):
     @staticmethod
     def _check_common(group: dict[str, Any]) -> None:
         check_foreach(group.get("foreach"))
+        fused = group.get("fused")
+        if fused is not None and not isinstance(fused, bool):
+            raise ValueError(f"fused must be None, True or False, got {fused!r}")
+        if fused and group.get("foreach"):
+            raise ValueError("fused=True and foreach=True are exclusive: pick one path")
         check_bool("maximize", group.get("maximize", False))
         check_nonfinite(group.get("nonfinite", "raise"))
 

@@ -19,6 +19,7 @@ from ._base import (
     scalar_lr,
     use_foreach,
 )
+from ._fused import fused_step, use_fused
 from .param_groups import decay_groups
 from .registry import ADAM_SPACE, ELEMENTWISE_CAPS, OptimInfo, Paper, register
 
@@ -63,6 +64,9 @@ class AdaBelief(BasinOptimizer):
             undefined (default True).
         maximize: maximize the objective (default False).
         foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
+        fused: True runs one compiled kernel per step over flat state buffers, whatever the
+            number of tensors (:mod:`basin.optim._fused`; the first step compiles it); None
+            (default) and False use the paths above.
         nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
             ``ValueError`` naming the parameter, or skips the step; either way nothing is
             changed (eager steps; see :class:`basin.optim._base.BasinOptimizer`).
@@ -96,6 +100,7 @@ class AdaBelief(BasinOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         nonfinite: str = "raise",
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -110,6 +115,7 @@ class AdaBelief(BasinOptimizer):
             maximize=maximize,
             foreach=foreach,
             nonfinite=nonfinite,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -122,6 +128,9 @@ class AdaBelief(BasinOptimizer):
             check_bool(name, group[name])
 
     def _step_group(self, group: dict[str, Any]) -> None:
+        if use_fused(group.get("fused"), group["params"]):
+            self._fused_step_group(group)
+            return
         max_var = "max_exp_avg_var" if group["amsgrad"] else None
         params, grads, steps, (exp_avgs, exp_avg_vars, max_exp_avg_vars) = self._gather(
             group, ("exp_avg", "exp_avg_var", max_var)
@@ -131,6 +140,56 @@ class AdaBelief(BasinOptimizer):
             adabelief(
                 params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, steps, **hyperparameters
             )
+
+
+    def _fused_step_group(self, group: dict[str, Any]) -> None:
+        amsgrad = group["amsgrad"]
+        keys = ("exp_avg", "exp_avg_var", "max_exp_avg_var" if amsgrad else None)
+        fused_step(self, group, keys, _flat_adabelief, _flat_coefficients, amsgrad)
+
+
+def _flat_coefficients(
+    step: float, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    weight_decouple: bool, fixed_decay: bool, rectify: bool, degenerated_to_sgd: bool,
+    maximize: bool, **_: Any,
+) -> Tensor:  # fmt: skip
+    """The step's scalars for :func:`_flat_adabelief`, as the single-tensor path computes them:
+    (grad sign, decoupled decay factor, L2 coefficient, 1-beta1, beta2, eps, 1-beta2,
+    denominator eps, adaptive coefficient, SGD coefficient), one float64 tensor."""
+    decay, l2 = 1.0, 0.0
+    if weight_decay != 0:
+        if weight_decouple:
+            decay = 1 - (weight_decay if fixed_decay else lr * weight_decay)
+        else:
+            l2 = weight_decay
+    if rectify:
+        adaptive, sgd = _rectification(step, beta1, beta2, degenerated_to_sgd)
+        denom_eps, ca, cs = eps, -lr * adaptive, -lr * sgd
+    else:
+        sqrt_bc2 = (1 - beta2**step) ** 0.5
+        denom_eps, ca, cs = eps * sqrt_bc2, -lr * sqrt_bc2 / (1 - beta1**step), 0.0
+    values = [-1.0 if maximize else 1.0, decay, l2, 1 - beta1, beta2, eps, 1 - beta2, denom_eps]
+    return torch.tensor(values + [ca, cs], dtype=torch.float64)
+
+
+def _flat_adabelief(
+    p: Tensor, g: Tensor, m: Tensor, s: Tensor, s_max: Tensor | None, c: Tensor, amsgrad: bool
+) -> Tensor:
+    """One AdaBelief step over flat tensors (the fused path's kernel): updates ``m``, ``s``
+    (and ``s_max``) in place and returns the new parameters; ``c`` from
+    :func:`_flat_coefficients`. Same operations, in the same order, as the single-tensor path."""
+    g = g * c[0]
+    p = p * c[1]
+    g = g + c[2] * p
+    m.lerp_(g, c[3].to(m.dtype))
+    buf = g - m
+    s.copy_(c[5] + c[4] * s + c[6] * buf * buf)
+    if amsgrad:
+        assert s_max is not None
+        s_max.copy_(torch.maximum(s_max, s))
+        s = s_max
+    denom = torch.sqrt(s) + c[7]
+    return p + c[8] * m / denom + c[9] * m
 
 
 def _rectification(step: Any, beta1: float, beta2: float, degenerated_to_sgd: bool) -> tuple:
@@ -306,7 +365,7 @@ register(
             2020,
         ),
         state_memory=2.0,
-        capabilities=ELEMENTWISE_CAPS | {"amsgrad", "rectify"},
+        capabilities=ELEMENTWISE_CAPS | {"amsgrad", "rectify", "fused"},
         state_note="+1 with amsgrad",
         search_space=ADAM_SPACE,
         param_groups=decay_groups,

@@ -18,6 +18,7 @@ from ._base import (
     scalar_lr,
     use_foreach,
 )
+from ._fused import fused_step, use_fused
 from .param_groups import decay_groups
 from .registry import ADAM_SPACE, ELEMENTWISE_CAPS, OptimInfo, Paper, register
 
@@ -47,6 +48,9 @@ class DiffGrad(BasinOptimizer):
             gradient includes it, as in the authors' code.
         maximize: maximize the objective (default False).
         foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
+        fused: True runs one compiled kernel per step over flat state buffers
+            (:mod:`basin.optim._fused`; the first step compiles it); None (default) and False
+            use the paths above.
         nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
             ``ValueError`` naming the parameter, or skips the step; either way nothing is
             changed (eager steps; see :class:`basin.optim._base.BasinOptimizer`).
@@ -81,6 +85,7 @@ class DiffGrad(BasinOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         nonfinite: str = "raise",
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -90,6 +95,7 @@ class DiffGrad(BasinOptimizer):
             maximize=maximize,
             foreach=foreach,
             nonfinite=nonfinite,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -100,6 +106,10 @@ class DiffGrad(BasinOptimizer):
         check_nonnegative("weight_decay", group["weight_decay"])
 
     def _step_group(self, group: dict[str, Any]) -> None:
+        if use_fused(group.get("fused"), group["params"]):
+            keys = ("exp_avg", "exp_avg_sq", "previous_grad")
+            fused_step(self, group, keys, _flat_diffgrad, _flat_coefficients)
+            return
         params, grads, steps, (exp_avgs, exp_avg_sqs, prev_grads) = self._gather(
             group, ("exp_avg", "exp_avg_sq", "previous_grad")
         )
@@ -141,6 +151,30 @@ def diffgrad(
         weight_decay=weight_decay,
         maximize=maximize,
     )
+
+
+def _flat_coefficients(
+    step: float, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    maximize: bool, **_: Any,
+) -> Tensor:  # fmt: skip
+    """The step's scalars for :func:`_flat_diffgrad` (grad sign, L2 coefficient, 1-beta1,
+    beta2, 1-beta2, eps, -step size), one float64 tensor."""
+    values = [-1.0 if maximize else 1.0, weight_decay, 1 - beta1, beta2, 1 - beta2, eps]
+    return torch.tensor(values + [-_step_size(step, lr, beta1, beta2)], dtype=torch.float64)
+
+
+def _flat_diffgrad(p: Tensor, g: Tensor, m: Tensor, v: Tensor, prev: Tensor, c: Tensor) -> Tensor:
+    """One diffGrad step over flat tensors (the fused path's kernel): updates ``m``, ``v`` and
+    ``prev`` in place and returns the new parameters. Same operations as the single-tensor
+    path."""
+    g = g * c[0]
+    g = g + c[1] * p
+    m.lerp_(g, c[2].to(m.dtype))
+    v.copy_(v * c[3] + c[4] * g * g)
+    denom = torch.sqrt(v) + c[5]
+    xi_m = torch.sigmoid(torch.abs(prev - g)) * m
+    prev.copy_(g)
+    return p + c[6] * xi_m / denom
 
 
 def _step_size(step: Any, lr: Any, beta1: float, beta2: float) -> Any:
@@ -214,7 +248,7 @@ register(
             2019,
         ),
         state_memory=3.0,
-        capabilities=ELEMENTWISE_CAPS,
+        capabilities=ELEMENTWISE_CAPS | {"fused"},
         search_space=ADAM_SPACE,
         param_groups=decay_groups,
     )

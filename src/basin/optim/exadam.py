@@ -20,6 +20,7 @@ from ._base import (
     scalar_lr,
     use_foreach,
 )
+from ._fused import fused_step, use_fused
 from .param_groups import decay_groups
 from .registry import ADAM_SPACE, ELEMENTWISE_CAPS, OptimInfo, Paper, register
 
@@ -51,6 +52,9 @@ class EXAdam(BasinOptimizer):
             (default True); False uses ``lr`` as the authors' later code does.
         maximize: maximize the objective (default False).
         foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
+        fused: True runs one compiled kernel per step over flat state buffers
+            (:mod:`basin.optim._fused`; the first step compiles it); None (default) and False
+            use the paths above.
         nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
             ``ValueError`` naming the parameter, or skips the step; either way nothing is
             changed (eager steps; see :class:`basin.optim._base.BasinOptimizer`).
@@ -81,6 +85,7 @@ class EXAdam(BasinOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         nonfinite: str = "raise",
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -91,6 +96,7 @@ class EXAdam(BasinOptimizer):
             maximize=maximize,
             foreach=foreach,
             nonfinite=nonfinite,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -102,6 +108,10 @@ class EXAdam(BasinOptimizer):
         check_bool("dynamic_step_size", group["dynamic_step_size"])
 
     def _step_group(self, group: dict[str, Any]) -> None:
+        if use_fused(group.get("fused"), group["params"]):
+            keys = ("exp_avg", "exp_avg_sq")
+            fused_step(self, group, keys, _flat_exadam, _flat_coefficients)
+            return
         params, grads, steps, (exp_avgs, exp_avg_sqs) = self._gather(
             group, ("exp_avg", "exp_avg_sq")
         )
@@ -156,6 +166,33 @@ def _coefficients(step: Any, lr: Any, beta1: float, beta2: float, eps: float, dy
         log = torch.log if isinstance(step, Tensor) else math.log
         alpha = lr * (0.5 * log(2 * (step + 1)))
     return b1t, b2t, alpha * sqrt_bc2 / (1 - b1t), eps * sqrt_bc2
+
+
+def _flat_coefficients(
+    step: float, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    dynamic_step_size: bool, maximize: bool, **_: Any,
+) -> torch.Tensor:  # fmt: skip
+    """The step's scalars for :func:`_flat_exadam`, folded as on the eager single-tensor path:
+    (grad sign, decay factor, 1-beta1, beta2, 1-beta2, eps, the two fraction coefficients, the
+    denominator eps, the step coefficient), one float64 tensor."""
+    b1t, b2t, step_scale, denom_eps = _coefficients(step, lr, beta1, beta2, eps, dynamic_step_size)
+    root = (1 + b1t) ** 0.5
+    values = [-1.0 if maximize else 1.0, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps]
+    values += [-b2t * eps / (1 + b2t), -b1t * eps / (1 + b1t), denom_eps / root]
+    return torch.tensor(values + [-step_scale * (1 + b2t) / root], dtype=torch.float64)
+
+
+def _flat_exadam(p: Tensor, g: Tensor, m: Tensor, v: Tensor, c: Tensor) -> Tensor:
+    """One EXAdam step over flat tensors (the fused path's kernel): updates ``m`` and ``v`` in
+    place and returns the new parameters; the eager single-tensor path's operations."""
+    g = g * c[0]
+    p = p * c[1]
+    m.lerp_(g, c[2].to(m.dtype))
+    v.copy_(v * c[3] + c[4] * g * g)
+    num = m + g
+    num = num + c[6] * num / (v + c[5])  # (m+g) d1 / (1+b2^t)
+    vd = v + c[7] * v / (m * m + c[5])  # v d2 / (1+b1^t)
+    return p + c[9] * num / (torch.sqrt(vd) + c[8])
 
 
 def _single_tensor_exadam(
@@ -240,7 +277,7 @@ register(
         cls=EXAdam,
         paper=Paper("EXAdam: The Power of Adaptive Cross-Moments", "Adly", "2412.20302", 2024),
         state_memory=2.0,
-        capabilities=ELEMENTWISE_CAPS,
+        capabilities=ELEMENTWISE_CAPS | {"fused"},
         search_space=ADAM_SPACE,
         param_groups=decay_groups,
     )
