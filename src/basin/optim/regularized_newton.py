@@ -10,7 +10,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import BasinOptimizer, check_bool, check_grad, check_int, check_lr, check_range, scalar_lr
+from ._base import (
+    BasinOptimizer,
+    check_bool,
+    check_grad,
+    check_int,
+    check_lr,
+    check_range,
+    scalar_lr,
+)
 from .registry import OptimInfo, Paper, register
 
 __all__ = ["RegularizedNewton"]
