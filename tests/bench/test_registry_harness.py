@@ -69,7 +69,9 @@ def test_entry_has_what_the_harness_needs(name: str) -> None:
     info = bo.info(name)
     assert info.paper is not None and info.paper.arxiv
     assert info.state_memory is not None and info.state_memory >= 0
-    assert info.family in bo.registry.FAMILIES and info.lr_scaling in ("linear", "sqrt")
+    assert info.family in bo.registry.FAMILIES and info.lr_scaling in ("linear", "sqrt", "none")
+    # "none" (no batch-size rule) only for second-order methods, whose step has its own scale
+    assert info.lr_scaling != "none" or info.family == "quasi-newton"
     # its search space is valid for its own class, and every learning-rate key it takes from a
     # workload is a real hyperparameter
     space = parse_space({k: dict(v) for k, v in info.search_space.items()}, name)
@@ -82,10 +84,20 @@ def test_entry_has_what_the_harness_needs(name: str) -> None:
     ids = [id(p) for g in opt.param_groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())
     x = torch.randint(0, 11, (4, 5))
-    model(x).square().mean().backward()
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    closure()
     before = [p.detach().clone() for p in model.parameters()]
-    opt.step()
-    opt.step()  # SOAP's first gradient only seeds its preconditioner (the authors' rule)
+    # an entry that needs_closure gets one, as the harness gives it (RegularizedNewton
+    # re-evaluates the loss); the others step on the gradient already there
+    step = (lambda: opt.step(closure)) if info.needs_closure else opt.step
+    step()
+    step()  # SOAP's first gradient only seeds its preconditioner (the authors' rule)
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
     # the harness's defaults per workload resolve from the entry
     for w in wl.workloads():

@@ -40,12 +40,44 @@ def loss_of(model: nn.Module, batch) -> torch.Tensor:
     return nn.functional.cross_entropy(model(x), y)
 
 
+# classes that step only with a closure (OptimCase.closure)
+CLOSURE_CLASSES = {case.cls for case in CASES if case.closure}
+
+
+def closure_step(model: nn.Module, opt: torch.optim.Optimizer, batch, loss_fn=None) -> Any:
+    """``opt.step(closure)`` with a closure that recomputes the batch's loss and gradients."""
+    loss_fn = loss_fn or loss_of
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch)
+        loss.backward()
+        return loss
+
+    return opt.step(closure)
+
+
 def train(model: nn.Module, opt: torch.optim.Optimizer, batches, step=None) -> None:
+    if step is None and type(opt) in CLOSURE_CLASSES:
+        for batch in batches:
+            closure_step(model, opt, batch)
+        return
     step = step or opt.step
     for batch in batches:
         opt.zero_grad(set_to_none=True)
         loss_of(model, batch).backward()
         step()
+
+
+_OWN_GRADIENTS = (
+    "it evaluates the gradients itself and raises ValueError on a non-finite one (no "
+    "nonfinite option)"
+)
+
+
+def skip_closure_case(case: OptimCase, why: str) -> None:
+    if case.closure:
+        pytest.skip(f"{case.name} steps only with a closure: {why}")
 
 
 def assert_tensors_close(a: torch.Tensor, b: torch.Tensor, rtol: float, what: str) -> None:
@@ -96,6 +128,9 @@ def test_matches_reference(case: OptimCase, vi: int) -> None:
     batches = make_data(case.steps)
     for batch in batches:
         for m, o in ((model, opt), (ref_model, ref)):
+            if case.closure:
+                closure_step(m, o, batch)
+                continue
             o.zero_grad()
             loss_of(m, batch).backward()
             o.step()
@@ -229,6 +264,10 @@ def test_maximize_equals_minimizing_the_negation(case: OptimCase) -> None:
     opt_a = case.cls(model_a.parameters(), **case.variants[0])
     opt_b = case.cls(model_b.parameters(), **{**case.variants[0], "maximize": True})
     for batch in batches:
+        if case.closure:
+            closure_step(model_a, opt_a, batch)
+            closure_step(model_b, opt_b, batch, lambda m, b: -loss_of(m, b))
+            continue
         opt_a.zero_grad()
         opt_b.zero_grad()
         loss_of(model_a, batch).backward()
@@ -293,13 +332,17 @@ def test_sparse_and_complex_gradients_raise(case: OptimCase) -> None:
     emb = nn.Embedding(10, 4, sparse=True).double()
     opt = case.cls(emb.parameters(), **case.variants[0])
     emb(torch.tensor([1, 2])).sum().backward()
+    # a closure optimizer gets a closure that keeps the gradients already there
+    zero = torch.zeros((), dtype=torch.float64)
+    step = (lambda: opt.step(lambda: zero)) if case.closure else opt.step
     with pytest.raises(RuntimeError, match="sparse"):
-        opt.step()
+        step()
     z = nn.Parameter(torch.randn(3, 3, dtype=torch.complex128))
     opt = case.cls([z], **case.variants[0])
     z.grad = torch.ones_like(z)
+    step = (lambda: opt.step(lambda: zero)) if case.closure else opt.step
     with pytest.raises(RuntimeError, match="complex"):
-        opt.step()
+        step()
 
 
 @pytest.mark.parametrize("case", CASE_PARAMS)
@@ -366,6 +409,7 @@ def test_nonfinite_gradient_raises_naming_it_and_changes_nothing(
     """After two clean steps, a NaN/inf entry in one gradient: ValueError naming that parameter
     (its name when the optimizer was given named parameters), and no parameter or state changed;
     the next clean step then works."""
+    skip_closure_case(case, _OWN_GRADIENTS)
     model = make_model(case)
     opt = case.cls(list(model.named_parameters()), **case.variants[0])
     batches = make_data(4)
@@ -387,6 +431,7 @@ def test_nonfinite_gradient_raises_naming_it_and_changes_nothing(
 def test_nonfinite_skip_skips_the_whole_step(case: OptimCase) -> None:
     """nonfinite='skip': the poisoned step changes nothing and is counted, so the run equals one
     that never saw that batch (bit for bit)."""
+    skip_closure_case(case, _OWN_GRADIENTS)
     hp = {**case.variants[0], "nonfinite": "skip"}
     batches = make_data(5)
     clean, model = make_model(case), make_model(case)
@@ -408,6 +453,7 @@ def test_nonfinite_skip_skips_the_whole_step(case: OptimCase) -> None:
 def test_huge_finite_gradients_are_not_mistaken_for_nonfinite(case: OptimCase) -> None:
     """The fast check is a norm, which overflows for huge finite entries: the exact check behind
     it must let them through (no error, no skip)."""
+    skip_closure_case(case, _OWN_GRADIENTS)
     model = make_model(case)
     opt = case.cls(model.parameters(), **case.variants[0])
     _backward(model, make_data(1)[0])
@@ -417,6 +463,7 @@ def test_huge_finite_gradients_are_not_mistaken_for_nonfinite(case: OptimCase) -
 
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_nonfinite_must_be_raise_or_skip(case: OptimCase) -> None:
+    skip_closure_case(case, "no nonfinite option")
     with pytest.raises(ValueError, match="nonfinite must be one of 'raise', 'skip'"):
         case.cls(make_model(case).parameters(), **{**case.variants[0], "nonfinite": "ignore"})
 
@@ -457,7 +504,8 @@ def test_tensor_lr_equals_float_lr_on_every_path(case: OptimCase, shape: tuple) 
             if "lr" not in hp and "lr" not in lrs:
                 lrs["lr"] = probe.defaults["lr"]
             model = make_model(case)
-            opt = case.cls(model.parameters(), **{**hp, **lrs, "foreach": foreach})
+            path = {"foreach": foreach} if case.has_foreach else {}  # no foreach argument
+            opt = case.cls(model.parameters(), **{**hp, **lrs, **path})
             sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
             for batch in make_data(5):
                 train(model, opt, [batch])
@@ -621,6 +669,7 @@ def test_per_group_lr_and_weight_decay(case: OptimCase) -> None:
     second group (weight decay included) while the first trains; changing the second group's
     weight decay leaves the first group's trajectory bit for bit as it was (seeded gradients
     that do not depend on the parameters, so that the groups do not interact through the loss)."""
+    skip_closure_case(case, "one parameter group (one Newton system), no weight decay")
     hp = case.variants[0]
 
     def run(second: dict[str, Any]):

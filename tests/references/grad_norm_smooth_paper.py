@@ -1,13 +1,19 @@
 """Float64 numpy transcription of Algorithm 1 of Semenov, Jaggi, Doikov, "Gradient-Normalized
 Smoothness for Optimization with Approximate Hessians" (arXiv:2506.13710), as in the authors'
-``grad_norm_smooth`` (github.com/epfml/grad-norm-smooth, src/methods.py), Euclidean norm."""
+``grad_norm_smooth`` (github.com/epfml/grad-norm-smooth, src/methods.py), Euclidean norm.
+
+``lr`` (basin's step scale, not in the paper) moves to ``x + lr * step`` after the search, which
+runs on the full step; ``lr=1`` is the authors' iteration unchanged. :class:`RegularizedNewtonPaper`
+wraps one iteration per ``step(closure)`` for the optimizer table (tests/optim_db.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import scipy.linalg
+import torch
 
 
 def algorithm1(
@@ -21,6 +27,7 @@ def algorithm1(
     eps: float = 1e-8,
     gamma_min: float = 1e-9,
     max_search: int = 40,
+    lr: float = 1.0,
 ) -> tuple[list[np.ndarray], list[float]]:
     """The iterates x_0..x_n and the gamma_k after each step."""
     x = np.array(x0, dtype=np.float64)
@@ -42,8 +49,58 @@ def algorithm1(
                 gamma = max(2.0 * gamma, gamma_min)
                 break
             gamma *= 0.5
-        x = x + step
-        f, g = f_new, g_new
+        x = x + lr * step
+        f, g = (f_new, g_new) if lr == 1.0 else (func(x), grad(x))
         xs.append(x.copy())
         gammas.append(gamma)
     return xs, gammas
+
+
+class RegularizedNewtonPaper(torch.optim.Optimizer):
+    """One :func:`algorithm1` iteration per ``step(closure)`` on the flat float64 vector of the
+    parameters; the Hessian is the dense central-difference matrix of closure gradients
+    (step ``eps^(1/3) max(1, ||x||)`` per coordinate, symmetrized), which the table's closures
+    allow (they hide the model and batch); basin's products are checked against exact Hessians
+    in tests/optim/test_regularized_newton.py."""
+
+    def __init__(self, params: Any, gamma: float = 1.0, **hp: Any) -> None:
+        super().__init__(params, {})
+        self.gamma = gamma
+        self.hp = {k: v for k, v in hp.items() if k in ("adaptive", "eps", "gamma_min",
+                                                        "max_search", "lr")}  # fmt: skip
+        self.hp["lr"] = float(self.hp.get("lr", 1.0))
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _set(self, x: np.ndarray) -> None:
+        i = 0
+        with torch.no_grad():
+            for p in self._params():
+                p.copy_(torch.from_numpy(x[i : i + p.numel()]).view_as(p))
+                i += p.numel()
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        def value_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
+            self._set(x)
+            with torch.enable_grad():
+                loss = closure()
+            g = np.concatenate([p.grad.detach().reshape(-1).numpy() for p in self._params()])
+            return float(loss), g.copy()
+
+        def hess(x: np.ndarray) -> np.ndarray:
+            h = np.finfo(np.float64).eps ** (1 / 3) * max(1.0, float(np.linalg.norm(x)))
+            cols = []
+            for e in np.eye(len(x)):
+                cols.append((value_and_grad(x + h * e)[1] - value_and_grad(x - h * e)[1]) / (2 * h))
+            a = np.stack(cols, axis=1)
+            return 0.5 * (a + a.T)
+
+        x0 = np.concatenate([p.detach().reshape(-1).numpy() for p in self._params()])
+        loss = value_and_grad(x0)[0]
+        xs, gammas = algorithm1(lambda x: value_and_grad(x)[0], lambda x: value_and_grad(x)[1],
+                                hess, x0, 1, gamma0=self.gamma, **self.hp)  # fmt: skip
+        self._set(xs[-1])
+        self.gamma = gammas[-1]
+        return loss

@@ -10,22 +10,32 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import check_bool, check_int, check_range
+from ._base import (
+    BasinOptimizer,
+    check_bool,
+    check_grad,
+    check_int,
+    check_lr,
+    check_range,
+    scalar_lr,
+)
+from .registry import OptimInfo, Paper, register
 
 __all__ = ["RegularizedNewton"]
 
 SOLVERS = ("cg", "exact")
 
 
-class RegularizedNewton(torch.optim.Optimizer):
+class RegularizedNewton(BasinOptimizer):
     r"""Newton steps regularized by the gradient norm, on the flat vector ``x`` of all the
     parameters::
 
         lambda_k = ||g_k|| / (gamma_k + eps)
-        x+       = x_k - (A_k + lambda_k I)^{-1} g_k          (A_k: Hessian or an approximation)
-        accept x+ if f(x_k) - f(x+) >= ||g(x+)||^2 / (8 lambda_k):  gamma_{k+1} = max(2 gamma_k,
-                  gamma_min); else gamma_k <- gamma_k / 2 and solve again (at most
-                  ``max_search`` tries; the last one is taken)
+        d_k      = -(A_k + lambda_k I)^{-1} g_k               (A_k: Hessian or an approximation)
+        accept x+ = x_k + d_k if f(x_k) - f(x+) >= ||g(x+)||^2 / (8 lambda_k):
+                  gamma_{k+1} = max(2 gamma_k, gamma_min); else gamma_k <- gamma_k / 2 and
+                  solve again (at most ``max_search`` tries; the last one is taken)
+        x_{k+1}  = x_k + lr d_k
 
     ``gamma_k`` estimates the gradient-normalized smoothness (the radius around ``x_k`` where
     ``A_k`` linearizes the gradient well); with ``adaptive=False`` it stays at ``gamma`` and
@@ -48,11 +58,17 @@ class RegularizedNewton(torch.optim.Optimizer):
     iterations at most, stopped at residual ``cg_tol * ||g||``), ``"exact"`` builds the dense
     ``A_k`` from ``n`` products and solves by Cholesky (small models). A system that is not
     positive definite (negative curvature of a non-convex ``A_k``) counts as a rejected try
-    (``gamma`` halved, ``lambda`` larger). One parameter group; ``lr`` is not used.
+    (``gamma`` halved, ``lambda`` larger).
 
-    Arguments: ``gamma`` 1.0 (> 0, the authors' ``gamma_0``), ``adaptive`` True, ``max_search``
+    One parameter group (the step is one system on all parameters); a second group raises
+    ``ValueError``. ``lr`` (1.0, >= 0; a float or a one-element tensor) scales the step that
+    the search accepted (the search and ``gamma`` run on the full step, as in the paper):
+    ``x+ = x_k + lr d_k``; ``lr=1`` is the paper's method. ``maximize``
+    maximizes the closure's loss (the method runs on its negation).
+
+    Arguments: ``lr`` 1.0, ``gamma`` 1.0 (> 0, the authors' ``gamma_0``), ``adaptive`` True, ``max_search``
     40 (>= 1), ``gamma_min`` 1e-9 (> 0), ``eps`` 1e-8 (>= 0), ``solver`` "cg", ``cg_iters`` 100
-    (>= 1), ``cg_tol`` 1e-10 (>= 0). State: ``gamma`` and ``lam`` (the last ``lambda_k``).
+    (>= 1), ``cg_tol`` 1e-10 (>= 0), ``maximize`` False. State: ``gamma`` and ``lam`` (the last ``lambda_k``).
 
     Reference: Semenov, Jaggi, Doikov, "Gradient-Normalized Smoothness for Optimization with
     Approximate Hessians", 2025, arXiv:2506.13710; code github.com/epfml/grad-norm-smooth.
@@ -63,6 +79,7 @@ class RegularizedNewton(torch.optim.Optimizer):
         params: Iterable[Any],
         gamma: float = 1.0,
         *,
+        lr: float | Tensor = 1.0,
         adaptive: bool = True,
         max_search: int = 40,
         gamma_min: float = 1e-9,
@@ -71,32 +88,49 @@ class RegularizedNewton(torch.optim.Optimizer):
         solver: str = "cg",
         cg_iters: int = 100,
         cg_tol: float = 1e-10,
+        maximize: bool = False,
     ) -> None:
         inf = math.inf
-        check_range("gamma", gamma, 0.0, inf, low_inclusive=False)
         check_bool("adaptive", adaptive)
         check_int("max_search", max_search, 1)
-        check_range("gamma_min", gamma_min, 0.0, inf, low_inclusive=False)
-        check_range("eps", eps, 0.0, inf)
         if curvature is not None and not callable(curvature):
             raise ValueError(f"curvature must be None or a callable, got {curvature!r}")
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         check_int("cg_iters", cg_iters, 1)
         check_range("cg_tol", cg_tol, 0.0, inf)
-        defaults = {"gamma": float(gamma), "gamma_min": float(gamma_min), "eps": float(eps)}
+        defaults = {
+            "lr": lr,
+            "gamma": gamma,
+            "gamma_min": gamma_min,
+            "eps": eps,
+            "maximize": maximize,
+        }
         super().__init__(params, defaults)
-        if len(self.param_groups) != 1:
-            raise ValueError(
-                "params must form one parameter group (the step is one Newton system on "
-                f"all parameters), got {len(self.param_groups)}"
-            )
         self.adaptive = adaptive
         self.max_search = max_search
         self.curvature = curvature
         self.solver = solver
         self.cg_iters = cg_iters
         self.cg_tol = float(cg_tol)
+
+    def _check_hparams(self, group: dict[str, Any]) -> None:
+        inf = math.inf
+        check_lr(group["lr"])
+        check_range("gamma", group["gamma"], 0.0, inf, low_inclusive=False)
+        check_range("gamma_min", group["gamma_min"], 0.0, inf, low_inclusive=False)
+        check_range("eps", group["eps"], 0.0, inf)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Validated as every basin optimizer's; a second group is refused (the step is one
+        Newton system on all parameters, with one ``lambda``)."""
+        super().add_param_group(param_group)
+        if len(self.param_groups) > 1:
+            self.param_groups.pop()
+            raise ValueError(
+                "RegularizedNewton takes one parameter group (the step is one Newton system on "
+                "all parameters): pass all parameters in one group"
+            )
 
     # ------------------------------------------------------------------ flat vectors
     def _params(self) -> list[Tensor]:
@@ -117,6 +151,9 @@ class RegularizedNewton(torch.optim.Optimizer):
             loss = closure()
         if loss is None:
             raise ValueError("the closure must return the loss")
+        for p in self._params():
+            if p.grad is not None:
+                check_grad(p, "RegularizedNewton")
         grad = torch.cat(
             [
                 torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
@@ -126,6 +163,8 @@ class RegularizedNewton(torch.optim.Optimizer):
             ]
         )
         value = float(loss.detach() if isinstance(loss, Tensor) else loss)
+        if self.param_groups[0]["maximize"]:  # minimize the negation
+            value, grad = -value, -grad
         if not math.isfinite(value) or not torch.isfinite(grad).all():
             raise ValueError(f"non-finite loss or gradient (loss {value})")
         return loss, value, grad.clone()
@@ -162,10 +201,13 @@ class RegularizedNewton(torch.optim.Optimizer):
                         "curvature's CurvatureOperator must select exactly the optimizer's "
                         "parameters, in the same order"
                     )
-            return matvec
-        if not callable(op):
+        elif not callable(op):
             raise ValueError("curvature() must return a CurvatureOperator or a callable")
-        return op
+        else:
+            matvec = op
+        if self.param_groups[0]["maximize"]:  # the curvature of the negated loss
+            return lambda v: -matvec(v)
+        return matvec
 
     def _cg(self, av: Callable[[Tensor], Tensor], lam: float, g: Tensor) -> Tensor | None:
         """Solve (A + lam I) d = -g by conjugate gradients; None on non-positive curvature."""
@@ -196,8 +238,9 @@ class RegularizedNewton(torch.optim.Optimizer):
             raise ValueError("RegularizedNewton.step needs a closure that returns the loss")
         group = self.param_groups[0]
         state = self.state[self._params()[0]]
-        gamma = float(state.get("gamma", group["gamma"]))
-        eps, gamma_min = group["eps"], group["gamma_min"]
+        gamma = float(state.get("gamma", float(group["gamma"])))
+        eps, gamma_min = float(group["eps"]), float(group["gamma_min"])
+        lr = float(scalar_lr(group["lr"]))
         x = self._flat_params()
         loss, f, g = self._eval(closure)
         g_norm = float(g.norm())
@@ -210,15 +253,19 @@ class RegularizedNewton(torch.optim.Optimizer):
             eye = torch.eye(x.numel(), dtype=x.dtype, device=x.device)
             dense = torch.stack([av(e) for e in eye], dim=1)
             dense = 0.5 * (dense + dense.T)
+            if x.dtype not in (torch.float32, torch.float64):  # no Cholesky in half/bfloat16
+                dense, eye = dense.float(), eye.float()
         lam = g_norm / (gamma + eps)
         moved = False
+        taken: Tensor | None = None  # the last solved direction, tried at x_k + d
         for i in range(self.max_search + 1):
             if i == self.max_search:
                 break  # tries exhausted: keep the last point
             lam = g_norm / (gamma + eps)
             if dense is not None and eye is not None:
                 chol, info = torch.linalg.cholesky_ex(dense + lam * eye)
-                d = None if int(info) != 0 else torch.cholesky_solve(-g[:, None], chol)[:, 0]
+                rhs = -g[:, None].to(chol.dtype)
+                d = None if int(info) != 0 else torch.cholesky_solve(rhs, chol)[:, 0].to(x.dtype)
             else:
                 if moved:  # a rejected try moved the parameters: products at x_k again
                     self._set_params(x)
@@ -229,7 +276,7 @@ class RegularizedNewton(torch.optim.Optimizer):
                 gamma *= 0.5
                 continue
             self._set_params(x + d)
-            moved = True
+            moved, taken = True, d
             if not self.adaptive:
                 break
             _, f_new, g_new = self._eval(closure)
@@ -237,6 +284,43 @@ class RegularizedNewton(torch.optim.Optimizer):
                 gamma = max(2.0 * gamma, gamma_min)
                 break
             gamma *= 0.5
+        if taken is not None and lr != 1.0:  # the search ran on the full step; lr scales it
+            self._set_params(x + lr * taken)
         state["gamma"] = gamma
         state["lam"] = lam
         return loss
+
+
+register(
+    OptimInfo(
+        name="regularized_newton",
+        cls=RegularizedNewton,
+        paper=Paper(
+            "Gradient-Normalized Smoothness for Optimization with Approximate Hessians",
+            "Semenov, Jaggi, Doikov",
+            "2506.13710",
+            2025,
+        ),
+        state_memory=0.0,
+        state_note=(
+            "two numbers (gamma, lambda); a step holds ~6 flat copies of the parameters "
+            "(x, g, CG's d, r, p, q) while it runs"
+        ),
+        # one system on all parameters: no foreach path, no per-group settings; eager only
+        # (Python control flow on the search and CG)
+        capabilities=frozenset({"maximize", "closure"}),
+        family="quasi-newton",
+        # a Newton step has its own scale: no workload lr, no batch-size rule
+        lr_scaling="none",
+        lr_from={},
+        # the bench runs every entry on every workload (largest ~70k parameters): 10 CG
+        # iterations of finite-difference products (21 closure calls) per try keeps a step
+        # near 25 forward/backward passes
+        defaults={"cg_iters": 10},
+        search_space={
+            "lr": {"type": "float", "low": 0.1, "high": 1.0, "log": True},
+            "gamma": {"type": "float", "low": 1e-2, "high": 1e2, "log": True},
+        },
+        needs_closure=True,
+    )
+)
