@@ -330,6 +330,10 @@ ENTRIES: list[Entry] = [
         [Peer("pytorch_optimizer", lambda m, hp: po_class("soap")(m.parameters(), **hp))],
         models=("transformer", "mlp"),
     ),
+    # no public peer implementation: basin's own paths only
+    Entry("hyperp_adamw", dict(lr=0.02), []),
+    Entry("hyperp_muon", dict(lr=0.02), [], models=("transformer", "mlp"), matrix=True),
+    Entry("nap", dict(lr=1e-3), []),
     Entry("swan", dict(lr=1e-3), [], models=("transformer", "mlp"), matrix=True),
     Entry("cosmos", dict(lr=1e-3), [], models=("transformer", "mlp"), matrix=True),
     Entry("frugal", dict(lr=1e-3), [], models=("transformer", "mlp"), matrix=True),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from gloo import init_gloo
 from torch import nn
 
 WORLD = 4
@@ -188,7 +189,7 @@ def worker(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    init_gloo(store, rank, WORLD)
     solo = dist.new_group([3])
     results = {
         "gossip": _gossip_part(rank, solo),

@@ -41,6 +41,11 @@ class OptimCase:
     has_foreach: bool = True
     # a ``fused=True`` path (basin.optim._fused): checked against the single-tensor path
     has_fused: bool = False
+    # the variants (indices) the fused checks run; None: every variant
+    fused_variants: list[int] | None = None
+    # the fused checks add a float32 parameter beside the float64 model (a second dtype, so
+    # a second compiled kernel); False where another case covers that for the same machinery
+    fused_float32: bool = True
     model: Callable[[], nn.Module] | None = None  # default: tests.optim_db.mlp
     steps: int = 100
     # a training method (the entry's OptimInfo.method: SAF, MESA) over a torch optimizer: not
@@ -55,6 +60,15 @@ class OptimCase:
     # the checks step it with a closure, and skip those that step on a gradient already there
     # (non-finite gradient handling, per-group settings)
     closure: bool = False
+    # hyperparameters the reference check adds to a variant, on each side, given that side's
+    # model (RegularizedNewton: exact Hessian products for the adaptive variants)
+    reference_extra: Callable[[nn.Module, dict[str, Any]], dict[str, Any]] | None = None
+
+    def fused_hps(self) -> list[dict[str, Any]]:
+        """The variants the fused checks run (``fused_variants``)."""
+        if self.fused_variants is None:
+            return self.variants
+        return [self.variants[i] for i in self.fused_variants]
 
     def ids(self) -> list[str]:
         return [variant_id(v) for v in self.variants]
@@ -294,6 +308,9 @@ ADAMP = OptimCase(
         {"delta": 1.0, "nesterov": True, "weight_decay": 0.1},
         {"lr": 1e-2, "betas": (0.5, 0.9), "eps": 1e-6, "weight_decay": 0.01},
     ],
+    has_fused=True,
+    fused_variants=[3, 4],  # with and without nesterov; the projection fires
+    fused_float32=False,
     reference=_adamp_reference,
     state_map={"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"},
     errors=_ADAM_LIKE_ERRORS + _PROJECTION_ERRORS,
@@ -314,6 +331,9 @@ SGDP = OptimCase(
         {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-2, "delta": 1.0},
         {"lr": 0.05, "momentum": 0.5, "nesterov": True, "weight_decay": 1e-2, "delta": 1.0},
     ],
+    has_fused=True,
+    fused_variants=[5, 6, 7],  # without and with a buffer, with nesterov; projections fire
+    fused_float32=False,
     reference=_sgdp_reference,
     # no generic state map: momentum=0 keeps no buffer; buffers are compared in test_adamp.py
     errors=[({"lr": 0.1, **hp}, n) if "lr" not in hp else (hp, n) for hp, n in _COMMON_ERRORS]
@@ -364,6 +384,7 @@ SGDSAI = OptimCase(
         {"lr": 1e-3, "momentum": 0.5, "eps": 1e-6, "weight_decay": 0.1},
     ],
     reference=_sgd_sai_reference,
+    has_fused=True,
     state_map={"momentum_buffer": "momentum_buffer", "gsnr": "gsnr"},
     errors=_COMMON_ERRORS
     + [
@@ -461,6 +482,8 @@ MUON = OptimCase(
         },
         {"adamw_fallback": True, "ns_dtype": torch.float32, "ns_steps": 7},
     ],  # fmt: skip
+    has_fused=True,  # the AdamW fallback
+    fused_variants=[0],
     reference=_muon_reference,
     state_map={
         "momentum_buffer": "momentum_buffer",
@@ -528,6 +551,8 @@ SWAN_CASE = OptimCase(
             "eps": 1e-6,
         },
     ],  # fmt: skip
+    has_fused=True,  # the AdamW fallback
+    fused_variants=[0],
     reference=_swan_reference,
     state_map={"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"},
     rtol=1e-11,
@@ -578,6 +603,8 @@ COSMOS_CASE = OptimCase(
         {"rank": 1, "ns_dtype": None, "variant": "paper", "nesterov": False, "weight_decay": 0.1},
         {"rank": 2, "ns_dtype": None, "variant": "paper", "betas": (0.95, 0.95), "eps": 1e-6},
     ],
+    has_fused=True,  # the AdamW fallback
+    fused_variants=[0],
     reference=_cosmos_reference,
     # P and S are defined up to column signs (see tests/references/cosmos_paper.py); M and V
     # are sign-invariant. tests/optim/test_cosmos.py compares P P^T and P S P^T.
@@ -661,6 +688,8 @@ FRUGAL_CASE = OptimCase(
         },
         {"update_gap": 2, "proj_type": "block", "density": 0.6, "block_order": "mirror"},
     ],
+    has_fused=True,  # the AdamW fallback
+    fused_variants=[0],
     reference=_frugal_reference,
     state_map={"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"},
     rtol=1e-10,
@@ -932,10 +961,43 @@ class _SoftmaxRegression(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.linear = nn.Linear(8, 3)
+        self.inputs: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs = x  # the last batch's inputs, for exact_hessian
         out = self.linear(x)
         return torch.cat([out, torch.zeros_like(out[:, :1])], dim=1)
+
+    def exact_hessian(self) -> torch.Tensor:
+        """Hessian of the mean cross-entropy on the last inputs at the current parameters, in
+        parameter order (weight row-major, then bias). The logits are linear in the parameters,
+        so it is ``mean_i J_i^T (diag p_i - p_i p_i^T) J_i`` on the three free logits, whatever
+        the labels (checked against double backward in test_regularized_newton.py)."""
+        assert self.inputs is not None, "no forward pass yet"
+        x = self.inputs.detach()
+        with torch.no_grad():
+            p = torch.softmax(self(x), 1)[:, :3]
+            b = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # (n, 3, 3)
+            xa = torch.cat([x, torch.ones_like(x[:, :1])], 1)  # (n, 9): the bias as input 8
+            h = torch.einsum("icd,ij,ik->cjdk", b, xa, xa).reshape(27, 27) / len(x)
+            order = [c * 9 + j for c in range(3) for j in range(8)] + [c * 9 + 8 for c in range(3)]
+            return h[order][:, order]
+
+
+def _exact_curvature(model: nn.Module, hp: dict[str, Any]) -> dict[str, Any]:
+    """The adaptive variants take exact Hessian products on both sides of the reference check:
+    with central differences (rounding noise ~1e-11 of the Hessian per step, not continuous in
+    the parameters) the search's iteration, which amplifies a difference 1.3-1.4x per step here,
+    ends 30 steps apart by 1e-8..1e-6 (docs/training-methods.md); the non-adaptive variants
+    keep central differences on both sides."""
+    if not hp.get("adaptive", True):
+        return {}
+
+    def curvature() -> Callable[[torch.Tensor], torch.Tensor]:
+        h = model.exact_hessian()  # type: ignore[operator]
+        return lambda v: h @ v
+
+    return {"curvature": curvature}
 
 
 def _regularized_newton_reference(
@@ -945,12 +1007,6 @@ def _regularized_newton_reference(
 
     if hp.get("maximize"):
         return None  # the generic maximize check covers it
-    if hp.get("adaptive", True):
-        # the adaptive search (same gamma sequence here) drifts from this finite-difference
-        # reference by 1e-8..1e-6 over 30 steps, not yet explained; the adaptive method is
-        # checked step for step against the transcription with exact Hessians in
-        # tests/optim/test_regularized_newton.py::test_matches_transcription_step_for_step
-        return None
     return RegularizedNewtonPaper(params, **hp)
 
 
@@ -967,6 +1023,7 @@ REGULARIZED_NEWTON_CASE = OptimCase(
         {"solver": "exact", "gamma": 20.0, "eps": 1e-6, "max_search": 2, "gamma_min": 1e-3},
     ],
     reference=_regularized_newton_reference,
+    reference_extra=_exact_curvature,
     errors=[
         ({"lr": -1.0}, "lr"),
         ({"lr": float("nan")}, "lr"),
@@ -991,6 +1048,87 @@ REGULARIZED_NEWTON_CASE = OptimCase(
     closure=True,
 )
 
+# ------------------------------------------------------------------ HyperP (by name)
+# Registered as HyperP over AdamW (AdamH) and over Muon (MuonH): basin.optim.HyperPAdamW /
+# HyperPMuon. Reference: the float64 transcription of the sphere step over each base
+# (references/hyperp_paper.py); tests/optim/test_hyperp.py checks the instance wrapper HyperP
+# against the same equations. Muon's variants compute Newton-Schulz in float64 (ns_dtype None or
+# torch.float64), which the transcription follows; a bfloat16 variant is run by the other checks.
+
+
+def _hyperp_reference(params: list[torch.Tensor], hp: dict[str, Any], base: str):
+    from references.hyperp_paper import HyperPPaper
+
+    hp = dict(hp)
+    if hp.pop("amsgrad", False) or hp.pop("sphere_eps", None) is not None:
+        return None
+    if base == "muon":
+        if hp.pop("ns_dtype", torch.bfloat16) not in (None, torch.float64):
+            return None
+        hp.pop("adamw_fallback", None)
+        params = _matrices_first(params)
+    return HyperPPaper(params, base=base, **hp)
+
+
+_SPHERE_ERRORS: list[tuple[dict[str, Any], str]] = [
+    ({"radius": 0.0}, "radius"),
+    ({"radius": -1.0}, "radius"),
+    ({"radius": float("nan")}, "radius"),
+    ({"sphere_eps": -1e-10}, "sphere_eps"),
+    ({"sphere_eps": float("inf")}, "sphere_eps"),
+]
+
+HYPERP_ADAMW = OptimCase(
+    name="hyperp_adamw",
+    cls=bo.HyperPAdamW,
+    variants=[
+        {},
+        {"lr": 0.05, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1, "radius": 2.0},
+        {"amsgrad": True, "sphere_eps": 1e-6},
+    ],
+    reference=lambda params, hp: _hyperp_reference(params, hp, "adamw"),
+    state_map={"exp_avg": "m", "exp_avg_sq": "v"},
+    errors=_ADAM_LIKE_ERRORS + _SPHERE_ERRORS + [({"amsgrad": 1}, "amsgrad")],
+    train_hp={"lr": 0.05},
+    # torch.optim.AdamW.step (the base) inserts graph breaks when called from another step
+    compile_variants=[],
+)
+
+HYPERP_MUON = OptimCase(
+    name="hyperp_muon",
+    cls=bo.HyperPMuon,
+    variants=[
+        {"adamw_fallback": True, "ns_dtype": None},
+        {
+            "adamw_fallback": True,
+            "ns_dtype": torch.float64,
+            "nesterov": False,
+            "momentum": 0.9,
+            "lr": 0.05,
+            "weight_decay": 0.1,
+            "ns_steps": 3,
+            "adamw_lr": 1e-3,
+            "adamw_betas": (0.8, 0.99),
+            "adamw_weight_decay": 0.05,
+            "radius": 1.5,
+        },
+        {"adamw_fallback": True, "ns_dtype": torch.float32},
+    ],
+    reference=lambda params, hp: _hyperp_reference(params, hp, "muon"),
+    state_map={"momentum_buffer": "m", "exp_avg": "m", "exp_avg_sq": "v"},
+    errors=_MATRIX_ERRORS
+    + _SPHERE_ERRORS
+    + [
+        ({"momentum": 1.0}, "momentum"),
+        ({"nesterov": "yes"}, "nesterov"),
+        ({"adamw_lr": -1.0}, "adamw_lr"),
+        ({"adamw_betas": (0.9, 1.0)}, "adamw_betas[1]"),
+        ({}, "adamw_fallback=True"),
+    ],
+    train_hp={"adamw_fallback": True, "lr": 0.05, "adamw_lr": 1e-2, "ns_dtype": torch.float32},
+    compile_variants=[],
+)
+
 CASES: list[OptimCase] = [
     ADABELIEF,
     DIFFGRAD,
@@ -1009,6 +1147,8 @@ CASES: list[OptimCase] = [
     ASAM_CASE,
     GGPO_CASE,
     REGULARIZED_NEWTON_CASE,
+    HYPERP_ADAMW,
+    HYPERP_MUON,
 ]
 # ------------------------------------------------------------------ training methods
 # saf / mesa: a loss term (basin.train.SAF / MESA) that the harness adds beside the base
@@ -1044,6 +1184,16 @@ METHOD_CASES: list[OptimCase] = [
         method=True,
         tested_in="tests/train/test_nap.py",
     )
+] + [
+    # reste, biper: binary-network estimators (basin.train.reste / .biper) over torch SGD
+    OptimCase(
+        name=name,
+        cls=torch.optim.SGD,
+        variants=[{}],
+        method=True,
+        tested_in="tests/train/test_binary_bench.py",
+    )
+    for name in ("reste", "biper")
 ]
 
 CASES_BY_NAME = {c.name: c for c in CASES + METHOD_CASES}

@@ -118,8 +118,9 @@ def test_bad_input_from_the_console_script_has_no_traceback(tmp_path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        "basin: error: unknown workload 'mnist1d_mpl'; did you mean mnist1d_mlp, mnist1d_cnn? "
-        "(known: beale, charlm, digits_cnn, f1, f2, f3, mnist1d_cnn, mnist1d_mlp, "
+        "basin: error: unknown workload 'mnist1d_mpl'; did you mean mnist1d_mlp, mnist1d_cnn, "
+        "mnist1d_bnn? (known: beale, charlm, digits_cnn, f1, f2, f3, mnist1d_bnn, mnist1d_cnn, "
+        "mnist1d_mlp, "
         "quadratic_deep, rastrigin, rosenbrock; or path/to/file.py:NAME, package.module:NAME)"
     )
     assert not (tmp_path / "x.db").exists()

@@ -29,14 +29,22 @@ NAMES = [i.name for i in bo.infos()]
 # token (those and charlm). Every other built-in workload must be refused at make_config with
 # a ValueError that says what is missing. A new method entry must be added here.
 METHOD_WORKLOADS = {
-    "saf": {"digits_cnn", "mnist1d_cnn", "mnist1d_mlp"},
-    "mesa": {"charlm", "digits_cnn", "mnist1d_cnn", "mnist1d_mlp"},
+    "saf": {"digits_cnn", "mnist1d_bnn", "mnist1d_cnn", "mnist1d_mlp"},
+    "mesa": {"charlm", "digits_cnn", "mnist1d_bnn", "mnist1d_cnn", "mnist1d_mlp"},
     # tract: a first layer that is a Linear/Conv (not charlm's embedding, not a bare point)
-    "tract": {"digits_cnn", "mnist1d_cnn", "mnist1d_mlp"},
-    "tract_adamw": {"digits_cnn", "mnist1d_cnn", "mnist1d_mlp"},
+    "tract": {"digits_cnn", "mnist1d_bnn", "mnist1d_cnn", "mnist1d_mlp"},
+    "tract_adamw": {"digits_cnn", "mnist1d_bnn", "mnist1d_cnn", "mnist1d_mlp"},
     # nap: weight matrices to project (not the bare points)
-    "nap": {"charlm", "digits_cnn", "mnist1d_cnn", "mnist1d_mlp"},
+    "nap": {"charlm", "digits_cnn", "mnist1d_bnn", "mnist1d_cnn", "mnist1d_mlp"},
+    # reste, biper: hidden layers marked BinarizableLinear (the binary-network workload only)
+    "reste": {"mnist1d_bnn"},
+    "biper": {"mnist1d_bnn"},
 }
+
+
+def home(name: str) -> str:
+    """The workload the tune / landscape / pbt loops run ``name`` on."""
+    return "mnist1d_bnn" if name in ("reste", "biper") else "mnist1d_mlp"
 
 
 class _Mixed(nn.Module):
@@ -153,7 +161,7 @@ def test_every_optimizer_benchmarks_every_workload(name: str) -> None:
 def test_every_optimizer_tunes(name: str, tmp_path) -> None:
     from basin.bench.tune import prepare, tune
 
-    spec = prepare("mnist1d_mlp", name, 2, sampler="qmc", pruner="none",
+    spec = prepare(home(name), name, 2, sampler="qmc", pruner="none",
                    storage=f"sqlite:///{tmp_path}/t.db", steps=4, eval_every=2)  # fmt: skip
     res = tune(spec)
     assert res.n_complete + res.n_pruned == 2 and res.n_failed == 0
@@ -161,11 +169,11 @@ def test_every_optimizer_tunes(name: str, tmp_path) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_optimizer_gets_a_landscape_record(name: str) -> None:
-    r = run(make_config("mnist1d_mlp", name, steps=5, landscape=True))
+    r = run(make_config(home(name), name, steps=5, landscape=True))
     assert r.status == "ok"
     assert r.final["top_eigenvalue"] > 0 and math.isfinite(r.final["hessian_trace"])
     # the run hands back its trained model: its evaluation is the recorded final metric
-    task = wl.get("mnist1d_mlp").build(0)
+    task = wl.get(home(name)).build(0)
     assert math.isclose(task.evaluate(r.model)["metric"], r.final["metric"], rel_tol=1e-9)
     assert "model" not in r.to_dict()
 
@@ -180,7 +188,7 @@ def test_every_optimizer_runs_pbt(tmp_path) -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         for name in NAMES:
-            w = "f1" if name not in METHOD_WORKLOADS else "mnist1d_mlp"
+            w = "f1" if name not in METHOD_WORKLOADS else home(name)
             r = pbt(w, name, population=2, steps=4, interval=2, out_dir=tmp_path, seed=0)
             assert len(r.trials) == 2, name
             assert all(t["error"] is None for t in r.trials), (name, r.trials)

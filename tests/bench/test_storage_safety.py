@@ -15,63 +15,16 @@ from pathlib import Path
 
 import optuna
 import pytest
+import together
+from together import ENV
 
-import basin
 from basin.bench import Store, make_config, sweep
 from basin.bench.tune import prepare, tune
 from basin.cli import main
 
-SRC = str(Path(basin.__file__).resolve().parents[1])  # the basin under test, in subprocesses
-ENV = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-
-# A worker imports everything first, says it is ready, then waits for the go file, so that
-# the workers of one test really start together (within milliseconds).
-_WORKER = r"""
-import os, sys, time
-import torch
-torch.set_num_threads(1)
-import optuna, sqlalchemy
-import basin.bench.report, basin.bench.runner, basin.bench.tune
-from basin.cli import main
-go, ready = sys.argv[1], sys.argv[2]
-open(ready, "w").close()
-deadline = time.monotonic() + 300
-while not os.path.exists(go):
-    if time.monotonic() > deadline:
-        sys.exit(99)
-    time.sleep(0.002)
-sys.exit(main(sys.argv[3:]))
-"""
-
 
 def _together(tmp_path: Path, argvs: list[list[str]], timeout: float = 500) -> list[tuple]:
-    go = tmp_path / "go"
-    procs = []
-    for i, argv in enumerate(argvs):
-        ready = tmp_path / f"ready{i}"
-        cmd = [sys.executable, "-c", _WORKER, str(go), str(ready), *argv]
-        p = subprocess.Popen(
-            cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        procs.append((ready, p))
-    try:
-        deadline = time.monotonic() + 300
-        while not all(r.exists() for r, _ in procs):
-            assert all(p.poll() is None for _, p in procs), [p.communicate() for _, p in procs]
-            assert time.monotonic() < deadline, "workers never got ready"
-            time.sleep(0.05)
-        go.touch()
-        end = time.monotonic() + timeout
-        out = []
-        for _, p in procs:
-            o, e = p.communicate(timeout=max(1.0, end - time.monotonic()))
-            out.append((p.returncode, o, e))
-        return out
-    finally:
-        for _, p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    return together.finish(together.start(tmp_path / "w", argvs), timeout)
 
 
 def _wait_for(cond, what: str, proc: subprocess.Popen | None = None, timeout: float = 180):
@@ -431,3 +384,74 @@ def test_duplicate_keys_are_refused(tmp_path: Path, suffix: str, text: str) -> N
     with pytest.raises(ValueError, match="given twice") as ei:
         load_space(f, "adabelief")
     assert "\n" not in str(ei.value)
+
+
+# SIGINT sent from inside a storage call of `basin tune`, just before its commit: where a
+# real Ctrl-C lands now and then (CI saw one: the re-queueing then waited on SQLite's lock
+# held by the interrupted write and the process hung).
+_CTRL_C_IN_STORAGE = r"""
+import os, signal, sys, threading
+import sqlalchemy.orm
+from optuna.storages import RDBStorage
+from basin.cli import main
+method = sys.argv[1]
+armed = {"on": False, "fired": False}
+commit = sqlalchemy.orm.Session.commit
+def commit_after_ctrl_c(self):
+    if armed["on"] and not armed["fired"] and threading.current_thread() is threading.main_thread():
+        armed["fired"] = True
+        self.flush()  # the write is sent: this connection holds SQLite's write lock
+        os.kill(os.getpid(), signal.SIGINT)
+    return commit(self)
+sqlalchemy.orm.Session.commit = commit_after_ctrl_c
+call = getattr(RDBStorage, method)
+def armed_call(self, *a, **k):
+    armed["on"] = True
+    try:
+        return call(self, *a, **k)
+    finally:
+        armed["on"] = False
+setattr(RDBStorage, method, armed_call)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+code = main(sys.argv[2:])
+print("fired" if armed["fired"] else "not fired")
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize(
+    ("method", "states"),
+    [
+        ("_create_new_trial", {"FAIL": 1, "WAITING": 1}),  # study.ask of the first trial
+        ("set_trial_intermediate_value", {"FAIL": 1, "WAITING": 1}),  # a report mid-trial
+        ("set_trial_state_values", {"COMPLETE": 1, "FAIL": 1, "WAITING": 1}),  # the first tell
+    ],
+)
+def test_ctrl_c_inside_a_storage_write_completes_it_then_requeues(
+    tmp_path: Path, method: str, states: dict[str, int]
+) -> None:
+    """The write finishes, the interrupt is raised where training goes on, the running trial
+    is failed and queued again, and the process ends with 130 (not a hang on SQLite's lock)."""
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    args = ["tune", "-w", "f1", "-o", "adabelief", "--steps", "200", "--eval-every", "10",
+            "--pruner", "none", "--trials", "2", "--storage", url, "-q"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_IN_STORAGE, method, *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.stdout.strip() == "fired", (proc.stdout, proc.stderr)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "basin: interrupted: finished trials of study 'f1-adabelief' are stored in "
+        f"{url}; rerun to resume"
+    ], proc.stderr
+    trials = optuna.load_study(study_name="f1-adabelief", storage=url).trials
+    got: dict[str, int] = {}
+    for t in trials:
+        got[t.state.name] = got.get(t.state.name, 0) + 1
+    assert got == states
+    r = tune(prepare("f1", "adabelief", 2, storage=url, pruner="none", steps=200, eval_every=10))
+    assert r.n_complete == 2

@@ -34,8 +34,9 @@ def test_default_spaces_are_valid_for_every_registered_optimizer() -> None:
 
     names = [i.name for i in infos()] + ["torch:adamw", "torch:sgd", "pytorch_optimizer:lion"]
     for name in names:
-        # training methods (SAF, MESA) need class logits: a classification workload
-        w = "mnist1d_mlp" if info(name).method else "f1"
+        # training methods need class logits (SAF, MESA), a first layer (TrAct) or binarizable
+        # layers (ReSTE, BiPer): a classification workload, the binary one for those two
+        w = "f1" if not info(name).method else "mnist1d_bnn" if name in ("reste", "biper") else "mnist1d_mlp"
         spec = prepare(w, name, 1, storage="sqlite:///unused.db", **FAST)
         assert set(spec.space) == set(info(name).search_space)
         assert set(sp.default_space(name)) == set(info(name).search_space)
@@ -171,6 +172,35 @@ def test_changed_configuration_is_refused(tmp_path: Path) -> None:
     tune(prepare("f1", "adabelief", 1, storage=_url(tmp_path), **FAST))
     with pytest.raises(ValueError, match="different"):
         tune(prepare("f1", "adabelief", 1, storage=_url(tmp_path), steps=30, eval_every=10))
+
+
+@pytest.mark.parametrize("attrs", [{}, {"basin_host": "here"}])
+def test_a_trial_whose_worker_died_right_after_asking_it_is_run_again(
+    tmp_path: Path, attrs: dict
+) -> None:
+    """A worker killed between asking a trial and recording its host and pid leaves a RUNNING
+    trial with no owner and no heartbeat: the next worker fails and queues it again instead of
+    waiting for it forever (a subprocess, so that a wait ends the test as a failure)."""
+    url = _url(tmp_path)
+    tune(prepare("f1", "adabelief", 1, storage=url, pruner="none", **FAST))
+    study = optuna.load_study(study_name="f1-adabelief", storage=url)
+    orphan = study.ask()  # what the killed worker left
+    for k, v in attrs.items():
+        orphan.set_user_attr(k, v)
+    code = (
+        "from basin.bench.tune import prepare, tune\n"
+        f"r = tune(prepare('f1', 'adabelief', 2, storage={url!r}, pruner='none', steps=40, "
+        "eval_every=10))\n"
+        "print(r.n_complete, r.n_failed)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": SRC}, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["2", "1"]
+    trials = optuna.load_study(study_name="f1-adabelief", storage=url).trials
+    assert trials[orphan.number].state.name == "FAIL"
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert retry.state.name == "COMPLETE"  # parameters drawn afresh: the orphan had none
 
 
 @pytest.mark.parametrize("host", ["same", "other"])

@@ -10,31 +10,23 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import optuna
 import postgres
 import pytest
+import together
 
-import basin
 from basin.cli import main
 
-SRC = str(Path(basin.__file__).resolve().parents[1])
-ENV = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-
-# A worker: one thread, an optional fake host name (a worker on another machine) and slow
-# steps, a short heartbeat (1 s, stale after 5 s) so that a dead worker's trial is noticed
-# quickly; it says it is ready, then waits for the go file, so that the workers really start
-# together.
-_WORKER = r"""
-import functools, os, socket, sys, time
-import torch
-torch.set_num_threads(1)
+# a worker's setup: an optional fake host name (a worker on another machine) and slow steps,
+# a short heartbeat (1 s, stale after 5 s) so that a dead worker's trial is noticed quickly
+_SETUP = r"""
+import functools, socket
+import psycopg
 if os.environ.get("FAKE_HOST"):
     socket.gethostname = lambda: os.environ["FAKE_HOST"]
-import optuna, sqlalchemy, psycopg
 import basin.bench.runner as br
 import basin.bench.tune as bt
 if os.environ.get("SLOW_STEP"):  # after its first 10 steps, a worker that outlasts the test
@@ -45,15 +37,6 @@ if os.environ.get("SLOW_STEP"):  # after its first 10 steps, a worker that outla
         return _step(*a, **k)
     br.train_step = _slow
 bt.tune = functools.partial(bt.tune, heartbeat_interval=1, grace_period=5)
-from basin.cli import main
-go, ready = sys.argv[1], sys.argv[2]
-open(ready, "w").close()
-deadline = time.monotonic() + 300
-while not os.path.exists(go):
-    if time.monotonic() > deadline:
-        sys.exit(99)
-    time.sleep(0.002)
-sys.exit(main(sys.argv[3:]))
 """
 
 TUNE = ["tune", "-w", "f1", "-o", "adabelief", "--eval-every", "10", "--pruner", "none", "-q"]
@@ -71,39 +54,11 @@ def pg_url(pg_server):
 
 
 def _start(where: Path, argvs: list[list[str]], env: dict[str, str] | None = None) -> list:
-    """Start the workers, wait until all are ready, then let them go together."""
-    where.mkdir()
-    go = where / "go"
-    procs = []
-    for i, argv in enumerate(argvs):
-        ready = where / f"ready{i}"
-        penv = {**ENV, **(env or {})}
-        cmd = [sys.executable, "-c", _WORKER, str(go), str(ready), *argv]
-        p = subprocess.Popen(cmd, env=penv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)  # fmt: skip
-        procs.append((ready, p))
-    deadline = time.monotonic() + 300
-    while not all(r.exists() for r, _ in procs):
-        assert all(p.poll() is None for _, p in procs), [p.communicate() for _, p in procs]
-        assert time.monotonic() < deadline, "workers never got ready"
-        time.sleep(0.05)
-    go.touch()
-    return [p for _, p in procs]
+    return together.start(where, argvs, env, _SETUP)
 
 
 def _finish(procs: list, timeout: float = 400) -> list[tuple[int, str]]:
-    end = time.monotonic() + timeout
-    out = []
-    try:
-        for p in procs:
-            _, err = p.communicate(timeout=max(1.0, end - time.monotonic()))
-            out.append((p.returncode, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return out
+    return [(rc, err) for rc, _, err in together.finish(procs, timeout)]
 
 
 def _sql(url: str, query: str) -> list[tuple]:

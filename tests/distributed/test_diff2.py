@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from gloo import init_gloo
 from torch import nn
 
 from basin.distributed import DIFF2
@@ -177,7 +178,7 @@ def _diff2_worker(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    init_gloo(store, rank, WORLD)
     model = _mlp()
     opt = DIFF2(model, _loss, lr=HP["lr"], restart_period=HP["b"], max_grad_norm=HP["c1"],
                 diff_max_grad_norm=HP["c2"], noise_multiplier=HP["s1"],

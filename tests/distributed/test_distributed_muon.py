@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as mp
+from gloo import init_gloo
 from torch import nn
 
 import basin.optim.muon as muon_module
@@ -75,7 +76,7 @@ def _worker(rank: int, world: int, store: str, out: str, scenarios: list) -> Non
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    init_gloo(store, rank, world)
     groups = {2: dist.new_group([0, 1]), 3: None, 1: dist.new_group([2])}
 
     calls: list[tuple[int, ...]] = []

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+from gloo import init_gloo
 from references.ef21_paper import simulate
 from torch import nn
 
@@ -73,7 +74,7 @@ def _worker(rank: int, world: int, store: str, out: str, scenarios: list) -> Non
     t0 = time.perf_counter()
     torch.set_num_threads(1)
     early = EF21State(density=0.1)  # no process group yet: checked at the first hook call
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    init_gloo(store, rank, world)
     groups = {2: dist.new_group([0, 1]), 3: None, 1: dist.new_group([2])}
     results = {}
     if rank == 2:

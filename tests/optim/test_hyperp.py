@@ -10,21 +10,12 @@ import math
 
 import pytest
 import torch
+from references.hyperp_paper import ns5 as _ns5
+from references.hyperp_paper import sphere_step as _sphere
 from torch import nn
 
+import basin.optim as bo
 from basin.optim import HyperP, Muon, hyperp_lr
-
-NS = (3.4445, -4.7750, 2.0315)  # Jordan et al.'s quintic coefficients
-
-
-def _ns5(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    x = g.T if g.shape[0] > g.shape[1] else g
-    x = x / (torch.linalg.matrix_norm(x) + 1e-7)
-    a, b, c = NS
-    for _ in range(steps):
-        s = x @ x.T
-        x = a * x + (b * s + c * s @ s) @ x
-    return x.T if g.shape[0] > g.shape[1] else x
 
 
 def _problem() -> tuple[list[nn.Parameter], torch.Tensor, torch.Tensor]:
@@ -38,11 +29,6 @@ def _problem() -> tuple[list[nn.Parameter], torch.Tensor, torch.Tensor]:
 
 def _loss(ws: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((torch.tanh(x @ ws[0].T) @ ws[1].T - y) ** 2).mean()
-
-
-def _sphere(w: torch.Tensor, d: torch.Tensor, lr: float, r: float) -> torch.Tensor:
-    w = w - lr * r * d / torch.linalg.matrix_norm(d)
-    return w * (r / torch.linalg.matrix_norm(w))
 
 
 @pytest.mark.parametrize("base", ["muon", "adam"])
@@ -114,6 +100,53 @@ def test_state_dict_round_trip_and_args() -> None:
         HyperP(opt, params=[torch.ones(2, 2)])
     with pytest.raises(ValueError, match="optimizer"):
         HyperP(ws)  # type: ignore[arg-type]
+
+
+def test_registered_entries_own_keys() -> None:
+    """hyperp_adamw / hyperp_muon (their update is checked against references/hyperp_paper.py
+    in tests/optim/test_common.py): a group with sphere=False is the base's alone, the radius
+    of each sphere weight is its norm at its first step and travels in the state dict, and a
+    zero weight without a radius is refused before anything changes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+    groups = bo.sphere_groups(model)  # the hidden matrix on the sphere, the head off it
+    assert [len(g["params"]) for g in groups] == [1, 3] and groups[1]["sphere"] is False
+    opt = bo.create("hyperp_adamw", model, lr=0.05)
+    ref = copy.deepcopy(model)
+    adamw = torch.optim.AdamW(ref.parameters(), lr=0.05, weight_decay=0.0)
+    r0 = float(model[0].weight.detach().norm())
+    for m, o in ((model, opt), (ref, adamw)):
+        for _ in range(3):
+            o.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+            o.step()
+    assert abs(float(model[0].weight.detach().norm()) - r0) <= 1e-12 * r0
+    assert not torch.equal(model[0].weight, ref[0].weight)  # the sphere weight is not AdamW's
+    assert opt.state[model[0].weight]["sphere_radius"] == r0
+    with pytest.raises(ValueError, match="param group 2: sphere must be True or False"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(2, 2))], "sphere": 1})
+    # a sphere=False group is AdamW's step for step
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    b = copy.deepcopy(a)
+    oa = bo.HyperPAdamW([{"params": a[2].parameters(), "sphere": False}], lr=0.05)
+    ob = torch.optim.AdamW(b[2].parameters(), lr=0.05, weight_decay=0.0)
+    for m, o in ((a, oa), (b, ob)):
+        for _ in range(3):
+            o.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+            o.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    z = nn.Parameter(torch.zeros(3, 3, dtype=torch.float64))
+    oz = bo.HyperPMuon([z], ns_dtype=None)
+    z.grad = torch.ones_like(z)
+    with pytest.raises(ValueError, match="has norm 0.0"):
+        oz.step()
+    assert not z.any() and not oz.state
+    oz = bo.HyperPMuon([z], ns_dtype=None, radius=2.0)  # a given radius: a zero start is fine
+    oz.step()
+    assert abs(float(z.detach().norm()) - 2.0) < 1e-12
 
 
 def test_hyperp_lr_rule() -> None:

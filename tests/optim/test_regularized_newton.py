@@ -329,3 +329,20 @@ def test_step_returns_the_closure_loss_at_the_start():
     out = opt.step(closure)
     assert isinstance(out, torch.Tensor) and float(out.detach()) == before
     assert float(closure().detach()) < before
+
+
+def test_table_softmax_model_exact_hessian():
+    # the exact Hessian that the optimizer table's reference check gives the adaptive variants
+    # (tests/optim_db.py): equal to the double-backward Hessian of the batch's cross-entropy
+    from optim_db import _SoftmaxRegression
+
+    torch.manual_seed(0)
+    model = _SoftmaxRegression().double()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(32, 8, generator=g, dtype=D), torch.randint(0, 4, (32,), generator=g)
+    params = list(model.parameters())
+    loss = nn.functional.cross_entropy(model(x), y)
+    grad = torch.cat([a.reshape(-1) for a in torch.autograd.grad(loss, params, create_graph=True)])
+    rows = [torch.autograd.grad(grad[i], params, retain_graph=True) for i in range(27)]
+    expected = torch.stack([torch.cat([a.reshape(-1) for a in row]) for row in rows])
+    torch.testing.assert_close(model.exact_hessian(), expected, rtol=1e-12, atol=1e-14)

@@ -94,3 +94,34 @@ def test_elementwise_optimizers_take_no_snapshot() -> None:
     model = _model()
     assert not bo.AdaBelief(model.parameters())._needs_snapshot()
     assert bo.COSMOS(bo.matrix_param_groups(model), rank=2)._needs_snapshot()
+
+
+SPARSE_REFRESH = [
+    ("soap", lambda m: bo.SOAP(m.parameters(), lr=1e-2, precondition_frequency=3)),
+    ("frugal", lambda m: bo.FRUGAL(bo.matrix_param_groups(m), lr=1e-2, update_gap=3)),
+]
+
+
+@pytest.mark.parametrize(("name", "build"), SPARSE_REFRESH, ids=[c[0] for c in SPARSE_REFRESH])
+def test_snapshot_exactly_on_the_steps_that_factorize(name, build, monkeypatch) -> None:  # noqa: ANN001
+    """The copy is taken on every step that calls a factorization, and only on those."""
+    model = _model()
+    opt = build(model)
+    calls = {"n": 0}
+    for fn in ("qr", "eigh", "svd"):
+        real = getattr(torch.linalg, fn)
+
+        def counted(*args, _real=real, **kwargs):  # noqa: ANN002, ANN003
+            calls["n"] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(torch.linalg, fn, counted)
+    needs, factorized = [], []
+    for step in range(8):
+        _backward(model, step)
+        needs.append(opt._needs_snapshot())
+        before = calls["n"]
+        opt.step()
+        factorized.append(calls["n"] > before)
+    assert needs == factorized, f"{name}: snapshot {needs} vs factorizing steps {factorized}"
+    assert any(factorized) and not all(factorized)

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from gloo import init_gloo
 from optim_db import mlp
 from references.sam_paper import SAMPaper
 from test_common import compare_models, make_data
@@ -362,7 +363,7 @@ def _ddp_worker(rank: int, world: int, path: str, out: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    init_gloo(path, rank, world)
     results = {}
     for sync in (False, True):
         torch.manual_seed(0)

@@ -191,3 +191,68 @@ def test_sgd_eval_holds_the_average_and_step_in_eval_mode_raises() -> None:
     opt.train()
     for p, yi in zip(model.parameters(), y):
         torch.testing.assert_close(p, yi, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])
+@pytest.mark.parametrize("cls", [bo.ScheduleFreeAdamW, bo.ScheduleFreeSGD])
+def test_shared_coefficients_equal_the_per_parameter_ones(cls, foreach, monkeypatch) -> None:
+    # the step computes lr_t and c_t once when every parameter's (step, lr_max, weight_sum)
+    # are equal; against the per-parameter computation (forced): the same state bit for bit,
+    # also once a parameter without a gradient at one step makes them differ (warmup: lr_max
+    # grows; r: the step enters the weights)
+    import basin.optim.schedule_free as sf
+
+    hp = {"lr": 0.05, "warmup_steps": 3, "r": 0.5, "weight_decay": 0.01, "foreach": foreach}
+    models = [mlp().double() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [cls(m.parameters(), **hp) for m in models]
+    shared = sf._shared_coefficients
+    calls = []
+
+    def recorded(*args, **kw):
+        out = shared(*args, **kw)
+        calls.append(out is not None)
+        return out
+
+    for i, batch in enumerate(make_data(8)):
+        for k, (model, opt) in enumerate(zip(models, opts)):
+            opt.zero_grad()
+            loss_of(model, batch).backward()
+            if i == 4:
+                model[0].bias.grad = None  # this parameter skips a step
+            monkeypatch.setattr(
+                sf, "_shared_coefficients", (lambda *a, **kw: None) if k else recorded
+            )
+            opt.step()
+    # shared while the parameters stepping have equal counters (at the skip too), then not
+    assert calls == [True] * 5 + [False] * 3
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        if foreach:  # one alpha for all tensors instead of a list: the same up to rounding
+            torch.testing.assert_close(p, q, rtol=1e-15, atol=1e-15)
+        else:
+            assert torch.equal(p, q)
+        for key, value in opts[0].state[p].items():
+            if key in ("step", "lr_max", "weight_sum"):
+                assert torch.equal(value, opts[1].state[q][key]), key
+
+
+@pytest.mark.parametrize("cls", [bo.ScheduleFreeAdamW, bo.ScheduleFreeSGD])
+def test_float32_state_dict_round_trip_keeps_float64_averaging_weights(cls) -> None:
+    # torch's load_state_dict casts state to the parameter's dtype: lr_max and weight_sum must
+    # stay float64 (a float32 weight_sum rounds c_t), so the continuation is bit-identical
+    hp = {"lr": 0.03, "warmup_steps": 3}
+    batches = [(x.float(), y) for x, y in make_data(8)]
+    model = mlp()
+    opt = cls(model.parameters(), **hp)
+    _steps([(model, opt)], batches[:4])
+    saved = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    _steps([(model, opt)], batches[4:])
+    model2 = mlp()
+    model2.load_state_dict(saved[1])
+    opt2 = cls(model2.parameters(), **hp)
+    opt2.load_state_dict(saved[0])
+    state = opt2.state[model2[0].weight]
+    assert state["lr_max"].dtype == state["weight_sum"].dtype == torch.float64
+    _steps([(model2, opt2)], batches[4:])
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)

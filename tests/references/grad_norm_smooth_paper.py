@@ -61,11 +61,14 @@ class RegularizedNewtonPaper(torch.optim.Optimizer):
     parameters; the Hessian is the dense central-difference matrix of closure gradients
     (step ``eps^(1/3) max(1, ||x||)`` per coordinate, symmetrized), which the table's closures
     allow (they hide the model and batch); basin's products are checked against exact Hessians
-    in tests/optim/test_regularized_newton.py."""
+    in tests/optim/test_regularized_newton.py. ``curvature`` (a callable called at ``x``,
+    returning a function of a flat tensor, as basin's argument) replaces it: the dense matrix
+    of its products on the unit vectors, symmetrized."""
 
     def __init__(self, params: Any, gamma: float = 1.0, **hp: Any) -> None:
         super().__init__(params, {})
         self.gamma = gamma
+        self.curvature = hp.get("curvature")
         self.hp = {k: v for k, v in hp.items() if k in ("adaptive", "eps", "gamma_min",
                                                         "max_search", "lr")}  # fmt: skip
         self.hp["lr"] = float(self.hp.get("lr", 1.0))
@@ -90,6 +93,11 @@ class RegularizedNewtonPaper(torch.optim.Optimizer):
             return float(loss), g.copy()
 
         def hess(x: np.ndarray) -> np.ndarray:
+            if self.curvature is not None:
+                self._set(x)
+                op = self.curvature()
+                a = np.stack([op(torch.from_numpy(e)).numpy() for e in np.eye(len(x))], axis=1)
+                return 0.5 * (a + a.T)
             h = np.finfo(np.float64).eps ** (1 / 3) * max(1.0, float(np.linalg.norm(x)))
             cols = []
             for e in np.eye(len(x)):

@@ -147,6 +147,7 @@ def _trainable(config: dict[str, Any], workload: Any = None) -> None:
             exploits[me] = exploits.get(me, 0) + 1
     task = w.build(cfg.seed + step, cfg.batch_size)  # new data order after a restore
     model = task.model
+    task.steps = cfg.steps  # the whole run's, as bench gives a scheduled method (reste, biper)
     opt, method = build_training(cfg.optimizer, cfg.hparams, task)  # + SAF/MESA, if any
     to_train_point(opt, cfg.optimizer)  # checkpoints are written at the training point
     if state is not None:

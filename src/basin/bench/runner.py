@@ -17,6 +17,7 @@ with ``status="diverged"`` and ``diverged_step`` = the first step whose loss was
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -195,8 +196,10 @@ def make_config(
     # own, and refuses a workload that lacks what it needs, on the workload's probe task
     try:
         create(optimizer, model, **opt_hp)
-        if entry.method is not None:
-            entry.build_method(probe_task(w), **method_hp)
+        if entry.method is not None:  # on a copy: a method may change the model (tract, reste)
+            pt = probe_task(w)
+            pt = dataclasses.replace(pt, model=copy.deepcopy(pt.model), steps=steps)
+            entry.build_method(pt, **method_hp)
     except TypeError as exc:
         raise ValueError(f"{optimizer}: invalid hyperparameters {hp}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 -- third-party optimizers raise their own types
@@ -436,6 +439,7 @@ def run(
     task = w.build(cfg.seed, cfg.batch_size)
     model, loss_fn, batches = task.model, task.loss_fn, task.batches
     model.train()
+    task.steps = cfg.steps  # what a scheduled training method spreads its schedule over
     opt, method = build_training(cfg.optimizer, cfg.hparams, task)
     private = None
     if cfg.dp is not None:  # DP-SGD: Opacus' optimizer and Poisson-sampled batches
@@ -593,15 +597,18 @@ def run(
 
 def build_training(optimizer: str, hparams: dict[str, Any], task: _wl.Task) -> tuple[Any, Any]:
     """``(optimizer, training method or None)`` of a run on ``task``: the registry entry's
-    hyperparameters split (:meth:`basin.optim.OptimInfo.split_hparams`), the optimizer built
-    on the task's model with the entry's parameter groups, and its training method (SAF,
-    MESA; :attr:`basin.optim.OptimInfo.method`) from the task."""
+    hyperparameters split (:meth:`basin.optim.OptimInfo.split_hparams`), its training method
+    (SAF, MESA; :attr:`basin.optim.OptimInfo.method`) built from the task, then the optimizer
+    on the task's model as the method leaves it, with the entry's parameter groups (so
+    parameters a method adds, such as BiPer's ``alpha``, are trained). ``task.steps``: the
+    run's planned steps, for methods that schedule over the run."""
     from basin.optim import create, info
 
     entry = info(optimizer)
     opt_hp, method_hp = entry.split_hparams(hparams)
+    method = entry.build_method(task, **method_hp)
     opt = create(optimizer, task.model, **opt_hp)  # the registry's parameter groups
-    return opt, entry.build_method(task, **method_hp)
+    return opt, method
 
 
 def train_step(

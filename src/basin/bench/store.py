@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from . import interrupts
+
 __all__ = ["DEFAULT_STORAGE", "LEASE", "Store", "owner_gone", "pid_alive", "sqlite_path"]
 
 DEFAULT_STORAGE = "sqlite:///results/basin.db"
@@ -151,22 +153,24 @@ class Store:
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction: committed at the end of the block, rolled
-        back on any exception (Ctrl-C included); database errors become ``ValueError``."""
+        back on any exception; database errors become ``ValueError``. A Ctrl-C is held until
+        the transaction has ended (:mod:`basin.bench.interrupts`)."""
         c = self.conn
-        try:
-            c.execute("BEGIN IMMEDIATE")
+        with interrupts.hold():
             try:
-                yield c
-            except BaseException:
+                c.execute("BEGIN IMMEDIATE")
+                try:
+                    yield c
+                except BaseException:
+                    if c.in_transaction:
+                        c.execute("ROLLBACK")
+                    raise
+                c.execute("COMMIT")
+            except sqlite3.Error as exc:
                 if c.in_transaction:
-                    c.execute("ROLLBACK")
-                raise
-            c.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if c.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    c.execute("ROLLBACK")
-            raise ValueError(f"cannot write to storage {self.url!r}: {exc}") from None
+                    with contextlib.suppress(sqlite3.Error):
+                        c.execute("ROLLBACK")
+                raise ValueError(f"cannot write to storage {self.url!r}: {exc}") from None
 
     def _ensure_schema(self) -> None:
         if self._schema:

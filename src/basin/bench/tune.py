@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import interrupts
 from . import workloads as _wl
 from .runner import _check_int, make_config, run
 from .space import Param, _accepted, default_space, load_space, space_to_dict
@@ -519,7 +520,8 @@ class _Guard:
         """Hold the lease ``name`` for the block; wait while a live worker holds it, take it
         over from a gone one (see :func:`basin.bench.store.owner_gone`)."""
         while not self._try_lock(name):
-            time.sleep(random.uniform(0.01, 0.05))  # noqa: S311 -- back-off jitter
+            with interrupts.allow():
+                time.sleep(random.uniform(0.01, 0.05))  # noqa: S311 -- back-off jitter
         try:
             yield
         finally:
@@ -614,16 +616,19 @@ def _fail_and_requeue(study: Any, trial_id: int) -> bool:
 
 def _fail_orphans(study: Any) -> list[int]:
     """Fail RUNNING trials started on this host by a process that no longer exists, and queue
-    them again (the heartbeat does the same for other hosts after the grace period)."""
+    them again (the heartbeat does the same for other hosts after the grace period).
+
+    Called under the ask lease: a worker asks a trial and records its host and pid under that
+    lease, so a RUNNING trial seen without them lost its worker in between (killed before its
+    first heartbeat, so no stale heartbeat would ever tell): it is failed and queued too."""
     optuna = _optuna()
     host = socket.gethostname()
     failed = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if t.user_attrs.get("basin_host") != host:
-            continue
         pid = t.user_attrs.get("basin_pid")
-        if not isinstance(pid, int) or pid == os.getpid() or pid_alive(pid):
-            continue
+        if "basin_host" in t.user_attrs and isinstance(pid, int):
+            if t.user_attrs["basin_host"] != host or pid == os.getpid() or pid_alive(pid):
+                continue
         if _fail_and_requeue(study, t._trial_id):
             failed.append(t.number)
     return failed
@@ -640,6 +645,9 @@ def _refused(spec: TuneSpec, why: str) -> ValueError:
     )
 
 
+# storage calls hold Ctrl-C until they finish (training and waits take it at once), so an
+# interrupt never leaves a write half-done and the running trial can be re-queued
+@interrupts.held
 def tune(
     spec: TuneSpec,
     *,
@@ -754,12 +762,14 @@ def _work(
         trial.set_user_attr("hparams", json.loads(json.dumps(cfg.hparams, default=str)))
 
         def report(step: int, m: dict[str, float]) -> None:
-            trial.report(float(m[spec.objective]), step)
-            if trial.should_prune():
-                trial.set_user_attr("status", "pruned")
-                raise optuna.TrialPruned(f"pruned at step {step}")
+            with interrupts.hold():
+                trial.report(float(m[spec.objective]), step)
+                if trial.should_prune():
+                    trial.set_user_attr("status", "pruned")
+                    raise optuna.TrialPruned(f"pruned at step {step}")
 
-        res = run(cfg, report=report, progress=progress)
+        with interrupts.allow():  # training: Ctrl-C stops it at once
+            res = run(cfg, report=report, progress=progress)
         trial.set_user_attr("status", res.status)
         trial.set_user_attr("steps_done", res.steps_done)
         trial.set_user_attr("train_seconds", res.train_seconds)
@@ -792,8 +802,12 @@ def _work(
                 trial = study.ask()
                 trial.set_user_attr("basin_host", host)
                 trial.set_user_attr("basin_pid", pid)
+                # a first beat before the lease is let go: a trial seen under it has an owner
+                # and a heartbeat, so a worker killed from here on is found stale elsewhere
+                study._storage.record_heartbeat(trial._trial_id)
         if trial is None:  # the rest is running in other workers
-            time.sleep(poll)
+            with interrupts.allow():
+                time.sleep(poll)
             continue
         frozen = _run_trial(study, trial, objective, heartbeat_interval, TrialState)
         n_new += frozen.state in finished_states  # not one another worker failed as stale
@@ -823,7 +837,8 @@ def _run_trial(
     every: int,
     TrialState: Any,  # noqa: N803
 ) -> Any:
-    """Run one asked trial with a heartbeat thread and tell the study how it ended."""
+    """Run one asked trial (its first heartbeat already written) with a heartbeat thread
+    and tell the study how it ended."""
     optuna = _optuna()
     storage = study._storage
     tid = trial._trial_id
@@ -834,7 +849,7 @@ def _run_trial(
             with contextlib.suppress(Exception):  # a missed beat; the grace period covers it
                 storage.record_heartbeat(tid)
 
-    storage.record_heartbeat(tid)
+    # the first beat was written when the trial was asked (under the ask lease, in _work)
     hb = threading.Thread(target=beat, name="basin-tune-heartbeat", daemon=True)
     hb.start()
     try:

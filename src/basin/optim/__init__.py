@@ -11,7 +11,7 @@ from .diffgrad import DiffGrad
 from .exadam import EXAdam
 from .frugal import FRUGAL
 from .ggpo import GGPO
-from .hyperp import HyperP, hyperp_lr
+from .hyperp import HyperP, HyperPAdamW, HyperPMuon, hyperp_lr, sphere_groups
 from .muon import Muon
 from .param_groups import matrix_param_groups, weight_decay_groups
 from .registry import (
@@ -38,7 +38,10 @@ __all__ = [
     "FRUGAL",
     "GGPO",
     "HyperP",
+    "HyperPAdamW",
+    "HyperPMuon",
     "hyperp_lr",
+    "sphere_groups",
     "SAM",
     "SGDP",
     "SOAP",

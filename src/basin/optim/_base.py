@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, cast
 
 import torch
@@ -88,6 +88,16 @@ def check_betas(betas: Any, name: str = "betas") -> None:
         raise ValueError(f"{name} must be a pair (beta1, beta2) with each in [0, 1), got {betas!r}")
     for i, b in enumerate(betas):
         check_range(f"{name}[{i}]", b, 0.0, 1.0, high_inclusive=False)
+
+
+def check_adam_hparams(group: dict[str, Any], prefix: str = "") -> None:
+    """The hyperparameters every Adam-like rule has (``lr``, ``betas``, ``eps``,
+    ``weight_decay``), named ``prefix + key`` in messages (``adamw_`` for the matrix
+    optimizers' AdamW fallback)."""
+    check_range(f"{prefix}lr", group["lr"], 0.0, math.inf, high_inclusive=False)
+    check_betas(group["betas"], f"{prefix}betas")
+    check_nonnegative(f"{prefix}eps", group["eps"])
+    check_nonnegative(f"{prefix}weight_decay", group["weight_decay"])
 
 
 def check_int(name: str, value: Any, low: int) -> int:
@@ -182,12 +192,31 @@ def check_grad(p: Tensor, optimizer: str) -> None:
         raise RuntimeError(f"{optimizer} does not support complex parameters")
 
 
+def check_fusable(p: Tensor, optimizer: str) -> None:
+    """The fused path (``fused=True``, :mod:`basin.optim._fused`) needs dense floating-point
+    gradients of the parameter's dtype and device; checked for every group with ``fused=True``
+    before a step changes anything."""
+    g = p.grad
+    assert g is not None
+    if not p.is_floating_point() or not g.is_floating_point():
+        raise ValueError(
+            f"{optimizer}(fused=True) needs floating-point parameters and gradients, got "
+            f"{p.dtype} / {g.dtype}"
+        )
+    if g.dtype != p.dtype or g.device != p.device:
+        raise ValueError(
+            f"{optimizer}(fused=True) needs gradients of the parameter's dtype and device, "
+            f"got {g.dtype} on {g.device} for a {p.dtype} parameter on {p.device}"
+        )
+
+
 # ---------------------------------------------------------------- base class
 
 # keys of ``defaults`` that are not a functional's keyword: ``betas`` (passed as beta1, beta2),
-# ``differentiable``, which torch's Optimizer.__setstate__ (load_state_dict) adds, and
+# ``differentiable``, which torch's Optimizer.__setstate__ (load_state_dict) adds, ``fused``
+# (the path, not the math), ``matrix_rule`` (the routing of the matrix optimizers) and
 # ``nonfinite``, which the step's gradient check reads
-_NOT_KEYWORDS = frozenset({"betas", "differentiable", "fused", "nonfinite"})
+_NOT_KEYWORDS = frozenset({"betas", "differentiable", "fused", "matrix_rule", "nonfinite"})
 
 # the key of state_dict() that names the optimizer class that wrote it
 STATE_DICT_TAG = "basin_optimizer"
@@ -285,6 +314,8 @@ class BasinOptimizer(Optimizer):
         if not self._check_grads():
             self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
             return loss
+        if not is_compiling():  # the fused path's layouts are kept from one step call to the next
+            self.__dict__["_step_calls"] = self.__dict__.get("_step_calls", 0) + 1
         snapshot = None if is_compiling() or not self._needs_snapshot() else self._snapshot()
         try:
             for group in self.param_groups:
@@ -317,7 +348,9 @@ class BasinOptimizer(Optimizer):
 
     def _restore(self, snapshot: list[tuple[Tensor, Tensor, dict[str, Any] | None]]) -> None:
         """Put back what :meth:`_snapshot` saved: values are copied into the live tensors, so
-        views and pools that share storage with them stay shared."""
+        views and pools that share storage with them stay shared. The fused path's cached
+        layouts are dropped (state may have been removed)."""
+        self.__dict__.pop("_flat_runs", None)
         for p, value, saved in snapshot:
             p.detach().copy_(value)
             if saved is None:
@@ -342,9 +375,12 @@ class BasinOptimizer(Optimizer):
         name = getattr(self, "_algo", type(self).__name__)
         grads = []
         for group in self.param_groups:
+            fused = bool(group.get("fused")) and not is_compiling()
             for p in group["params"]:
                 if p.grad is not None:
                     check_grad(p, name)
+                    if fused:
+                        check_fusable(p, name)
                     grads.append(p.grad)
         if not grads or is_compiling() or _maybe_all_finite(grads):
             return True
@@ -397,6 +433,7 @@ class BasinOptimizer(Optimizer):
         added since an older state dict was written take their defaults, and a plain-number
         ``step`` (torch < 1.12) becomes the tensor counter the steps expect."""
         super().__setstate__(state)
+        self.__dict__.pop("_flat_runs", None)  # the fused path's layouts: state was replaced
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 if key != "differentiable":  # torch's own, added to defaults by its __setstate__
@@ -406,10 +443,18 @@ class BasinOptimizer(Optimizer):
             if step is not None and not isinstance(step, Tensor):
                 st["step"] = torch.tensor(float(step), dtype=torch.float64)
 
-    def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
-        """The group's hyperparameters as the functional's keyword arguments: the value of every
-        key the subclass put in ``defaults``, with ``betas`` passed as ``beta1`` and ``beta2``."""
-        kwargs = {key: group[key] for key in self.defaults if key not in _NOT_KEYWORDS}
+    def _hyperparameters(
+        self, group: dict[str, Any], exclude: Collection[str] = ()
+    ) -> dict[str, Any]:
+        """The group's hyperparameters as the functional's keyword arguments (the one way the
+        optimizers hand a group to their functional): the value of every key the subclass put in
+        ``defaults`` but ``exclude`` (keys that only the class reads, such as the routing of a
+        matrix optimizer), with ``betas`` passed as ``beta1`` and ``beta2``."""
+        kwargs = {
+            key: group[key]
+            for key in self.defaults
+            if key not in _NOT_KEYWORDS and key not in exclude
+        }
         if "lr" in kwargs:
             kwargs["lr"] = scalar_lr(kwargs["lr"])
         if "betas" in self.defaults:

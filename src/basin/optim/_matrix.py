@@ -40,15 +40,15 @@ from torch import Tensor, nn
 
 from ._base import (
     BasinOptimizer,
-    check_betas,
+    check_adam_hparams,
     check_grad,
-    check_nonnegative,
     get_value,
     grad_of,
     group_by_device_and_dtype,
     scalar_lr,
     use_foreach,
 )
+from ._fused import fused_step, use_fused
 from .param_groups import matrix_param_groups
 
 __all__ = ["MatrixOptimizer", "adamw_fallback", "as_matrix", "from_matrix", "matrix_shape"]
@@ -86,7 +86,7 @@ class MatrixOptimizer(BasinOptimizer):
         if fallback is None:
             fallback = {k: defaults[k] for k in FALLBACK_KEYS}
         else:
-            check_fallback(fallback, fallback_prefix)
+            check_adam_hparams(fallback, fallback_prefix)
         self._fallback_defaults = {**fallback, "betas": tuple(fallback["betas"])}
         super().__init__(params, {**defaults, "matrix_rule": matrix_rule, "transposed": False})
 
@@ -193,7 +193,7 @@ class MatrixOptimizer(BasinOptimizer):
             self._check_common(group)
             self._check_hparams(group)
             if self._split(group)[1]:
-                check_fallback(group)
+                check_adam_hparams(group)
         except ValueError as err:
             raise ValueError(f"param group {gi}: {err}") from None
         self._check_params(group, gi)
@@ -221,6 +221,14 @@ class MatrixOptimizer(BasinOptimizer):
         return out
 
     def _fallback_step(self, group: dict[str, Any], group_params: list[Tensor]) -> None:
+        if use_fused(group.get("fused"), group_params):
+            beta1, beta2 = group["betas"]
+            hyperparameters = dict(lr=scalar_lr(group["lr"]), beta1=beta1, beta2=beta2,
+                                   eps=group["eps"], weight_decay=group["weight_decay"],
+                                   maximize=group["maximize"])  # fmt: skip
+            fused_step(self, group, ("exp_avg", "exp_avg_sq"), _flat_adamw, _flat_coefficients,
+                       params=group_params, hyperparameters=hyperparameters)  # fmt: skip
+            return
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for p in self._with_grad(group_params):
             state = self.state[p]
@@ -283,14 +291,6 @@ def from_matrix(u: Tensor, shape: torch.Size | tuple[int, ...], transposed: bool
     return u.contiguous().reshape(stored).transpose(0, 1)
 
 
-def check_fallback(group: dict[str, Any], prefix: str = "") -> None:
-    """The AdamW fallback's hyperparameters, named ``prefix + key`` in messages."""
-    check_nonnegative(f"{prefix}lr", group["lr"])
-    check_betas(group["betas"], f"{prefix}betas")
-    check_nonnegative(f"{prefix}eps", group["eps"])
-    check_nonnegative(f"{prefix}weight_decay", group["weight_decay"])
-
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for bfloat16/float16 parameters (torch.linalg needs it), else ``dtype``."""
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
@@ -323,6 +323,28 @@ def adamw_fallback(
     )  # fmt: skip
 
 
+def _flat_coefficients(
+    step: float, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    maximize: bool,
+) -> Tensor:  # fmt: skip
+    """The step's scalars for :func:`_flat_adamw`: (grad sign, 1-beta1, 1-beta2, bc1, bc2, eps,
+    decay factor, -lr), one float64 tensor."""
+    values = [-1.0 if maximize else 1.0, 1 - beta1, 1 - beta2, 1 - beta1**step, 1 - beta2**step,
+              eps, 1 - lr * weight_decay, -lr]  # fmt: skip
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _flat_adamw(p: Tensor, g: Tensor, m: Tensor, v: Tensor, c: Tensor) -> Tensor:
+    """One step of the AdamW fallback over flat tensors (the fused path's kernel, ``fused=True``):
+    updates ``m`` and ``v`` in place and returns the new parameters; ``c`` from
+    :func:`_flat_coefficients`. Same operations, in the same order, as the single-tensor path."""
+    g = g * c[0]
+    m.lerp_(g, c[1].to(m.dtype))
+    v.lerp_(g * g, c[2].to(v.dtype))
+    update = (m / c[3]) / ((v / c[4]).sqrt() + c[5])
+    return p * c[6] + c[7] * update
+
+
 def _single_tensor_adamw(
     params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
     maximize,
@@ -345,7 +367,7 @@ def _multi_tensor_adamw(
     lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
     for ps, gs, ms, vs, steps in group_by_device_and_dtype(lists).values():
         gs = torch._foreach_neg(gs) if maximize else gs
-        torch._foreach_add_(steps, 1)
+        torch._foreach_add_(steps, 1.0)
         step_values = [get_value(t) for t in steps]
         torch._foreach_lerp_(ms, gs, 1 - beta1)
         torch._foreach_lerp_(vs, torch._foreach_mul(gs, gs), 1 - beta2)

@@ -10,10 +10,8 @@ from torch import Tensor
 
 from ._base import (
     BasinOptimizer,
-    check_betas,
+    check_adam_hparams,
     check_bool,
-    check_lr,
-    check_nonnegative,
     get_value,
     group_by_device_and_dtype,
     scalar_lr,
@@ -120,10 +118,7 @@ class AdaBelief(BasinOptimizer):
         super().__init__(params, defaults)
 
     def _check_hparams(self, group: dict[str, Any]) -> None:
-        check_lr(group["lr"])
-        check_betas(group["betas"])
-        check_nonnegative("eps", group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
+        check_adam_hparams(group)
         for name in ("amsgrad", "weight_decouple", "fixed_decay", "rectify", "degenerated_to_sgd"):
             check_bool(name, group[name])
 
@@ -140,7 +135,6 @@ class AdaBelief(BasinOptimizer):
             adabelief(
                 params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, steps, **hyperparameters
             )
-
 
     def _fused_step_group(self, group: dict[str, Any]) -> None:
         amsgrad = group["amsgrad"]
@@ -271,7 +265,7 @@ def _single_tensor_adabelief(
     # Eager speed (benchmarks/optim_step.py): nine passes over each tensor instead of eleven and
     # one temporary instead of two, the step counters advanced in one call, and the Python
     # scalar coefficients computed once per distinct step.
-    torch._foreach_add_(state_steps, 1)
+    torch._foreach_add_(state_steps, 1.0)
     eps_t = torch.tensor(eps, dtype=torch.float64)  # 0-d: broadcasts to any dtype and device
     coefs: dict[Any, tuple] = {}
     for i, p in enumerate(params):
@@ -322,7 +316,7 @@ def _multi_tensor_adabelief(
     lists = [params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps]
     for ps, gs, ms, ss, maxs, steps in group_by_device_and_dtype(lists).values():
         gs = torch._foreach_neg(gs) if maximize else gs
-        torch._foreach_add_(steps, 1)
+        torch._foreach_add_(steps, 1.0)
         if weight_decay != 0:
             if weight_decouple:
                 torch._foreach_mul_(ps, 1 - (weight_decay if fixed_decay else lr * weight_decay))

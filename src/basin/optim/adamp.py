@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ._base import (
     BasinOptimizer,
-    check_betas,
+    check_adam_hparams,
     check_bool,
     check_lr,
     check_nonnegative,
@@ -20,6 +20,7 @@ from ._base import (
     scalar_lr,
     use_foreach,
 )
+from ._fused import FlatRun, compiled_kernel, group_runs, scatter, use_fused
 from ._kernels import scale_invariant_projection
 from .param_groups import decay_groups
 from .registry import ADAM_SPACE, ELEMENTWISE_CAPS, SGD_SPACE, OptimInfo, Paper, register
@@ -75,6 +76,11 @@ class AdamP(BasinOptimizer):
         nesterov: Nesterov-style first moment (default False).
         maximize: maximize the objective (default False).
         foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
+        fused: True runs the step over flat state buffers whatever the number of tensors
+            (:mod:`basin.optim._fused`): one compiled kernel for the moments and the update,
+            the projection's per-row and per-tensor statistics as segment sums over the flat
+            buffers, one compiled kernel for the parameters (the first step compiles both);
+            None (default) and False use the paths above.
         nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
             ``ValueError`` naming the parameter, or skips the step; either way nothing is
             changed (eager steps; see :class:`basin.optim._base.BasinOptimizer`).
@@ -102,6 +108,7 @@ class AdamP(BasinOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         nonfinite: str = "raise",
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -114,17 +121,33 @@ class AdamP(BasinOptimizer):
             maximize=maximize,
             foreach=foreach,
             nonfinite=nonfinite,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
     def _check_hparams(self, group: dict[str, Any]) -> None:
-        check_lr(group["lr"])
-        check_betas(group["betas"])
-        check_nonnegative("eps", group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
+        check_adam_hparams(group)
         _check_projection_args(group)
 
     def _step_group(self, group: dict[str, Any]) -> None:
+        if use_fused(group.get("fused"), group["params"]):
+            hp = self._hyperparameters(group)
+            nesterov, beta1 = hp["nesterov"], hp["beta1"]
+            kernel = compiled_kernel(_flat_adamp_moments)
+            for run in group_runs(self, group, ("exp_avg", "exp_avg_sq")):
+                run.advance()
+                step = run.step_value()
+                bc1, sqrt_bc2 = 1 - beta1**step, (1 - hp["beta2"] ** step) ** 0.5
+                c = torch.tensor(
+                    [-1.0 if hp["maximize"] else 1.0, beta1, 1 - beta1, hp["beta2"],
+                     1 - hp["beta2"], sqrt_bc2, hp["eps"], float(nesterov)], dtype=torch.float64,
+                )  # fmt: skip
+                m, v = run.flats["exp_avg"], run.flats["exp_avg_sq"]
+                p = run.gather_params()
+                u, prods = kernel(p, run.gather_grads(), m, v, c)
+                decay_scale = hp["lr"] * hp["weight_decay"]
+                _flat_project_and_update(run, p, u, prods, hp, -hp["lr"] / bc1, decay_scale)
+            return
         params, grads, steps, (exp_avgs, exp_avg_sqs) = self._gather(
             group, ("exp_avg", "exp_avg_sq")
         )
@@ -175,7 +198,7 @@ def _single_tensor_adamp(
     params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
     delta, wd_ratio, nesterov, maximize,
 ):  # fmt: skip
-    torch._foreach_add_(state_steps, 1)  # one dispatch instead of one per parameter
+    torch._foreach_add_(state_steps, 1.0)  # one dispatch instead of one per parameter
     corrections: dict[Any, tuple] = {}  # (bc1, sqrt(bc2)) per distinct step (usually just one)
     for i, p in enumerate(params):
         g = -grads[i] if maximize else grads[i]
@@ -216,7 +239,7 @@ def _multi_tensor_adamp(
     lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
     for ps, gs, ms, vs, steps in group_by_device_and_dtype(lists).values():
         gs = torch._foreach_neg(gs) if maximize else gs
-        torch._foreach_add_(steps, 1)
+        torch._foreach_add_(steps, 1.0)
         step_values = [get_value(t) for t in steps]
 
         torch._foreach_mul_(ms, beta1)
@@ -271,6 +294,11 @@ class SGDP(BasinOptimizer):
         wd_ratio: weight-decay multiplier on projected weights, in [0, 1] (default 0.1).
         maximize: maximize the objective (default False).
         foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
+        fused: True runs the step over flat state buffers whatever the number of tensors
+            (:mod:`basin.optim._fused`): one compiled kernel for the moments and the update,
+            the projection's per-row and per-tensor statistics as segment sums over the flat
+            buffers, one compiled kernel for the parameters (the first step compiles both);
+            None (default) and False use the paths above.
         nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
             ``ValueError`` naming the parameter, or skips the step; either way nothing is
             changed (eager steps; see :class:`basin.optim._base.BasinOptimizer`).
@@ -303,6 +331,7 @@ class SGDP(BasinOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         nonfinite: str = "raise",
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -316,6 +345,7 @@ class SGDP(BasinOptimizer):
             maximize=maximize,
             foreach=foreach,
             nonfinite=nonfinite,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -329,6 +359,26 @@ class SGDP(BasinOptimizer):
 
     def _step_group(self, group: dict[str, Any]) -> None:
         buf = "momentum_buffer" if group["momentum"] != 0 else None
+        if use_fused(group.get("fused"), group["params"]):
+            hp = self._hyperparameters(group)
+            kernel = compiled_kernel(_flat_sgdp_update)
+            keys = [] if buf is None else [buf]
+            c = torch.tensor(
+                [
+                    -1.0 if hp["maximize"] else 1.0,
+                    hp["momentum"],
+                    1 - hp["dampening"],
+                    float(hp["nesterov"]),
+                ],
+                dtype=torch.float64,
+            )
+            for run in group_runs(self, group, keys, counted=False):
+                p = run.gather_params()
+                flat_buf = None if buf is None else run.flats[buf]
+                u, prods = kernel(p, run.gather_grads(), flat_buf, c)
+                decay_scale = hp["lr"] * hp["weight_decay"] / (1 - hp["momentum"])
+                _flat_project_and_update(run, p, u, prods, hp, -hp["lr"], decay_scale)
+            return
         params, grads, _, (bufs,) = self._gather(group, (buf,), step=False)
         if params:
             sgdp(params, grads, bufs, **self._hyperparameters(group))
@@ -417,6 +467,129 @@ def _multi_tensor_sgdp(
         torch._foreach_add_(ps, us, alpha=-lr)
 
 
+# ------------------------------------------------------------------ fused path (fused=True)
+
+
+def _flat_adamp_moments(
+    p: Tensor, g: Tensor, m: Tensor, v: Tensor, c: Tensor
+) -> tuple[Tensor, Tensor]:
+    """AdamP's elementwise part over flat tensors (a compiled kernel): updates ``m``, ``v`` in
+    place; returns the unprojected update ``u`` and the products ``(p*p, g*g, p*g, p*u)`` (as
+    the rows of a ``(4, N)`` tensor) whose per-row sums are the projection's statistics. ``c``: (grad sign, beta1, 1-beta1, beta2,
+    1-beta2, sqrt(bc2), eps, nesterov as 0/1: selected, not branched on, so that one graph
+    serves both). Same operations, in the same order, as the single-tensor path."""
+    g = g * c[0]
+    m.copy_(m * c[1] + g * c[2])
+    v.copy_(v * c[3] + c[4] * g * g)
+    denom = torch.sqrt(v) / c[5] + c[6]
+    u = torch.where(c[7] > 0, m * c[1] + g * c[2], m) / denom  # c[7]: nesterov
+    return u, _products(p, g, u)
+
+
+def _flat_sgdp_update(p: Tensor, g: Tensor, buf: Tensor | None, c: Tensor) -> tuple[Tensor, Tensor]:
+    """SGDP's elementwise part over flat tensors (a compiled kernel): updates ``buf`` in place;
+    returns the unprojected update and the products as :func:`_flat_adamp_moments` does.
+    ``c``: (grad sign, momentum, 1-dampening, nesterov as 0/1)."""
+    g = g * c[0]
+    if buf is not None:
+        buf.copy_(buf * c[1] + g * c[2])
+        u = torch.where(c[3] > 0, g + c[1] * buf, buf)  # c[3]: nesterov
+    else:
+        u = g * c[2]
+    return u, _products(p, g, u)
+
+
+def _products(p: Tensor, g: Tensor, u: Tensor) -> Tensor:
+    """``(p*p, g*g, p*g, p*u)`` as the rows of a ``(4, N)`` tensor (each product contiguous,
+    so that its per-row sums are contiguous reductions), in float32 for bfloat16/float16
+    parameters (whose sums of squares ``vector_norm`` accumulates in float32 on the
+    single-tensor path)."""
+    if p.dtype in (torch.bfloat16, torch.float16):
+        p, g, u = p.float(), g.float(), u.float()
+    return torch.stack([p * p, g * g, p * g, p * u])
+
+
+def _flat_apply(p: Tensor, u: Tensor, row: Tensor, per_row: Tensor, c: Tensor) -> Tensor:
+    """The parameters after the projected step (a compiled kernel):
+    ``p * decay[row] + c * (u - p * coef[row])`` with the per-row projection coefficient and
+    decay factor (``per_row = (coef, decay)``, padded by one column so that a one-row layout
+    does not specialize the compiled graph) gathered by the per-element row index."""
+    return p * per_row[1][row] + c * (u - p * per_row[0][row])
+
+
+def _flat_rows(run: FlatRun) -> tuple[Any, ...]:
+    """Per layout: the row index of every element (rows of ``p.reshape(size(0), -1)``; a
+    vector is one row), the spans of equal row length ``(first element, rows, row length)``
+    and the tensor of every row, the rows, row length
+    and size of every tensor, and which tensors are projected at all (``ndim > 1``)."""
+    rows = [p.shape[0] if p.ndim > 1 else 1 for p in run.params]
+    cols = [n // r if r else 0 for n, r in zip(run.numels, rows)]
+    device = run.params[0].device
+    row_len = torch.tensor([n for n, r in zip(cols, rows) for _ in range(r)], device=device)
+    n_rows = len(row_len)
+    index = torch.int32 if n_rows < 2**31 else torch.int64  # half the bytes read per element
+    row = torch.repeat_interleave(torch.arange(n_rows, device=device, dtype=index), row_len)
+    rows_t = torch.tensor(rows, device=device)
+    tensor_of_row = torch.repeat_interleave(torch.arange(len(rows), device=device), rows_t)
+    cols_t = torch.tensor(cols, dtype=torch.float64, device=device)
+    numel = torch.tensor(run.numels, dtype=torch.float64, device=device)
+    matrix = torch.tensor([p.ndim > 1 for p in run.params], device=device)
+    # maximal spans of consecutive tensors with equal row length: (first element, rows, length)
+    spans: list[tuple[int, int, int]] = []
+    start = 0
+    for r, n in zip(rows, cols):
+        if spans and spans[-1][2] == n:
+            o, rr, _ = spans[-1]
+            spans[-1] = (o, rr + r, n)
+        else:
+            spans.append((start, r, n))
+        start += r * n
+    return row, spans, tensor_of_row, rows_t, cols_t, numel, matrix
+
+
+def _flat_project_and_update(
+    run: FlatRun, p: Tensor, u: Tensor, prods: Tensor, hp: dict[str, Any], c: float,
+    decay_scale: float,
+) -> None:  # fmt: skip
+    """The scale-invariant projection of every ``ndim > 1`` tensor of the run, from segment sums
+    of ``prods`` (``(4, N)``; :func:`basin.optim._kernels.scale_invariant_projection`'s test
+    and coefficients, per row and per tensor), then ``p <- p (1 - decay_scale r) + c u_proj``
+    (``r = wd_ratio`` where projected) by :func:`_flat_apply`; the result is scattered back."""
+    row, spans, tensor_of_row, rows, cols, numel, matrix = run.extra(_flat_rows)
+    eps, delta, dtype = hp["eps"], hp["delta"], prods.dtype
+    # per-row sums: one contiguous reduction per span of equal row length (one span for a
+    # stack of equal layers; segment_reduce over the rows was 5x slower on CPU)
+    sums = torch.cat(
+        [prods[:, o : o + r * n].reshape(4, r, n).sum(2) for o, r, n in spans], dim=1
+    ).T  # (rows, 4)
+    p_norm, g_norm = sums[:, 0].sqrt(), sums[:, 1].sqrt()
+    pg, pu = sums[:, 2], sums[:, 3]
+    cos_rows = pg.abs() / (p_norm.clamp_min(eps) * g_norm.clamp_min(eps))
+    cos_max = torch.segment_reduce(cos_rows, "max", lengths=rows)
+    by_rows = (cos_max < (delta / cols.sqrt()).to(dtype)) & matrix
+    per_tensor = torch.segment_reduce(
+        torch.stack([p_norm.square(), g_norm.square(), pg, pu], dim=1), "sum", lengths=rows
+    )
+    p_layer, g_layer = per_tensor[:, 0].sqrt(), per_tensor[:, 1].sqrt()
+    layer_cos = per_tensor[:, 2].abs() / (p_layer.clamp_min(eps) * g_layer.clamp_min(eps))
+    by_layer = (layer_cos < (delta / numel.sqrt()).to(dtype)) & matrix & ~by_rows
+    coef_layer = per_tensor[:, 3] / (p_layer + eps) ** 2
+    coef = torch.where(
+        by_rows[tensor_of_row],
+        pu / (p_norm + eps) ** 2,
+        torch.where(by_layer[tensor_of_row], coef_layer[tensor_of_row], 0.0),
+    )
+    decay = torch.where(
+        by_rows | by_layer,
+        torch.tensor(1 - decay_scale * hp["wd_ratio"], dtype=torch.float64),
+        torch.tensor(1 - decay_scale, dtype=torch.float64),
+    ).to(p.dtype)[tensor_of_row]
+    per_row = torch.stack([coef.to(p.dtype), decay])
+    per_row = torch.cat([per_row, per_row.new_zeros(2, 1)], dim=1)
+    coefs = torch.tensor(c, dtype=torch.float64)
+    scatter(compiled_kernel(_flat_apply)(p, u, row, per_row, coefs), run)
+
+
 _PAPER = Paper(
     "AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant Weights",
     "Heo et al.",
@@ -429,7 +602,7 @@ register(
         cls=AdamP,
         paper=_PAPER,
         state_memory=2.0,
-        capabilities=ELEMENTWISE_CAPS | {"nesterov", "projection"},
+        capabilities=ELEMENTWISE_CAPS | {"nesterov", "projection", "fused"},
         search_space=ADAM_SPACE,
         param_groups=decay_groups,
     )
@@ -440,7 +613,7 @@ register(
         cls=SGDP,
         paper=_PAPER,
         state_memory=1.0,
-        capabilities=ELEMENTWISE_CAPS | {"nesterov", "projection"},
+        capabilities=ELEMENTWISE_CAPS | {"nesterov", "projection", "fused"},
         state_note="with momentum > 0 (the harness default, 0.9); 0 with momentum = 0",
         family="sgd",
         lr_scaling="linear",

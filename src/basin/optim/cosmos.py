@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ._base import (
+    check_adam_hparams,
     check_bool,
     check_int,
     check_nonnegative,
@@ -21,7 +22,6 @@ from ._kernels import newton_schulz5
 from ._matrix import (
     MatrixOptimizer,
     as_matrix,
-    check_fallback,
     compute_dtype,
     from_matrix,
     matrix_shape,
@@ -74,6 +74,9 @@ class COSMOS(MatrixOptimizer):
         max_rows: matrices with more rows use AdamW (default 10000, as the authors).
         maximize: maximize the objective (default False).
         foreach: multi-tensor AdamW fallback (None picks per device); the matrix rule is a loop.
+        fused: True runs the AdamW fallback's step as one compiled kernel over flat state
+            buffers (:mod:`basin.optim._fused`; the first step compiles it); the matrix rule
+            is unchanged. None (default) and False use the paths above.
         nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
             ``ValueError`` naming the parameter, or skips the step; nothing changes (eager steps).
 
@@ -111,6 +114,7 @@ class COSMOS(MatrixOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         nonfinite: str = "raise",
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -128,6 +132,7 @@ class COSMOS(MatrixOptimizer):
             maximize=maximize,
             foreach=foreach,
             nonfinite=nonfinite,
+            fused=fused,
         )
         super().__init__(params, defaults, None)
 
@@ -158,23 +163,12 @@ class COSMOS(MatrixOptimizer):
                 grad_of(p),
                 state,
                 first=first,
-                lr=group["lr"],
-                betas=group["betas"],
-                eps=group["eps"],
-                lr_ratio=group["lr_ratio"],
-                weight_decay=group["weight_decay"],
-                gamma=group["gamma"],
-                nesterov=group["nesterov"],
-                ns_steps=group["ns_steps"],
-                ns_dtype=group["ns_dtype"],
-                variant=group["variant"],
-                maximize=group["maximize"],
-                transposed=group["transposed"],
+                **self._hyperparameters(group, exclude=("rank", "max_rows", "foreach")),
             )
 
 
 def check_group_hparams(group: dict[str, Any]) -> None:
-    check_fallback(group)  # lr, betas, eps, weight_decay: shared with the AdamW fallback
+    check_adam_hparams(group)  # lr, betas, eps, weight_decay: shared with the AdamW fallback
     check_nonnegative("lr_ratio", group["lr_ratio"])
     check_nonnegative("gamma", group["gamma"])
     check_bool("nesterov", group["nesterov"])
@@ -196,7 +190,8 @@ def cosmos(
     *,
     first: bool,
     lr: float | Tensor,
-    betas: tuple[float, float],
+    beta1: float,
+    beta2: float,
     eps: float,
     lr_ratio: float,
     weight_decay: float,
@@ -211,7 +206,6 @@ def cosmos(
     """Functional COSMOS step of one matrix parameter; see :class:`COSMOS`. ``transposed``:
     ``p`` is stored ``(in, out)`` (``M`` in its layout, ``V``, ``P``, ``S`` as ``(out, in)``)."""
     lr = scalar_lr(lr)  # a one-element tensor lr on every path
-    beta1, beta2 = betas
     g = -grad if maximize else grad
     state["step"] += 1
     step = get_value(state["step"])
@@ -280,7 +274,7 @@ register(
         ),
         state_memory=1.13,
         capabilities=frozenset(
-            {"compile", "maximize", "param_groups", "closure", "matrix", "fallback"}
+            {"compile", "maximize", "param_groups", "closure", "matrix", "fallback", "fused"}
         ),
         state_note="matrices: 1 + r/n + r/m + r^2/(mn) (1.13 for 1024x1024, r=64); "
         "AdamW fallback params: 2",

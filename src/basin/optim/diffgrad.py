@@ -10,9 +10,7 @@ from torch import Tensor
 
 from ._base import (
     BasinOptimizer,
-    check_betas,
-    check_lr,
-    check_nonnegative,
+    check_adam_hparams,
     get_value,
     group_by_device_and_dtype,
     scalar_lr,
@@ -100,10 +98,7 @@ class DiffGrad(BasinOptimizer):
         super().__init__(params, defaults)
 
     def _check_hparams(self, group: dict[str, Any]) -> None:
-        check_lr(group["lr"])
-        check_betas(group["betas"])
-        check_nonnegative("eps", group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
+        check_adam_hparams(group)
 
     def _step_group(self, group: dict[str, Any]) -> None:
         if use_fused(group.get("fused"), group["params"]):
@@ -186,7 +181,7 @@ def _single_tensor_diffgrad(
     params, grads, exp_avgs, exp_avg_sqs, previous_grads, state_steps, *, lr, beta1, beta2, eps,
     weight_decay, maximize,
 ):  # fmt: skip
-    torch._foreach_add_(state_steps, 1)  # one dispatch instead of one per parameter
+    torch._foreach_add_(state_steps, 1.0)  # one dispatch instead of one per parameter
     sizes: dict[Any, Any] = {}  # the step size per distinct step (usually just one)
     for i, p in enumerate(params):
         g = -grads[i] if maximize else grads[i]
@@ -219,7 +214,7 @@ def _multi_tensor_diffgrad(
     lists = [params, grads, exp_avgs, exp_avg_sqs, previous_grads, state_steps]
     for ps, gs, ms, vs, prevs, steps in group_by_device_and_dtype(lists).values():
         gs = torch._foreach_neg(gs) if maximize else gs
-        torch._foreach_add_(steps, 1)
+        torch._foreach_add_(steps, 1.0)
         if weight_decay != 0:
             gs = torch._foreach_add(gs, ps, alpha=weight_decay)
 

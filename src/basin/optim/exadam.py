@@ -11,10 +11,8 @@ from torch import Tensor
 
 from ._base import (
     BasinOptimizer,
-    check_betas,
+    check_adam_hparams,
     check_bool,
-    check_lr,
-    check_nonnegative,
     get_value,
     group_by_device_and_dtype,
     scalar_lr,
@@ -101,10 +99,7 @@ class EXAdam(BasinOptimizer):
         super().__init__(params, defaults)
 
     def _check_hparams(self, group: dict[str, Any]) -> None:
-        check_lr(group["lr"])
-        check_betas(group["betas"])
-        check_nonnegative("eps", group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
+        check_adam_hparams(group)
         check_bool("dynamic_step_size", group["dynamic_step_size"])
 
     def _step_group(self, group: dict[str, Any]) -> None:
@@ -199,7 +194,7 @@ def _single_tensor_exadam(
     params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
     dynamic_step_size, maximize,
 ):  # fmt: skip
-    torch._foreach_add_(state_steps, 1)  # one dispatch instead of one per parameter
+    torch._foreach_add_(state_steps, 1.0)  # one dispatch instead of one per parameter
     coefs: dict[Any, tuple] = {}  # per distinct step (usually just one)
     for i, p in enumerate(params):
         g = -grads[i] if maximize else grads[i]
@@ -245,7 +240,7 @@ def _multi_tensor_exadam(
     lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
     for ps, gs, ms, vs, steps in group_by_device_and_dtype(lists).values():
         gs = torch._foreach_neg(gs) if maximize else gs
-        torch._foreach_add_(steps, 1)
+        torch._foreach_add_(steps, 1.0)
         coefs = [
             _coefficients(get_value(t), lr, beta1, beta2, eps, dynamic_step_size) for t in steps
         ]

@@ -81,6 +81,9 @@ class Muon(MatrixOptimizer):
             (default False).
         maximize: maximize the objective (default False).
         foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
+        fused: True runs the AdamW fallback's step as one compiled kernel over flat state
+            buffers (:mod:`basin.optim._fused`; the first step compiles it); the matrix rule
+            is unchanged. None (default) and False use the paths above.
         nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
             ``ValueError`` naming the parameter, or skips the step; nothing changes (eager steps).
         distributed: share Newton-Schulz across data-parallel ranks (default False).
@@ -117,6 +120,7 @@ class Muon(MatrixOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         nonfinite: str = "raise",
+        fused: bool | None = None,
         distributed: bool = False,
         process_group: Any = None,
     ) -> None:
@@ -149,6 +153,7 @@ class Muon(MatrixOptimizer):
             maximize=maximize,
             foreach=foreach,
             nonfinite=nonfinite,
+            fused=fused,
         )
         fallback = dict(
             lr=adamw_lr, betas=adamw_betas, eps=adamw_eps, weight_decay=adamw_weight_decay
@@ -190,33 +195,12 @@ class Muon(MatrixOptimizer):
                 params,
                 grads,
                 bufs,
-                lr=group["lr"],
-                momentum=group["momentum"],
-                weight_decay=group["weight_decay"],
-                nesterov=group["nesterov"],
-                ns_steps=group["ns_steps"],
-                ns_dtype=group["ns_dtype"],
-                maximize=group["maximize"],
-                foreach=group["foreach"],
-                transposed=group["transposed"],
+                **self._hyperparameters(group),
                 comm=comm,
             )
             self.__dict__.setdefault("ns_owner", {}).update(zip(params, owners))
             return
-        muon(
-            params,
-            grads,
-            bufs,
-            lr=group["lr"],
-            momentum=group["momentum"],
-            weight_decay=group["weight_decay"],
-            nesterov=group["nesterov"],
-            ns_steps=group["ns_steps"],
-            ns_dtype=group["ns_dtype"],
-            maximize=group["maximize"],
-            foreach=group["foreach"],
-            transposed=group["transposed"],
-        )
+        muon(params, grads, bufs, **self._hyperparameters(group))
 
 
 def _orthogonalized(
@@ -385,7 +369,7 @@ register(
             2025,
         ),
         state_memory=1.0,
-        capabilities=ELEMENTWISE_CAPS | {"matrix", "fallback", "nesterov", "distributed"},
+        capabilities=ELEMENTWISE_CAPS | {"matrix", "fallback", "nesterov", "distributed", "fused"},
         state_note="matrices: momentum (1.0); AdamW fallback params (embeddings, head, ndim<2): 2.0",
         family="matrix",
         lr_from={"adamw_lr": ("adaptive",)},  # the matrix lr (0.02) is scale-free: its own

@@ -97,7 +97,9 @@ class OptimInfo:
     - ``method``: a training method that is more than an optimizer step (a loss term, an EMA
       teacher), run by the harness beside ``cls``: the import path ``"module:function"`` of its
       factory ``function(task, **method_hparams)``, resolved only when a run needs it (so
-      ``basin.optim`` never imports ``basin.train``). The factory returns an object with
+      ``basin.optim`` never imports ``basin.train``); it is called before the optimizer is
+      built (it may change the model: swap layers, add parameters), with ``task.steps`` the
+      run's planned steps (``None`` for a time budget alone). The factory returns an object with
       ``penalty(x, y, out)`` (added to the task's loss), ``after_step(model)``,
       ``state_dict()`` / ``load_state_dict()`` and ``state_bytes``
       (:class:`basin.train._common.HarnessMethod`), or raises ``ValueError`` when the task lacks

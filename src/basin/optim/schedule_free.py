@@ -56,6 +56,20 @@ class _ScheduleFree(BasinOptimizer):
         for group in self.param_groups:
             group.setdefault("train_mode", True)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, except that ``lr_max`` and ``weight_sum`` stay float64
+        CPU scalars, as the steps keep them (torch casts state to each parameter's dtype and
+        device: float32 would round the averaging weights, a GPU copy would sync per read)."""
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(ids, params):
+            for key in ("lr_max", "weight_sum"):
+                value = saved.get(i, {}).get(key)
+                if isinstance(value, Tensor):
+                    self.state[p][key] = value.detach().to("cpu", torch.float64, copy=True)
+
     @property
     def training(self) -> bool:
         """True in train mode (the parameters hold y), False in eval mode (they hold x)."""
@@ -260,6 +274,33 @@ def _coefficients(
     return lr_t, (weight / total if total else 0.0)
 
 
+def _shared_coefficients(
+    steps: list[Tensor], lr_maxs: list[Tensor], weight_sums: list[Tensor], **hp: Any
+) -> tuple[float, float, float] | None:
+    """Eagerly, when every tensor's (step, lr_max, weight_sum) are equal (all had gradients at
+    the same steps: the common case), the step (already advanced), ``lr_t`` and ``c_t`` computed
+    once, and the ``lr_max`` / ``weight_sum`` tensors updated by one foreach call each with the
+    float64 arithmetic of :func:`_coefficients` (the same numbers, bit for bit). None under
+    ``torch.compile`` or when they differ or are not float64 CPU scalars (then per tensor)."""
+    if is_compiling() or not steps:
+        return None
+    step, top, total = steps[0].item(), lr_maxs[0].item(), weight_sums[0].item()
+    for t, m, s in zip(steps, lr_maxs, weight_sums):
+        if m.dtype != torch.float64 or s.dtype != torch.float64 or not (m.is_cpu and s.is_cpu):
+            return None
+        if t.item() != step or m.item() != top or s.item() != total:
+            return None
+    warmup_steps, r, power = hp["warmup_steps"], hp["r"], hp["weight_lr_power"]
+    lr_t = hp["lr"] * (min(step / warmup_steps, 1.0) if warmup_steps else 1.0)
+    if lr_t > top:  # max(lr_t, lr_max) of every tensor: lr_t
+        top = lr_t
+        torch._foreach_maximum_(lr_maxs, lr_t)
+    weight = step**r * top**power
+    total = total + weight
+    torch._foreach_add_(weight_sums, weight)  # each: its (equal) sum + weight, in float64
+    return step, lr_t, (weight / total if total else 0.0)
+
+
 def schedule_free_adamw(
     params: list[Tensor],
     grads: list[Tensor],
@@ -296,15 +337,17 @@ def _single_tensor_schedule_free_adamw(
     params, grads, zs, exp_avg_sqs, state_steps, lr_maxs, weight_sums, *, lr, beta1, beta2, eps,
     weight_decay, warmup_steps, r, weight_lr_power, maximize,
 ):  # fmt: skip
-    torch._foreach_add_(state_steps, 1)
+    torch._foreach_add_(state_steps, 1.0)  # a float: an int scalar takes a slow path on CPU
+    hp = dict(lr=lr, warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power)
+    shared = _shared_coefficients(state_steps, lr_maxs, weight_sums, **hp)
     for i, y in enumerate(params):
         g = -grads[i] if maximize else grads[i]
         z, v = zs[i], exp_avg_sqs[i]
-        step = get_value(state_steps[i])
-        lr_t, ckp1 = _coefficients(
-            step, lr_maxs[i], weight_sums[i], lr=lr, warmup_steps=warmup_steps, r=r,
-            weight_lr_power=weight_lr_power,
-        )  # fmt: skip
+        if shared is not None:
+            step, lr_t, ckp1 = shared
+        else:
+            step = get_value(state_steps[i])
+            lr_t, ckp1 = _coefficients(step, lr_maxs[i], weight_sums[i], **hp)
 
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = v.div(1 - beta2**step).sqrt_().add_(eps)
@@ -329,17 +372,20 @@ def _multi_tensor_schedule_free_adamw(
     lists = [params, grads, zs, exp_avg_sqs, state_steps, lr_maxs, weight_sums]
     for ys, gs, zs_, vs, steps, maxs, sums in group_by_device_and_dtype(lists).values():
         gs = torch._foreach_neg(gs) if maximize else gs
-        torch._foreach_add_(steps, 1)
-        step_values = [get_value(t) for t in steps]
-        coefs = [
-            _coefficients(
-                t, m, s, lr=lr, warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power
-            )
-            for t, m, s in zip(step_values, maxs, sums)
-        ]
+        torch._foreach_add_(steps, 1.0)
+        hp = dict(lr=lr, warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power)
+        shared = _shared_coefficients(steps, maxs, sums, **hp)
+        if shared is not None:
+            step, lr_t, ckp1 = shared
+            bias = 1 - beta2**step
+            coefs = (lr_t, ckp1)
+        else:
+            step_values = [get_value(t) for t in steps]
+            bias = [1 - beta2**t for t in step_values]
+            coefs = [_coefficients(t, m, s, **hp) for t, m, s in zip(step_values, maxs, sums)]
         torch._foreach_mul_(vs, beta2)
         torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
-        denom = torch._foreach_div(vs, [1 - beta2**t for t in step_values])
+        denom = torch._foreach_div(vs, bias)
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, eps)
         us = torch._foreach_div(gs, denom)
@@ -349,10 +395,21 @@ def _multi_tensor_schedule_free_adamw(
 
 
 def _foreach_average_and_step(
-    ys: list[Tensor], zs: list[Tensor], us: list[Tensor], coefs: list[tuple[Any, Any]], beta: float
+    ys: list[Tensor],
+    zs: list[Tensor],
+    us: list[Tensor],
+    coefs: list[tuple[Any, Any]] | tuple[float, float],
+    beta: float,
 ) -> None:
     """The update both Schedule-Free methods share, given each tensor's direction ``u`` and
-    ``(lr_t, c_t)``: ``y <- (1 - c) y + c z + lr (beta (1 - c) - 1) u``, ``z <- z - lr u``."""
+    ``(lr_t, c_t)`` (a list, one per tensor, or one pair for all):
+    ``y <- (1 - c) y + c z + lr (beta (1 - c) - 1) u``, ``z <- z - lr u``."""
+    if isinstance(coefs, tuple):  # one pair: scalar foreach calls, no temporaries
+        lr_t, c = coefs
+        torch._foreach_lerp_(ys, zs, c)
+        torch._foreach_add_(ys, us, alpha=lr_t * (beta * (1 - c) - 1))
+        torch._foreach_add_(zs, us, alpha=-lr_t)
+        return
     torch._foreach_lerp_(ys, zs, [c for _, c in coefs])
     y_coefs = [lt * (beta * (1 - c) - 1) for lt, c in coefs]
     torch._foreach_add_(ys, torch._foreach_mul(us, y_coefs))
@@ -504,14 +561,16 @@ def _single_tensor_schedule_free_sgd(
     params, grads, zs, state_steps, lr_maxs, weight_sums, *, lr, momentum, weight_decay,
     warmup_steps, r, weight_lr_power, maximize,
 ):  # fmt: skip
-    torch._foreach_add_(state_steps, 1)
+    torch._foreach_add_(state_steps, 1.0)  # a float: an int scalar takes a slow path on CPU
+    hp = dict(lr=lr, warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power)
+    shared = _shared_coefficients(state_steps, lr_maxs, weight_sums, **hp)
     for i, y in enumerate(params):
         g = -grads[i] if maximize else grads[i]
         z = zs[i]
-        lr_t, ckp1 = _coefficients(
-            get_value(state_steps[i]), lr_maxs[i], weight_sums[i], lr=lr,
-            warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
-        )  # fmt: skip
+        if shared is not None:
+            _, lr_t, ckp1 = shared
+        else:
+            lr_t, ckp1 = _coefficients(get_value(state_steps[i]), lr_maxs[i], weight_sums[i], **hp)
         u = g.add(y, alpha=weight_decay) if weight_decay != 0 else g
         if isinstance(ckp1, Tensor):  # compiled: coefficients are 0-d tensors
             y.lerp_(z, ckp1.to(y.dtype))
@@ -530,14 +589,14 @@ def _multi_tensor_schedule_free_sgd(
     lists = [params, grads, zs, state_steps, lr_maxs, weight_sums]
     for ys, gs, zs_, steps, maxs, sums in group_by_device_and_dtype(lists).values():
         gs = torch._foreach_neg(gs) if maximize else gs
-        torch._foreach_add_(steps, 1)
-        coefs = [
-            _coefficients(
-                get_value(t), m, s, lr=lr, warmup_steps=warmup_steps, r=r,
-                weight_lr_power=weight_lr_power,
-            )
-            for t, m, s in zip(steps, maxs, sums)
-        ]  # fmt: skip
+        torch._foreach_add_(steps, 1.0)
+        hp = dict(lr=lr, warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power)
+        shared = _shared_coefficients(steps, maxs, sums, **hp)
+        coefs = (
+            shared[1:]
+            if shared is not None
+            else [_coefficients(get_value(t), m, s, **hp) for t, m, s in zip(steps, maxs, sums)]
+        )
         us = torch._foreach_add(gs, ys, alpha=weight_decay) if weight_decay != 0 else gs
         _foreach_average_and_step(ys, zs_, us, coefs, momentum)
 

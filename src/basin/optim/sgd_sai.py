@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,6 +20,7 @@ from ._base import (
     scalar_lr,
     use_foreach,
 )
+from ._fused import FlatRun, fused_step, use_fused
 from .param_groups import decay_groups
 from .registry import ELEMENTWISE_CAPS, SGD_SPACE, OptimInfo, Paper, register
 
@@ -55,6 +57,10 @@ class SGDSaI(BasinOptimizer):
         weight_decay: decoupled weight decay, applied to every tensor (default 1e-2).
         maximize: maximize the objective (default False).
         foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
+        fused: True runs one compiled kernel per step over flat state buffers, whatever the
+            number of tensors (:mod:`basin.optim._fused`; the g-SNR scales are expanded once
+            per layout into a per-element buffer; the first step compiles the kernel); None
+            (default) and False use the paths above.
         nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
             ``ValueError`` naming the parameter, or skips the step; either way nothing is
             changed (eager steps; see :class:`basin.optim._base.BasinOptimizer`).
@@ -90,6 +96,7 @@ class SGDSaI(BasinOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         nonfinite: str = "raise",
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -99,6 +106,7 @@ class SGDSaI(BasinOptimizer):
             maximize=maximize,
             foreach=foreach,
             nonfinite=nonfinite,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -108,36 +116,74 @@ class SGDSaI(BasinOptimizer):
         check_nonnegative("eps", group["eps"])
         check_nonnegative("weight_decay", group["weight_decay"])
 
-    def _step_group(self, group: dict[str, Any]) -> None:
-        params, grads, bufs, gsnrs = [], [], [], []
-        momentum, maximize = group["momentum"], group["maximize"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            check_grad(p, "SGDSaI")
-            state = self.state[p]
+    def _init_state(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """g-SNR and momentum buffer of the parameters seeing their first gradient."""
+        eps, momentum = group["eps"], group["momentum"]
+        for p in params:
+            state, grad = self.state[p], p.grad
+            assert grad is not None
             if "gsnr" not in state:
-                state["gsnr"] = gradient_snr(p.grad, group["eps"])
+                state["gsnr"] = gradient_snr(grad, eps)
             if momentum != 0 and "momentum_buffer" not in state:
-                g = p.grad.neg() if maximize else p.grad
+                g = grad.neg() if group["maximize"] else grad
                 state["momentum_buffer"] = g.clone(memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            bufs.append(state.get("momentum_buffer"))
-            gsnrs.append(state["gsnr"])
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        if use_fused(group.get("fused"), group["params"]):
+            buf = "momentum_buffer" if group["momentum"] != 0 else None
+            init = functools.partial(self._init_state, group)
+            fused_step(self, group, (buf,), _flat_sgd_sai, _flat_coefficients, buf is not None,
+                       inputs=self._flat_scales, counted=False, init=init)  # fmt: skip
+            return
+        params = []
+        for p in group["params"]:
+            if p.grad is not None:
+                check_grad(p, "SGDSaI")
+                params.append(p)
         if not params:
             return
+        self._init_state(group, params)
+        states = [self.state[p] for p in params]
+        hyperparameters = self._hyperparameters(group)
+        del hyperparameters["eps"]  # the g-SNR's, used above
         sgd_sai(
             params,
-            grads,
-            bufs,
-            gsnrs,
-            lr=group["lr"],
-            momentum=momentum,
-            weight_decay=group["weight_decay"],
-            maximize=maximize,
-            foreach=group["foreach"],
+            [p.grad for p in params],
+            [st.get("momentum_buffer") for st in states],
+            [st["gsnr"] for st in states],
+            **hyperparameters,
         )
+
+    def _flat_scales(self, run: FlatRun) -> tuple[Tensor]:
+        """The fused kernel's per-element g-SNR scale (built once per layout)."""
+        p0 = run.params[0]
+        parts = [self.state[p]["gsnr"].to(p0.dtype).expand(p.numel()) for p in run.params]
+        return (torch.cat(parts),)
+
+
+def _flat_coefficients(
+    step: float, *, lr: float, momentum: float, weight_decay: float, maximize: bool, **_: Any
+) -> Tensor:
+    """The step's scalars for :func:`_flat_sgd_sai`: (momentum, gradient coefficient of the
+    buffer, decay factor, -lr), one float64 tensor."""
+    sign = -1.0 if maximize else 1.0
+    values = [momentum, sign * (1 - momentum), 1 - lr * weight_decay, -lr]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _flat_sgd_sai(
+    p: Tensor, g: Tensor, buf: Tensor | None, scale: Tensor, c: Tensor, momentum: bool
+) -> Tensor:
+    """One SGD-SaI step over flat tensors (the fused path's kernel): updates ``buf`` in place
+    and returns the new parameters; ``scale`` is the per-element g-SNR, ``c`` from
+    :func:`_flat_coefficients`. Same operations, in the same order, as the single-tensor path."""
+    if momentum:
+        assert buf is not None
+        buf.copy_(buf * c[0] + g * c[1])
+        u = buf
+    else:
+        u = g * c[1]
+    return p * c[2] + (c[3] * scale) * u
 
 
 def sgd_sai(
@@ -215,7 +261,7 @@ register(
             2024,
         ),
         state_memory=1.0,
-        capabilities=ELEMENTWISE_CAPS,
+        capabilities=ELEMENTWISE_CAPS | {"fused"},
         state_note="+1 scalar (g-SNR) per tensor; 0 + scalar with momentum = 0",
         family="sgd",
         lr_scaling="linear",

@@ -127,7 +127,19 @@ class SOAP(BasinOptimizer):
             check_bool(name, group[name])
 
     def _needs_snapshot(self) -> bool:
-        return True  # eigenbasis refreshes take eigh / QR of every factor
+        """Only a step that factorizes can fail part-way: a parameter's first gradient (eigh)
+        or an eigenbasis refresh (QR, every ``precondition_frequency`` steps); the other steps
+        are matmuls and elementwise updates of checked gradients, so they skip the copy of the
+        parameters and every state."""
+        for group in self.param_groups:
+            freq = group["precondition_frequency"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state.get(p)
+                if not st or "Q" not in st or (get_value(st["step"]) + 1) % freq == 0:
+                    return True
+        return False
 
     def _step_group(self, group: dict[str, Any]) -> None:
         params, grads, states = [], [], []

@@ -69,6 +69,9 @@ class SWAN(MatrixOptimizer):
             ``adam_weight_decay``, ``adam_fallback`` still work and warn (``DeprecationWarning``).
         maximize: maximize the objective (default False).
         foreach: None picks per device (multi-tensor on accelerators, loop on CPU).
+        fused: True runs the AdamW fallback's step as one compiled kernel over flat state
+            buffers (:mod:`basin.optim._fused`; the first step compiles it); the matrix rule
+            is unchanged. None (default) and False use the paths above.
         nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
             ``ValueError`` naming the parameter, or skips the step; nothing changes (eager steps).
 
@@ -103,6 +106,7 @@ class SWAN(MatrixOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         nonfinite: str = "raise",
+        fused: bool | None = None,
         # deprecated spellings of the adamw_* options (before 0.2)
         adam_lr: float | Tensor | None = None,
         adam_betas: tuple[float, float] | None = None,
@@ -133,6 +137,7 @@ class SWAN(MatrixOptimizer):
             maximize=maximize,
             foreach=foreach,
             nonfinite=nonfinite,
+            fused=fused,
         )
         fallback = {k: new[k] for k in ("lr", "betas", "eps", "weight_decay")}
         super().__init__(params, defaults, None if new["fallback"] else True, fallback, "adamw_")
@@ -150,19 +155,7 @@ class SWAN(MatrixOptimizer):
         if not params:
             return
         grads = [grad_of(p) for p in params]
-        swan(
-            params,
-            grads,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            ns_steps=group["ns_steps"],
-            ns_beta=group["ns_beta"],
-            eps=group["eps"],
-            rescale=group["rescale"],
-            maximize=group["maximize"],
-            foreach=group["foreach"],
-            transposed=group["transposed"],
-        )
+        swan(params, grads, **self._hyperparameters(group))
 
 
 def _swan_direction(
@@ -243,7 +236,7 @@ register(
             2024,
         ),
         state_memory=0.0,
-        capabilities=ELEMENTWISE_CAPS | {"matrix", "fallback", "stateless"},
+        capabilities=ELEMENTWISE_CAPS | {"matrix", "fallback", "stateless", "fused"},
         state_note="matrices: stateless (0.0); Adam fallback params (embeddings, head, ndim<2): 2.0",
         family="matrix",
         lr_from={"lr": ("adaptive",), "adamw_lr": ("adaptive",)},

@@ -5,6 +5,7 @@ batch-size controller drives ``basin bench --adaptive-batch``."""
 
 from __future__ import annotations
 
+from ._common import BinarizableLinear
 from .adadagrad import AdaptiveBatchSize, per_sample_gradients
 from .bilevel import conjugate_gradient, implicit_hypergradient, neumann_series
 from .biper import BiPerConv2d, BiPerLinear, biper_sign, biper_weight, set_biper_stage
@@ -19,12 +20,14 @@ from .odice import orthogonal_gradient, orthogonal_gradient_
 from .reste import ReSTEConv2d, ReSTELinear, ReSTESchedule, reste_grad, reste_o, reste_sign
 from .saf import SAF
 from .sar import SAR
+from .stn import STN, STNConv2d, STNLinear
 from .tract import TrActConv1d, TrActConv2d, TrActLinear, first_layer, tract, tract_linear
 
 __all__ = [
     "AdaptiveBatchSize",
     "BOREP",
     "BiPerConv2d",
+    "BinarizableLinear",
     "BiPerLinear",
     "BoostedNet",
     "ConvexReLUResult",
@@ -37,6 +40,9 @@ __all__ = [
     "ReSTESchedule",
     "SAF",
     "SAR",
+    "STN",
+    "STNConv2d",
+    "STNLinear",
     "TrActConv1d",
     "TrActConv2d",
     "TrActLinear",

@@ -41,8 +41,9 @@ def active(epoch: int, start_epoch: int, end_epoch: int | None) -> bool:
 
 class HarnessMethod(Protocol):
     """What ``basin bench`` / ``tune`` / ``pbt`` call on a training method, built per run by the
-    registry entry's ``method`` factory ``factory(task, **method_hparams)`` (which raises
-    ``ValueError`` when the task lacks what the method needs):
+    registry entry's ``method`` factory ``factory(task, **method_hparams)`` before the optimizer
+    (``task.steps``: the run's planned steps, or ``None``), which raises ``ValueError`` when the
+    task lacks what the method needs:
 
     - ``penalty(x, y, out)``: the term added to the task's loss for the batch ``(x, y)`` whose
       model output is ``out`` (called once per forward of the step, inside the closure for
@@ -135,3 +136,71 @@ def register_loss_method(
             method_defaults=method_defaults,
         )
     )
+
+
+class BinarizableLinear(nn.Linear):
+    """A hidden layer of a binary network, marked for a binary training method: real-valued
+    (``F.linear(hardtanh(x), W, b)``, the clipped relaxation of ``sign``) until the method
+    (``reste``, ``biper``: :func:`swap_binarizable`) replaces it by its binarized layer,
+    whose own ``sign`` of the input takes the place of ``hardtanh``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.linear(F.hardtanh(input), self.weight, self.bias)
+
+
+def swap_binarizable(model: nn.Module, method: str, make: Any) -> list[nn.Module]:
+    """Replace every :class:`BinarizableLinear` of ``model`` (in place) by ``make(layer)``, a
+    binarized layer sharing its ``weight`` and ``bias``; returns the new layers. ``ValueError``
+    naming ``method`` when the model has none."""
+    found = [(n, m) for n, m in model.named_modules() if type(m) is BinarizableLinear]
+    if not found:
+        raise ValueError(
+            f"{method} needs a binary-network workload whose hidden layers are "
+            f"basin.train.BinarizableLinear (e.g. mnist1d_bnn); this workload has none"
+        )
+    new = []
+    for name, old in found:
+        layer = make(old)
+        layer.weight, layer.bias = old.weight, old.bias
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+        new.append(layer)
+    return new
+
+
+def planned_steps(task: Any, method: str) -> int:
+    """The run's planned optimizer steps (``task.steps``, set by the harness), which a
+    scheduled method spreads its schedule over; ``ValueError`` naming ``method`` when the run
+    has none (a time budget alone)."""
+    steps = getattr(task, "steps", None)
+    if steps is None:
+        raise ValueError(f"{method} needs a step budget (steps=...), to schedule over the run")
+    return check_int("steps", steps, 1)
+
+
+class StepScheduledMethod:
+    """A bench training method that only follows the run's step count (ReSTE's ``o``,
+    BiPer's stage): ``apply(step)`` sets the model for 0-based step ``step``, at construction,
+    after every optimizer step and after a ``load_state_dict`` (a restored PBT member goes on
+    where its donor was). No loss term, no state beyond the step."""
+
+    state_bytes = 0
+
+    def __init__(self, apply: Any) -> None:
+        self.apply = apply
+        self.step = 0
+        apply(0)
+
+    def penalty(self, x: Any, y: Any, out: Tensor) -> Tensor:
+        return out.new_zeros(())
+
+    def after_step(self, model: Any) -> None:
+        self.step += 1
+        self.apply(self.step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.apply(self.step)

@@ -12,6 +12,8 @@ from torch import Tensor, nn
 
 from basin.optim._base import check_range
 
+from ._common import StepScheduledMethod
+
 __all__ = [
     "BiPerConv2d",
     "BiPerLinear",
@@ -165,3 +167,61 @@ def set_biper_stage(model: nn.Module, stage: int) -> int:
     for m in layers:
         m.stage = stage
     return len(layers)
+
+
+def bench_method(task: Any, w0: float = 20.0, stage2_at: float = 2.0 / 3.0) -> StepScheduledMethod:
+    """The harness's BiPer (registry entry ``biper``): every
+    :class:`basin.train.BinarizableLinear` of the task's model becomes a :class:`BiPerLinear`
+    sharing its weight and bias (its ``alpha`` new, so built before the optimizer), in place;
+    stage 1 for steps ``s < round(stage2_at * task.steps)`` (0-based), stage 2 after.
+    ``stage2_at`` in [0, 1] (2/3: the authors' CIFAR-10 scripts, 600 + 300 epochs).
+    ``ValueError`` for a model without such layers or a run without a step budget."""
+    from ._common import planned_steps, swap_binarizable
+
+    w0 = check_range("w0", w0, 0.0, math.inf, low_inclusive=False, high_inclusive=False)
+    stage2_at = check_range("stage2_at", stage2_at, 0.0, 1.0)
+    steps = planned_steps(task, "biper")
+
+    def make(old: nn.Linear) -> BiPerLinear:
+        w = old.weight
+        return BiPerLinear(old.in_features, old.out_features, bias=old.bias is not None,
+                           w0=w0, device=w.device, dtype=w.dtype)  # fmt: skip
+
+    swap_binarizable(task.model, "biper", make)
+    model, switch = task.model, round(stage2_at * steps)
+    return StepScheduledMethod(lambda step: set_biper_stage(model, 1 if step < switch else 2))
+
+
+def _register() -> None:
+    from basin.optim.param_groups import decay_groups
+    from basin.optim.registry import LR_SGD, OptimInfo, Paper, register
+
+    register(
+        OptimInfo(
+            name="biper",
+            cls=torch.optim.SGD,
+            paper=Paper(
+                "BiPer: Binary Neural Networks using a Periodic Function",
+                "Vargas et al.",
+                "2404.01278",
+                2024,
+            ),  # fmt: skip
+            state_memory=1.0,
+            state_note="SGD momentum; BiPer adds alpha (one per output) to the model",
+            capabilities=frozenset({"method"}),
+            family="sgd",
+            lr_scaling="linear",
+            lr_from={"lr": ("biper", "sgd")},
+            defaults={"momentum": 0.9},
+            search_space={
+                "lr": LR_SGD,
+                "w0": {"type": "float", "low": 5.0, "high": 50.0, "log": True},
+            },
+            param_groups=decay_groups,
+            method="basin.train.biper:bench_method",
+            method_defaults={"w0": 20.0, "stage2_at": 2.0 / 3.0},
+        )
+    )
+
+
+_register()

@@ -12,6 +12,8 @@ from torch import Tensor, nn
 
 from basin.optim._base import check_int, check_range
 
+from ._common import StepScheduledMethod
+
 __all__ = [
     "ReSTEConv2d",
     "ReSTELinear",
@@ -147,3 +149,61 @@ class ReSTESchedule:
         for m in self.layers:
             m.o = m.o_a = self.o
         return self.o
+
+
+def bench_method(task: Any, o_end: float = 3.0) -> StepScheduledMethod:
+    """The harness's ReSTE (registry entry ``reste``): every
+    :class:`basin.train.BinarizableLinear` of the task's model becomes a :class:`ReSTELinear`
+    sharing its parameters, in place, and ``o`` of step ``s`` (0-based) of the run's
+    ``task.steps`` is :func:`reste_o` ``(s, task.steps, o_end)``: the authors' per-epoch
+    schedule with one step as the epoch. ``ValueError`` for a model without such layers or
+    a run without a step budget."""
+    from ._common import planned_steps, swap_binarizable
+
+    o_end = check_range("o_end", o_end, 1.0, math.inf, high_inclusive=False)
+    steps = planned_steps(task, "reste")
+
+    def make(old: nn.Linear) -> ReSTELinear:
+        w = old.weight
+        return ReSTELinear(old.in_features, old.out_features, bias=old.bias is not None,
+                           device=w.device, dtype=w.dtype)  # fmt: skip
+
+    swap_binarizable(task.model, "reste", make)
+    schedule = ReSTESchedule(task.model, steps, o_end)
+    return StepScheduledMethod(lambda step: schedule.step(min(step, schedule.epochs)))
+
+
+def _register() -> None:
+    from basin.optim.param_groups import decay_groups
+    from basin.optim.registry import LR_SGD, OptimInfo, Paper, register
+
+    register(
+        OptimInfo(
+            name="reste",
+            cls=torch.optim.SGD,
+            paper=Paper(
+                "Estimator Meets Equilibrium Perspective: A Rectified Straight Through "
+                "Estimator for Binary Neural Networks Training",
+                "Wu et al.",
+                "2308.06689",
+                2023,
+            ),  # fmt: skip
+            state_memory=1.0,
+            state_note="SGD momentum; ReSTE keeps no state (o is set from the step count)",
+            capabilities=frozenset({"method"}),
+            family="sgd",
+            lr_scaling="linear",
+            lr_from={"lr": ("reste", "sgd")},
+            defaults={"momentum": 0.9},
+            search_space={
+                "lr": LR_SGD,
+                "o_end": {"type": "float", "low": 1.5, "high": 5.0},
+            },
+            param_groups=decay_groups,
+            method="basin.train.reste:bench_method",
+            method_defaults={"o_end": 3.0},
+        )
+    )
+
+
+_register()

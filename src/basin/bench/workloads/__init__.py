@@ -49,6 +49,9 @@ class Task:
     probe_batch: Batch
     data_digest: str | None = None  # digest of all the data, where the builder has it
     evaluate_train: Callable[[nn.Module], dict[str, float]] | None = None
+    # the run's planned optimizer steps, set by the harness before it builds a training method
+    # (which may schedule over them: reste, biper); None: not known (a time budget alone)
+    steps: int | None = None
 
 
 @dataclass(frozen=True)

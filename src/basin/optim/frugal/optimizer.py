@@ -8,8 +8,15 @@ from typing import Any
 
 from torch import Tensor
 
-from .._base import check_bool, check_int, check_nonnegative, check_range, grad_of
-from .._matrix import MatrixOptimizer, check_fallback
+from .._base import (
+    check_adam_hparams,
+    check_bool,
+    check_int,
+    check_nonnegative,
+    check_range,
+    grad_of,
+)
+from .._matrix import MatrixOptimizer
 from ..param_groups import matrix_groups
 from ..registry import ADAM_SPACE, OptimInfo, Paper, register
 from .block_step import block_step
@@ -64,6 +71,9 @@ class FRUGAL(MatrixOptimizer):
         maximize: maximize the objective (default False).
         foreach: multi-tensor AdamW for non-projected parameters (None picks per device);
             projected matrices are a per-tensor loop.
+        fused: True runs the AdamW fallback's step as one compiled kernel over flat state
+            buffers (:mod:`basin.optim._fused`; the first step compiles it); the matrix rule
+            is unchanged. None (default) and False use the paths above.
         nonfinite: ``"raise"`` (default) or ``"skip"``: a NaN/inf gradient raises
             ``ValueError`` naming the parameter, or skips the step; nothing changes (eager steps).
 
@@ -104,6 +114,7 @@ class FRUGAL(MatrixOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         nonfinite: str = "raise",
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -123,6 +134,7 @@ class FRUGAL(MatrixOptimizer):
             maximize=maximize,
             foreach=foreach,
             nonfinite=nonfinite,
+            fused=fused,
         )
         super().__init__(params, defaults, None)
 
@@ -192,6 +204,7 @@ class FRUGAL(MatrixOptimizer):
             block_step(self, group, params)
             return
         seeds = self._seeds(group)
+        hp = self._hyperparameters(group, exclude=("density", "block_order", "foreach"))
         for p in self._with_grad(params):
             state = self.state[p]
             if len(state) == 0:
@@ -203,25 +216,12 @@ class FRUGAL(MatrixOptimizer):
                 p,
                 grad_of(p),
                 state,
-                lr=group["lr"],
-                betas=group["betas"],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                update_gap=group["update_gap"],
-                proj_type=group["proj_type"],
-                proj_side=group["proj_side"],
-                inactive_update_rule=group["inactive_update_rule"],
-                inactive_lr_scale=group["inactive_lr_scale"],
-                proj_params_lr_scale=group["proj_params_lr_scale"],
-                reset_statistics=group["reset_statistics"],
-                seed=seeds[id(p)],
-                maximize=group["maximize"],
-                transposed=group["transposed"],
+                **{**hp, "seed": seeds[id(p)]},  # the parameter's own generator seed
             )
 
 
 def check_group_hparams(group: dict[str, Any]) -> None:
-    check_fallback(group)  # lr, betas, eps, weight_decay: shared with the AdamW fallback
+    check_adam_hparams(group)  # lr, betas, eps, weight_decay: shared with the AdamW fallback
     check_range("density", group["density"], 0.0, 1.0, low_inclusive=False)
     check_nonnegative("inactive_lr_scale", group["inactive_lr_scale"])
     check_nonnegative("proj_params_lr_scale", group["proj_params_lr_scale"])
@@ -250,7 +250,9 @@ register(
             2024,
         ),
         state_memory=0.5,
-        capabilities=frozenset({"maximize", "param_groups", "closure", "matrix", "fallback"}),
+        capabilities=frozenset(
+            {"maximize", "param_groups", "closure", "matrix", "fallback", "fused"}
+        ),
         state_note="projected matrices: 2*density (0.5) + the projector; other params: AdamW, 2",
         family="matrix",
         search_space=ADAM_SPACE,

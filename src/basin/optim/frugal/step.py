@@ -53,7 +53,8 @@ def frugal(
     state: dict[str, Any],
     *,
     lr: float | Tensor,
-    betas: tuple[float, float],
+    beta1: float,
+    beta2: float,
     eps: float,
     weight_decay: float,
     update_gap: int,
@@ -71,7 +72,6 @@ def frugal(
     the buffers of :func:`init_frugal_state` (``seed``: the parameter's generator seed;
     ``transposed``: ``p`` is stored ``(in, out)``)."""
     lr = scalar_lr(lr)  # a one-element tensor lr on every path
-    beta1, beta2 = betas
     g = -grad if maximize else grad
     cd = compute_dtype(p.dtype)
     shape = matrix_shape(p, transposed)
