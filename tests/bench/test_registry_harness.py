@@ -178,23 +178,26 @@ def test_every_optimizer_gets_a_landscape_record(name: str) -> None:
     assert "model" not in r.to_dict()
 
 
-@pytest.mark.slow
-def test_every_optimizer_runs_pbt(tmp_path) -> None:
-    pytest.importorskip("ray")
-    import ray
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray (2 CPUs) for this module's PBT cases, shut down after the last."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_every_optimizer_runs_pbt(name: str, ray_cluster, tmp_path) -> None:
+    """One case per entry (each a few seconds: a hang or failure names its optimizer)."""
     from basin.bench.pbt import pbt
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    try:
-        for name in NAMES:
-            w = "f1" if name not in METHOD_WORKLOADS else home(name)
-            r = pbt(w, name, population=2, steps=4, interval=2, out_dir=tmp_path, seed=0)
-            assert len(r.trials) == 2, name
-            assert all(t["error"] is None for t in r.trials), (name, r.trials)
-            assert r.best_metric is not None and math.isfinite(r.best_metric), name
-    finally:
-        ray.shutdown()
+    w = "f1" if name not in METHOD_WORKLOADS else home(name)
+    r = pbt(w, name, population=2, steps=4, interval=2, out_dir=tmp_path, seed=0)
+    assert len(r.trials) == 2, name
+    assert all(t["error"] is None for t in r.trials), (name, r.trials)
+    assert r.best_metric is not None and math.isfinite(r.best_metric), name
 
 
 def _basin(*args: str, cwd=None) -> subprocess.CompletedProcess:

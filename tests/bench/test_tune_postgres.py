@@ -21,7 +21,8 @@ import together
 from basin.cli import main
 
 # a worker's setup: an optional fake host name (a worker on another machine) and slow steps,
-# a short heartbeat (1 s, stale after 5 s) so that a dead worker's trial is noticed quickly
+# a short heartbeat (1 s, stale after 20 s: a loaded machine can stall a live worker for seconds)
+# so that a dead worker's trial is noticed within the test
 _SETUP = r"""
 import functools, socket
 import psycopg
@@ -36,7 +37,7 @@ if os.environ.get("SLOW_STEP"):  # after its first 10 steps, a worker that outla
         time.sleep(0.05 if _calls[0] <= 10 else float(os.environ["SLOW_STEP"]))
         return _step(*a, **k)
     br.train_step = _slow
-bt.tune = functools.partial(bt.tune, heartbeat_interval=1, grace_period=5)
+bt.tune = functools.partial(bt.tune, heartbeat_interval=1, grace_period=20)
 """
 
 TUNE = ["tune", "-w", "f1", "-o", "adabelief", "--eval-every", "10", "--pruner", "none", "-q"]
