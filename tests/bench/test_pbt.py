@@ -79,3 +79,27 @@ def test_pbt_diverging_members_report_the_worst_score(tmp_path: Path) -> None:
     for t in r.trials:
         assert t["error"] is None
         assert t["metric"] == math.inf and t["step"] == 10  # diverged in the first interval
+
+
+def test_pbt_and_ray_sweeps_start_their_own_ray_whatever_the_host_recorded(tmp_path: Path) -> None:
+    """A dead cluster named by ``RAY_ADDRESS`` (as by an earlier ``ray start``, whose address
+    file ``ray.init()`` also reads) is not joined: `basin pbt` and `basin bench --ray local`
+    start a Ray of their own (real CLI processes)."""
+    import os
+    import subprocess
+    import sys
+
+    import basin
+
+    src = str(Path(basin.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1",
+           "RAY_ADDRESS": "127.0.0.1:9", "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
+    for args in (
+        ["pbt", "-w", "f1", "-o", "adabelief", "-p", "2", "--steps", "4", "--interval", "2",
+         "--out", str(tmp_path / "pbt")],
+        ["bench", "-w", "f1", "-o", "torch:sgd", "--seeds", "1", "--steps", "5", "--no-report",
+         "--storage", str(tmp_path / "r.db"), "-q", "--ray", "local", "--ray-cpus", "1"],
+    ):  # fmt: skip
+        p = subprocess.run([sys.executable, "-m", "basin", *args], env=env, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+        assert p.returncode == 0, (args[0], p.stderr[-3000:])

@@ -182,7 +182,8 @@ def test_every_optimizer_gets_a_landscape_record(name: str) -> None:
 def ray_cluster():
     """One local Ray (2 CPUs) for this module's PBT cases, shut down after the last."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR")  # fmt: skip
     yield
     ray.shutdown()
 

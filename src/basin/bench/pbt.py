@@ -234,7 +234,9 @@ def pbt(
     synch: bool = False,
     verbose: int = 0,
 ) -> PBTResult:
-    """Run PBT locally (``ray.init(num_cpus=...)``) or on the Ray cluster already connected.
+    """Run PBT on a new local Ray instance (``ray.init(address="local", num_cpus=...)``: never
+    a cluster that ``RAY_ADDRESS`` or an earlier ``ray start`` recorded) or, when Ray is already
+    initialized, on the cluster it is connected to.
 
     ``num_cpus`` (logical, default ``population``) should let the whole population run at
     once: PBT otherwise pauses members to let others catch up, restarting their workers.
@@ -316,6 +318,7 @@ def pbt(
         src = str(Path(basin.__file__).resolve().parents[1])
         pp = os.environ.get("PYTHONPATH", "")
         ray.init(
+            address="local",
             num_cpus=num_cpus or population,
             include_dashboard=False,
             log_to_driver=verbose > 0,

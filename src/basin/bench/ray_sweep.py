@@ -72,7 +72,9 @@ def _init(ray: Any, address: str, num_cpus: int | None) -> bool:
     )
     try:
         if address == "local":
-            ray.init(num_cpus=num_cpus, **kw)
+            # "local" explicitly: address=None would join the cluster that RAY_ADDRESS or the
+            # last `ray start` on this host recorded (even a dead one)
+            ray.init(address="local", num_cpus=num_cpus, **kw)
         else:
             kw.pop("include_dashboard")
             ray.init(address=address, **kw)
