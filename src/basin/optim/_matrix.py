@@ -221,11 +221,11 @@ class MatrixOptimizer(BasinOptimizer):
         return out
 
     def _fallback_step(self, group: dict[str, Any], group_params: list[Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        hyperparameters = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                               weight_decay=group["weight_decay"], maximize=group["maximize"])  # fmt: skip
         if use_fused(group.get("fused"), group_params):
-            beta1, beta2 = group["betas"]
-            hyperparameters = dict(lr=scalar_lr(group["lr"]), beta1=beta1, beta2=beta2,
-                                   eps=group["eps"], weight_decay=group["weight_decay"],
-                                   maximize=group["maximize"])  # fmt: skip
+            hyperparameters["lr"] = scalar_lr(group["lr"])
             fused_step(self, group, ("exp_avg", "exp_avg_sq"), _flat_adamw, _flat_coefficients,
                        params=group_params, hyperparameters=hyperparameters)  # fmt: skip
             return
@@ -241,23 +241,9 @@ class MatrixOptimizer(BasinOptimizer):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
-        if not params:
-            return
-        beta1, beta2 = group["betas"]
-        adamw_fallback(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            steps,
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            maximize=group["maximize"],
-            foreach=group["foreach"],
-        )
+        if params:
+            adamw_fallback(params, grads, exp_avgs, exp_avg_sqs, steps, **hyperparameters,
+                           foreach=group["foreach"])  # fmt: skip
 
 
 def matrix_shape(p: Tensor, transposed: bool = False) -> tuple[int, int]:
