@@ -51,7 +51,9 @@ def start(
     try:
         deadline = time.monotonic() + 300
         while not all(r.exists() for r, _ in procs):
-            assert all(p.poll() is None for _, p in procs), [p.communicate() for _, p in procs]
+            if any(p.poll() is not None for _, p in procs):  # one died getting ready: say why
+                kill([p for _, p in procs])  # (the others would wait for the go file)
+                raise AssertionError([p.communicate(timeout=60) for _, p in procs])
             assert time.monotonic() < deadline, "workers never got ready"
             time.sleep(0.05)
     except BaseException:
