@@ -1156,44 +1156,22 @@ CASES: list[OptimCase] = [
 # transcription of the authors' loss over epochs, closed forms, state round trips, validation,
 # and the harness hook -- are in tests/train/test_saf_mesa.py.
 
+# (name, base optimizer, the file with its checks): saf, mesa (basin.train.saf / .mesa) over
+# SGD; tract, tract_adamw (TrAct's first-layer gradient) over SGD / AdamW; nap
+# (Normalize-and-Project's projection) over AdamW; reste, biper (binary-network estimators)
+# over SGD
+_METHODS = [
+    ("saf", torch.optim.SGD, "tests/train/test_saf_mesa.py"),
+    ("mesa", torch.optim.SGD, "tests/train/test_saf_mesa.py"),
+    ("tract", torch.optim.SGD, "tests/train/test_tract.py"),
+    ("tract_adamw", torch.optim.AdamW, "tests/train/test_tract.py"),
+    ("nap", torch.optim.AdamW, "tests/train/test_nap.py"),
+    ("reste", torch.optim.SGD, "tests/train/test_binary_bench.py"),
+    ("biper", torch.optim.SGD, "tests/train/test_binary_bench.py"),
+]
 METHOD_CASES: list[OptimCase] = [
-    OptimCase(
-        name=name,
-        cls=torch.optim.SGD,
-        variants=[{}],
-        method=True,
-        tested_in="tests/train/test_saf_mesa.py",
-    )
-    for name in ("saf", "mesa")
-] + [
-    # tract: TrAct's first-layer gradient (basin.train.tract) over torch SGD / AdamW
-    OptimCase(
-        name=name,
-        cls=cls,
-        variants=[{}],
-        method=True,
-        tested_in="tests/train/test_tract.py",
-    )
-    for name, cls in (("tract", torch.optim.SGD), ("tract_adamw", torch.optim.AdamW))
-] + [
-    # nap: Normalize-and-Project's projection (basin.train.nap) over torch AdamW
-    OptimCase(
-        name="nap",
-        cls=torch.optim.AdamW,
-        variants=[{}],
-        method=True,
-        tested_in="tests/train/test_nap.py",
-    )
-] + [
-    # reste, biper: binary-network estimators (basin.train.reste / .biper) over torch SGD
-    OptimCase(
-        name=name,
-        cls=torch.optim.SGD,
-        variants=[{}],
-        method=True,
-        tested_in="tests/train/test_binary_bench.py",
-    )
-    for name in ("reste", "biper")
+    OptimCase(name=name, cls=cls, variants=[{}], method=True, tested_in=tested_in)
+    for name, cls, tested_in in _METHODS
 ]
 
 CASES_BY_NAME = {c.name: c for c in CASES + METHOD_CASES}

@@ -40,12 +40,10 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from ._base import check_fusable as check_fusable_grad
-from ._base import check_grad, get_value, is_compiling
+from ._base import get_value, is_compiling
 
 __all__ = [
     "FlatRun",
-    "check_fusable",
     "compiled_kernel",
     "flat_runs",
     "fused_step",
@@ -299,15 +297,6 @@ def flat_runs(
     return runs
 
 
-def check_fusable(params: Sequence[Tensor], optimizer: str) -> None:
-    """Dense floating-point gradients of the parameters' dtype and device (what the fused
-    kernels need); :meth:`~basin.optim._base.BasinOptimizer.step` checks this for every group
-    with ``fused=True`` before anything changes."""
-    for p in params:
-        check_grad(p, optimizer)
-        check_fusable_grad(p, optimizer)
-
-
 def fused_step(
     optimizer: Any,
     group: dict[str, Any],
@@ -357,8 +346,8 @@ def group_runs(
     init: Callable[[list[Tensor]], None] | None = None,
 ) -> list[FlatRun]:
     """The flat runs of ``params``' (default: the group's) parameters that have gradients
-    (checked fusable by the step, :func:`check_fusable`), split by device and dtype; the layout is cached on the optimizer (not
-    in its state dict), keyed by group, device, dtype and state keys."""
+    (checked fusable by the step: :func:`basin.optim._base.check_fusable`), split by device and
+    dtype; the layout is cached on the optimizer (not in its state dict), keyed by group, device, dtype and state keys."""
     by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for p in group["params"] if params is None else params:
         if p.grad is not None:
