@@ -279,8 +279,8 @@ def _shared_coefficients(
 ) -> tuple[float, float, float] | None:
     """Eagerly, when every tensor's (step, lr_max, weight_sum) are equal (all had gradients at
     the same steps: the common case), the step (already advanced), ``lr_t`` and ``c_t`` computed
-    once, and the ``lr_max`` / ``weight_sum`` tensors updated by one foreach call each with the
-    float64 arithmetic of :func:`_coefficients` (the same numbers, bit for bit). None under
+    once by :func:`_coefficients` on the first tensor, whose updated ``lr_max`` / ``weight_sum``
+    the others then copy (one foreach call each). None under
     ``torch.compile`` or when they differ or are not float64 CPU scalars (then per tensor)."""
     if is_compiling() or not steps:
         return None
@@ -290,15 +290,12 @@ def _shared_coefficients(
             return None
         if t.item() != step or m.item() != top or s.item() != total:
             return None
-    warmup_steps, r, power = hp["warmup_steps"], hp["r"], hp["weight_lr_power"]
-    lr_t = hp["lr"] * (min(step / warmup_steps, 1.0) if warmup_steps else 1.0)
-    if lr_t > top:  # max(lr_t, lr_max) of every tensor: lr_t
-        top = lr_t
-        torch._foreach_maximum_(lr_maxs, lr_t)
-    weight = step**r * top**power
-    total = total + weight
-    torch._foreach_add_(weight_sums, weight)  # each: its (equal) sum + weight, in float64
-    return step, lr_t, (weight / total if total else 0.0)
+    lr_t, ckp1 = _coefficients(step, lr_maxs[0], weight_sums[0], **hp)  # updates the first
+    rest = len(lr_maxs) - 1  # the others hold the same numbers: copies of the first's
+    if rest:
+        torch._foreach_copy_(lr_maxs[1:], [lr_maxs[0]] * rest)
+        torch._foreach_copy_(weight_sums[1:], [weight_sums[0]] * rest)
+    return step, lr_t, ckp1
 
 
 def schedule_free_adamw(
